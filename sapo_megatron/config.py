@@ -1,0 +1,474 @@
+"""One typed configuration schema for the whole pipeline.
+
+Each component owns a dataclass; a recipe is a YAML file holding only the values that differ from the
+defaults, and command-line overrides are dotted paths (``algorithm.sapo.tau_neg=1.1``). Everything is
+checked against the schema before any work starts: unknown keys, wrong types and invalid values raise
+:class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a recipe or an override; the message names the key and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------------------
+
+POLICY_LOSSES = ("sapo", "clip", "dual_clip", "gspo", "cispo")
+REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass
+class SapoConfig:
+    """SAPO soft gate f(r) = sigmoid(tau * (r - 1)) * 4 / tau; tau_neg > tau_pos damps negative updates faster."""
+
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+
+    def validate(self, prefix: str) -> None:
+        for name in ("tau_pos", "tau_neg"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{prefix}.{name}={value!r}: the gate temperature must be a finite number > 0")
+
+
+@dataclass
+class ClipConfig:
+    """PPO/GRPO clipped surrogate; eps_high > eps_low is DAPO's clip-higher. dual_clip_c enables dual-clip."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip_c: float = 3.0
+
+    def validate(self, prefix: str) -> None:
+        for name in ("eps_low", "eps_high"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{prefix}.{name}={value!r}: the clip range must be a finite number > 0")
+        if self.eps_low >= 1:
+            raise ConfigError(f"{prefix}.eps_low={self.eps_low!r}: must be < 1 (the lower bound is 1 - eps_low > 0)")
+        if not self.dual_clip_c > 1:
+            raise ConfigError(f"{prefix}.dual_clip_c={self.dual_clip_c!r}: dual-clip needs a constant c > 1")
+
+
+@dataclass
+class GspoConfig:
+    """GSPO: sequence-level (geometric mean) ratio with a narrow clip band."""
+
+    eps_low: float = 3e-4
+    eps_high: float = 4e-4
+
+    def validate(self, prefix: str) -> None:
+        for name in ("eps_low", "eps_high"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{prefix}.{name}={value!r}: the clip range must be a finite number > 0")
+
+
+@dataclass
+class CispoConfig:
+    """CISPO: REINFORCE weighted by a clipped, detached importance ratio (no token is dropped)."""
+
+    eps_low: float = 1.0e6  # effectively no lower clip, as in the MiniMax-M1 report
+    eps_high: float = 0.28
+
+    def validate(self, prefix: str) -> None:
+        for name in ("eps_low", "eps_high"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"{prefix}.{name}={value!r}: must be > 0")
+
+
+@dataclass
+class AlgorithmConfig:
+    policy_loss: Literal["sapo", "clip", "dual_clip", "gspo", "cispo"] = "sapo"
+    reduction: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = (
+        "seq_mean_token_mean"
+    )
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    # Token count used by seq_mean_token_sum_norm (Dr. GRPO's constant normaliser); 0 = max response length.
+    reduction_norm_length: int = 0
+    sapo: SapoConfig = field(default_factory=SapoConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    gspo: GspoConfig = field(default_factory=GspoConfig)
+    cispo: CispoConfig = field(default_factory=CispoConfig)
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    # One rollout batch is split into this many mini-batches, one optimizer step each.
+    num_mini_batches: int = 1
+
+    def validate(self, prefix: str) -> None:
+        for sub in ("sapo", "clip", "gspo", "cispo"):
+            getattr(self, sub).validate(f"{prefix}.{sub}")
+        if self.kl_coef < 0 or not math.isfinite(self.kl_coef):
+            raise ConfigError(f"{prefix}.kl_coef={self.kl_coef!r}: must be a finite number >= 0 (0 disables KL)")
+        if not math.isfinite(self.entropy_coef):
+            raise ConfigError(f"{prefix}.entropy_coef={self.entropy_coef!r}: must be finite")
+        if self.num_mini_batches < 1:
+            raise ConfigError(f"{prefix}.num_mini_batches={self.num_mini_batches!r}: must be >= 1")
+        if self.reduction_norm_length < 0:
+            raise ConfigError(f"{prefix}.reduction_norm_length={self.reduction_norm_length!r}: must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face model directory, or "tiny-qwen3-moe" for the embedded CPU model built locally.
+    hf_path: str = "tiny-qwen3-moe"
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Dense control of the same size (replaces each MoE block by a dense MLP); used by the routing study.
+    dense: bool = False
+    recompute_activations: bool = False
+
+    def validate(self, prefix: str) -> None:
+        if not self.hf_path:
+            raise ConfigError(f"{prefix}.hf_path is empty: give a Hugging Face model directory or 'tiny-qwen3-moe'")
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int = 0  # 0 = no interleaving
+    expert: int = 1
+    expert_tensor: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+
+    def validate(self, prefix: str) -> None:
+        for name in ("tensor", "pipeline", "expert", "expert_tensor", "context"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"{prefix}.{name}={value!r}: parallel sizes must be >= 1")
+        if self.virtual_pipeline < 0:
+            raise ConfigError(f"{prefix}.virtual_pipeline={self.virtual_pipeline!r}: must be >= 0 (0 disables it)")
+        if self.virtual_pipeline and self.pipeline < 2:
+            raise ConfigError(
+                f"{prefix}.virtual_pipeline={self.virtual_pipeline}: interleaving needs parallel.pipeline >= 2"
+            )
+
+    def data_parallel_size(self, world_size: int, prefix: str = "parallel") -> int:
+        """Checks that the layout divides ``world_size`` and returns the data-parallel size."""
+        model_parallel = self.tensor * self.pipeline * self.context
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"{prefix}: tensor({self.tensor}) x pipeline({self.pipeline}) x context({self.context}) = "
+                f"{model_parallel} does not divide the world size {world_size}; pick sizes whose product divides it"
+            )
+        expert_model_parallel = self.expert * self.expert_tensor * self.pipeline
+        if world_size % expert_model_parallel:
+            raise ConfigError(
+                f"{prefix}: expert({self.expert}) x expert_tensor({self.expert_tensor}) x pipeline({self.pipeline}) = "
+                f"{expert_model_parallel} does not divide the world size {world_size}"
+            )
+        return world_size // model_parallel
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+    # GPU only: megatron-core's HybridDeviceOptimizer keeps optimizer states and the step on the host.
+    optimizer_cpu_offload: bool = False
+    # Move parameters / gradient buffers / optimizer states to host memory while the rollout runs.
+    offload_params: bool = False
+    offload_grads: bool = False
+    offload_optimizer: bool = False
+
+    def validate(self, prefix: str) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"{prefix}.lr={self.lr!r}: must be a finite number > 0")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"{prefix}.min_lr={self.min_lr!r}: must be in [0, lr={self.lr}]")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"{prefix}.lr_warmup_steps={self.lr_warmup_steps!r}: must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ConfigError(f"{prefix}.{name}={value!r}: must be in [0, 1)")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"{prefix}.adam_eps={self.adam_eps!r}: must be > 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{prefix}.weight_decay={self.weight_decay!r}: must be >= 0")
+        if self.clip_grad < 0:
+            raise ConfigError(f"{prefix}.clip_grad={self.clip_grad!r}: must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class RolloutConfig:
+    n_samples: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    # vLLM's KV cache budget; the default memory probe fails on small CPU machines.
+    kv_cache_memory_bytes: int = 256 * 1024 * 1024
+    # "colocated": engines share the trainer's processes/devices; "remote": separate engine ranks.
+    mode: Literal["colocated", "remote"] = "colocated"
+    num_engines: int = 1
+    engine_tensor_parallel: int = 1
+
+    def validate(self, prefix: str) -> None:
+        if self.n_samples < 1:
+            raise ConfigError(f"{prefix}.n_samples={self.n_samples!r}: must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{prefix}.max_new_tokens={self.max_new_tokens!r}: must be >= 1")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"{prefix}.temperature={self.temperature!r}: must be a finite number > 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}.top_p={self.top_p!r}: must be in (0, 1]")
+        if self.kv_cache_memory_bytes <= 0:
+            raise ConfigError(f"{prefix}.kv_cache_memory_bytes={self.kv_cache_memory_bytes!r}: must be > 0")
+        if self.num_engines < 1 or self.engine_tensor_parallel < 1:
+            raise ConfigError(f"{prefix}: num_engines and engine_tensor_parallel must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    # "toy:<task>" for the built-in verifiable tasks, or a path to a prepared JSONL/parquet prompt file.
+    train: str = "toy:reverse"
+    validation: str = ""
+    prompts_per_step: int = 8
+    max_prompt_length: int = 64
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        if not self.train:
+            raise ConfigError(f"{prefix}.train is empty: give 'toy:<task>' or a prompt file path")
+        if self.prompts_per_step < 1:
+            raise ConfigError(f"{prefix}.prompts_per_step={self.prompts_per_step!r}: must be >= 1")
+        if self.max_prompt_length < 1:
+            raise ConfigError(f"{prefix}.max_prompt_length={self.max_prompt_length!r}: must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    run_dir: str = "runs/default"
+    steps: int = 20
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    micro_batch_size: int = 4
+    save_interval: int = 10
+    eval_interval: int = 5
+    log_interval: int = 1
+    resume: bool = True
+
+    def validate(self, prefix: str) -> None:
+        for name in ("steps", "micro_batch_size"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"{prefix}.{name}={value!r}: must be >= 1")
+        for name in ("save_interval", "eval_interval", "log_interval"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ConfigError(f"{prefix}.{name}={value!r}: must be >= 0 (0 disables it)")
+        if not self.run_dir:
+            raise ConfigError(f"{prefix}.run_dir is empty: give a directory for logs and checkpoints")
+
+
+@dataclass
+class LaunchConfig:
+    nnodes: int = 1
+    nproc_per_node: int = 1
+
+    def validate(self, prefix: str) -> None:
+        if self.nnodes < 1 or self.nproc_per_node < 1:
+            raise ConfigError(f"{prefix}: nnodes and nproc_per_node must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        self.parallel.data_parallel_size(self.launch.world_size)
+        rollout_batch = self.data.prompts_per_step * self.rollout.n_samples
+        if rollout_batch % self.algorithm.num_mini_batches:
+            raise ConfigError(
+                f"algorithm.num_mini_batches={self.algorithm.num_mini_batches}: must divide the rollout batch "
+                f"data.prompts_per_step x rollout.n_samples = {rollout_batch}"
+            )
+        if self.algorithm.advantage == "rloo" and self.rollout.n_samples < 2:
+            raise ConfigError("algorithm.advantage=rloo needs rollout.n_samples >= 2 (leave-one-out baseline)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building from dicts, YAML and dotted overrides
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: not allowed; use one of {', '.join(repr(a) for a in allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise AssertionError(f"unsupported schema type {tp!r} for {key}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = prefix or "the top level"
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; allowed: {', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, delta: dict) -> dict:
+    out = dict(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected the form section.key=value, e.g. algorithm.sapo.tau_neg=1.1")
+    path, raw = text.split("=", 1)
+    parts = path.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key segment in {path!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def _check_override_path(parts: list[str]) -> None:
+    cls: Any = Config
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[:i])} is a value, not a section")
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            where = ".".join(parts[:i]) or "the top level"
+            allowed = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ConfigError(f"override {'.'.join(parts)}: unknown key {part!r} in {where}; allowed: {allowed}")
+        cls = hints[part]
+
+
+def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- recipe YAML <- dotted overrides, then type checks and validation."""
+    data: dict = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} does not exist; pass a YAML file such as recipes/tiny_cpu_sapo.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {str(path)!r}: the top level must be a mapping of sections")
+        data = loaded
+    for text in overrides:
+        parts, value = parse_override(text)
+        _check_override_path(parts)
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        data = _deep_merge(data, nested)
+    return _from_dict(Config, data, "").validate()
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Writes the resolved config; loading the file back gives an equal Config."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

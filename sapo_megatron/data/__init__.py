@@ -1,0 +1,1 @@
+"""Prompt datasets: built-in verifiable toy tasks and prepared prompt files."""

@@ -1,0 +1,104 @@
+"""Starting multi-process jobs on one machine: torchrun under a timeout, on a free port, cleaned up.
+
+Used by the CLI (``launch.nproc_per_node > 1``) and by the distributed tests. Every child runs with
+``OMP_NUM_THREADS=1`` unless the caller says otherwise: on a small CPU machine several ranks each
+spawning a full OpenMP pool oversubscribe the cores and slow the job down by integer factors.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LaunchResult:
+    returncode: int
+    output: str
+    timed_out: bool
+
+    def check(self) -> "LaunchResult":
+        if self.timed_out:
+            raise TimeoutError(f"distributed job timed out; its output:\n{self.output[-8000:]}")
+        if self.returncode != 0:
+            raise RuntimeError(f"distributed job failed with exit code {self.returncode}; its output:\n{self.output[-8000:]}")
+        return self
+
+
+def torchrun_command(target: Sequence[str], nproc: int, port: int) -> list[str]:
+    """``target`` is ``["-m", "pkg.module", *args]`` or ``["path/to/script.py", *args]``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone" if port == 0 else f"--master-port={port}",
+        f"--nproc-per-node={nproc}",
+        "--nnodes=1",
+    ]
+    if port:
+        cmd.append("--master-addr=127.0.0.1")
+    if target and target[0] == "-m":
+        cmd.append("--module")
+        target = list(target[1:])
+    return cmd + list(target)
+
+
+def run_torchrun(
+    target: Sequence[str],
+    nproc: int,
+    *,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    capture: bool = True,
+) -> LaunchResult:
+    """Runs ``nproc`` ranks of ``target`` and waits at most ``timeout`` seconds.
+
+    The job runs in its own process group; on timeout the whole group is killed, so no rank is left
+    behind holding a port or a gloo rendezvous.
+    """
+    child_env = dict(os.environ)
+    child_env.setdefault("OMP_NUM_THREADS", "1")
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    if env:
+        child_env.update(env)
+    cmd = torchrun_command(target, nproc, free_port())
+    proc = subprocess.Popen(
+        cmd,
+        env=child_env,
+        cwd=cwd,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.STDOUT if capture else None,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return LaunchResult(proc.returncode, out or "", False)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, _ = proc.communicate()
+        return LaunchResult(-9, out or "", True)
+    except BaseException:
+        _kill_group(proc)
+        proc.communicate()
+        raise
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,1 @@
+"""Verifiable rewards: exact / partial-credit string tasks and math answers."""

@@ -147,22 +147,32 @@ class ParallelConfig:
     pipeline: int = 1
     virtual_pipeline: int = 0  # 0 = no interleaving
     expert: int = 1
-    expert_tensor: int = 1
+    # 0 = the same as `tensor` (megatron-core's default). Any other value must be >= 1.
+    expert_tensor: int = 0
     context: int = 1
     sequence_parallel: bool = False
     moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
 
     def validate(self, prefix: str) -> None:
-        for name in ("tensor", "pipeline", "expert", "expert_tensor", "context"):
+        for name in ("tensor", "pipeline", "expert", "context"):
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{prefix}.{name}={value!r}: parallel sizes must be >= 1")
+        if self.expert_tensor < 0:
+            raise ConfigError(
+                f"{prefix}.expert_tensor={self.expert_tensor!r}: must be >= 1, or 0 to follow parallel.tensor"
+            )
         if self.virtual_pipeline < 0:
             raise ConfigError(f"{prefix}.virtual_pipeline={self.virtual_pipeline!r}: must be >= 0 (0 disables it)")
         if self.virtual_pipeline and self.pipeline < 2:
             raise ConfigError(
                 f"{prefix}.virtual_pipeline={self.virtual_pipeline}: interleaving needs parallel.pipeline >= 2"
             )
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """The effective expert-tensor-parallel size (``expert_tensor=0`` follows ``tensor``)."""
+        return self.expert_tensor or self.tensor
 
     def data_parallel_size(self, world_size: int, prefix: str = "parallel") -> int:
         """Checks that the layout divides ``world_size`` and returns the data-parallel size."""
@@ -172,10 +182,10 @@ class ParallelConfig:
                 f"{prefix}: tensor({self.tensor}) x pipeline({self.pipeline}) x context({self.context}) = "
                 f"{model_parallel} does not divide the world size {world_size}; pick sizes whose product divides it"
             )
-        expert_model_parallel = self.expert * self.expert_tensor * self.pipeline
+        expert_model_parallel = self.expert * self.expert_tensor_size * self.pipeline
         if world_size % expert_model_parallel:
             raise ConfigError(
-                f"{prefix}: expert({self.expert}) x expert_tensor({self.expert_tensor}) x pipeline({self.pipeline}) = "
+                f"{prefix}: expert({self.expert}) x expert_tensor({self.expert_tensor_size}) x pipeline({self.pipeline}) = "
                 f"{expert_model_parallel} does not divide the world size {world_size}"
             )
         return world_size // model_parallel

@@ -26,7 +26,8 @@ class TinyModelSpec:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    head_dim: int = 16
+    # vLLM's CPU attention backend needs head_dim >= 32.
+    head_dim: int = 32
     moe_intermediate_size: int = 64
     intermediate_size: int = 128
     num_experts: int = 8

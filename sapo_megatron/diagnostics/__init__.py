@@ -1,0 +1,1 @@
+"""Run logging (TensorBoard + JSONL) and the ratio / mismatch / routing diagnostics."""

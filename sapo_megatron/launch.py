@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -63,17 +64,33 @@ def run_torchrun(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     capture: bool = True,
+    port_retries: int = 3,
 ) -> LaunchResult:
     """Runs ``nproc`` ranks of ``target`` and waits at most ``timeout`` seconds.
 
     The job runs in its own process group; on timeout the whole group is killed, so no rank is left
-    behind holding a port or a gloo rendezvous.
+    behind holding a port or a gloo rendezvous. The rendezvous port is picked free but bound later by
+    torchrun, so another job may take it in between: a start that fails with "address already in use"
+    is retried on a fresh port (only when the output is captured, which is how it is recognised).
     """
     child_env = dict(os.environ)
     child_env.setdefault("OMP_NUM_THREADS", "1")
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     if env:
         child_env.update(env)
+    deadline = time.monotonic() + timeout
+    for attempt in range(port_retries + 1):
+        result = _run_once(target, nproc, max(1.0, deadline - time.monotonic()), child_env, cwd, capture)
+        if not (capture and result.returncode != 0 and _port_taken(result.output)) or attempt == port_retries:
+            return result
+    return result
+
+
+def _port_taken(output: str) -> bool:
+    return "EADDRINUSE" in output or "Address already in use" in output or "address already in use" in output
+
+
+def _run_once(target, nproc, timeout, child_env, cwd, capture) -> LaunchResult:
     cmd = torchrun_command(target, nproc, free_port())
     proc = subprocess.Popen(
         cmd,

@@ -1,0 +1,326 @@
+"""The Megatron-core actor: forward-only log-probs and policy-loss updates through Megatron's schedules.
+
+Every rank holds the whole rollout batch (it is small next to the model); each data-parallel rank takes its
+contiguous slice, splits it into micro-batches of ``trainer.micro_batch_size`` and hands them to
+``get_forward_backward_func()``. The policy loss runs inside the schedule's loss function on the last
+pipeline stage, on the vocab-parallel logits (the full vocabulary is never gathered). Losses are normalised
+by the global token / sequence counts of the mini-batch, and :mod:`sapo_megatron.actor.loss_adapter` undoes
+Megatron's own averaging, so the update equals the algorithm core's loss on the whole mini-batch.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from sapo_megatron.actor.batch import TrainBatch
+from sapo_megatron.actor.loss_adapter import MegatronLossScale
+
+
+def causal_attention_mask(seq_len: int) -> torch.Tensor:
+    """Megatron's convention: True marks a position that may NOT be attended to. [1, 1, S, S]."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), diagonal=1)[None, None]
+
+
+class MegatronPolicy:
+    """Runs micro-batches of a :class:`TrainBatch` through Megatron's forward/backward schedule.
+
+    It owns no model construction: ``model`` is the list of (DDP-wrapped) model chunks of this rank,
+    ``optimizer`` / ``scheduler`` are megatron-core's. ``policy_loss`` is a callable with the algorithm core's
+    contract ``(logprobs, logprobs_old, advantages, mask, *, num_global_tokens, num_global_seqs) -> (loss, metrics)``.
+    """
+
+    def __init__(
+        self,
+        model: list,
+        *,
+        optimizer=None,
+        scheduler=None,
+        policy_loss: Optional[Callable] = None,
+        micro_batch_size: int,
+        temperature: float = 1.0,
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        entropy_coef: float = 0.0,
+        reduction: str = "seq_mean_token_mean",
+        device: torch.device | str = "cpu",
+        sequence_multiple: int = 1,
+    ):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size}: must be >= 1")
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.policy_loss = policy_loss
+        self.micro_batch_size = micro_batch_size
+        self.temperature = temperature
+        self.kl_coef = kl_coef
+        self.kl_estimator = kl_estimator
+        self.entropy_coef = entropy_coef
+        self.reduction = reduction
+        self.device = torch.device(device)
+        # With sequence parallelism the sequence is split across TP ranks, so its length must divide.
+        self.sequence_multiple = sequence_multiple
+        # MoE routing record / replay hooks, installed on first use (sapo_megatron.actor.routing).
+        self._routing = None
+
+    # -- parallel layout -----------------------------------------------------------------------------------
+    @staticmethod
+    def _mpu():
+        from megatron.core import parallel_state
+
+        return parallel_state
+
+    def _dp(self) -> tuple[int, int]:
+        mpu = self._mpu()
+        return mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+
+    def _local_micro_batches(self, batch: TrainBatch) -> tuple[list[TrainBatch], int]:
+        dp_rank, dp_size = self._dp()
+        padded = batch.padded_to_multiple(dp_size * self.micro_batch_size).with_seq_len_multiple(
+            self.sequence_multiple
+        )
+        per_rank = padded.size // dp_size
+        local = padded.select(slice(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+        micro = [
+            local.select(slice(i, i + self.micro_batch_size)) for i in range(0, per_rank, self.micro_batch_size)
+        ]
+        return micro, padded.size
+
+    def _data_iterators(self, micro: list[TrainBatch]):
+        # Interleaved pipelines take one iterator per model chunk, each yielding the same micro-batches.
+        if len(self.model) > 1:
+            return [iter(micro) for _ in self.model]
+        return iter(micro)
+
+    def _run_schedule(self, micro: list[TrainBatch], forward_step, *, forward_only: bool) -> list:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        fb = get_forward_backward_func()
+        return fb(
+            forward_step_func=forward_step,
+            data_iterator=self._data_iterators(micro),
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=len(micro),
+            seq_length=micro[0].seq_len,
+            micro_batch_size=self.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    # -- the model call ------------------------------------------------------------------------------------
+    def _logits(self, model, mb: TrainBatch) -> torch.Tensor:
+        seq = mb.seq_len
+        tokens = mb.tokens.to(self.device)
+        position_ids = torch.arange(seq, device=self.device).unsqueeze(0).expand_as(tokens)
+        # An explicit mask: megatron-core builds its default causal mask on "cuda".
+        return model(tokens, position_ids, causal_attention_mask(seq).to(self.device))
+
+    def _token_logprobs(self, logits: torch.Tensor, mb: TrainBatch, with_entropy: bool, *, training: bool = False):
+        from sapo_megatron.actor.logprobs import vocab_parallel_logprobs
+
+        mpu = self._mpu()
+        tp_group = mpu.get_tensor_model_parallel_group() if mpu.get_tensor_model_parallel_world_size() > 1 else None
+        # GPTModel returns [b, s, v/tp]; the log-probs come back as [b, s].
+        return vocab_parallel_logprobs(
+            logits,
+            mb.labels.to(logits.device),
+            tp_group=tp_group,
+            temperature=self.temperature,
+            with_entropy=with_entropy,
+            # The logits are not used after the loss: backward may reuse their storage (far less memory).
+            inplace_backward=training,
+        )
+
+    # -- forward only: logprobs_old / reference log-probs -------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(
+        self,
+        batch: TrainBatch,
+        *,
+        with_entropy: bool = False,
+        record_routing: bool = False,
+        replay_routing: Optional[torch.Tensor] = None,
+    ):
+        """Per-position log-probs [B, S] (and entropy) of ``batch.tokens`` under the current weights.
+
+        Every rank returns the full result: computed on the last pipeline stage, broadcast over the
+        pipeline group, gathered over data-parallel ranks. ``record_routing`` appends the MoE routing of the
+        pass, int32 ``[B, S, num_moe_layers, topk]``; ``replay_routing`` (same layout, ``-1`` = route
+        normally) forces the routers' expert choice (see :mod:`sapo_megatron.actor.routing`).
+        Returns ``logprobs``, or the tuple ``(logprobs[, entropy][, routing])``.
+        """
+        from sapo_megatron.actor.routing import open_routing_pass
+
+        micro, padded_size = self._local_micro_batches(batch)
+        routing = open_routing_pass(
+            self, batch, micro, padded_size, training=False, record=record_routing, replay=replay_routing
+        )
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            routing.before_forward(model, mb)
+            logits = self._logits(model, mb)
+
+            def loss_func(output):
+                lp, ent = self._token_logprobs(output, mb, with_entropy)
+                out = {"logprobs": lp.float().cpu()}
+                if ent is not None:
+                    out["entropy"] = ent.float().cpu()
+                return torch.zeros((), device=output.device), out
+
+            return logits, loss_func
+
+        for m in self.model:
+            m.eval()
+        with routing:
+            outputs = self._run_schedule(micro, forward_step, forward_only=True)
+        for m in self.model:
+            m.train()
+        keys = ["logprobs"] + (["entropy"] if with_entropy else [])
+        local = {}
+        mpu = self._mpu()
+        n_local = sum(mb.size for mb in micro)
+        # The micro-batches' length, which sequence parallelism may have padded beyond batch.seq_len:
+        # every rank of the broadcast below must post a buffer of the last stage's shape.
+        padded_len = micro[0].seq_len
+        for key in keys:
+            if mpu.is_pipeline_last_stage(ignore_virtual=True):
+                local[key] = torch.cat([o[key] for o in outputs], dim=0)
+            else:
+                local[key] = torch.empty(n_local, padded_len, dtype=torch.float32)
+            if mpu.get_pipeline_model_parallel_world_size() > 1:
+                src = mpu.get_pipeline_model_parallel_last_rank()
+                dist.broadcast(local[key], src=src, group=mpu.get_pipeline_model_parallel_group())
+        dp_rank, dp_size = self._dp()
+        result = {}
+        for key in keys:
+            if dp_size > 1:
+                parts = [torch.empty_like(local[key]) for _ in range(dp_size)]
+                dist.all_gather(parts, local[key], group=mpu.get_data_parallel_group())
+                full = torch.cat(parts, dim=0)
+            else:
+                full = local[key]
+            result[key] = full[: batch.size, : batch.seq_len]
+        if record_routing:
+            result["routing"] = routing.gather(batch.size, batch.seq_len)
+            keys.append("routing")
+        if len(keys) > 1:
+            return tuple(result[key] for key in keys)
+        return result["logprobs"]
+
+    # -- one optimizer step on a mini-batch ---------------------------------------------------------------
+    def train_mini_batch(
+        self,
+        batch: TrainBatch,
+        *,
+        record_routing: bool = False,
+        replay_routing: Optional[torch.Tensor] = None,
+    ):
+        """One optimizer step with the policy loss on ``batch`` (a mini-batch). Returns scalar metrics.
+
+        ``replay_routing`` (int32 ``[B, S, num_moe_layers, topk]``, ``-1`` = route normally) forces the
+        routers' expert choice in the update's forward (and any recomputation); ``record_routing`` returns
+        ``(metrics, routing)`` with the routing the update used.
+        """
+        from sapo_megatron.actor.routing import open_routing_pass
+
+        if batch.logprobs_old is None:
+            raise ValueError("train_mini_batch needs batch.logprobs_old (run compute_logprobs first)")
+        if self.kl_coef > 0 and batch.logprobs_ref is None:
+            raise ValueError("algorithm.kl_coef > 0 needs batch.logprobs_ref (the reference model's log-probs)")
+        assert self.policy_loss is not None and self.optimizer is not None
+        num_global_tokens = batch.num_valid_tokens()
+        num_global_seqs = batch.num_valid_sequences()
+        if num_global_tokens == 0:
+            raise ValueError("the mini-batch has no response tokens (all-zero loss mask); nothing to train on")
+        micro, padded_size = self._local_micro_batches(batch)
+        routing = open_routing_pass(
+            self, batch, micro, padded_size, training=True, record=record_routing, replay=replay_routing
+        )
+        _, dp_size = self._dp()
+        scale = MegatronLossScale(num_microbatches=len(micro), data_parallel_size=dp_size)
+        need_entropy = self.entropy_coef != 0
+        counts = dict(num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs)
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            routing.before_forward(model, mb)
+            logits = self._logits(model, mb)
+            return logits, partial(self._loss_func, mb, need_entropy, counts, scale)
+
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        with routing:
+            outputs = self._run_schedule(micro, forward_step, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if self.scheduler is not None and update_ok:
+            self.scheduler.step(increment=1)
+        metrics = self._reduce_metrics(outputs)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["update_skipped"] = 0.0 if update_ok else 1.0
+        if record_routing:
+            return metrics, routing.gather(batch.size, batch.seq_len)
+        return metrics
+
+    def _loss_func(self, mb: TrainBatch, need_entropy: bool, counts: dict, scale: MegatronLossScale, logits):
+        from sapo_megatron.algorithms import aggregate, kl_penalty
+
+        logprobs, entropy = self._token_logprobs(logits, mb, need_entropy, training=True)
+        device = logprobs.device
+        mask = mb.loss_mask.to(device)
+        loss, metrics = self.policy_loss(
+            logprobs,
+            mb.logprobs_old.to(device),
+            mb.advantages.to(device),
+            mask,
+            **counts,
+        )
+        # Loss shares (normalised by global counts) add up over micro-batches and ranks.
+        shares = {"pg_loss": loss.detach()}
+        if self.kl_coef > 0:
+            kl = kl_penalty(logprobs, mb.logprobs_ref.to(device), estimator=self.kl_estimator)
+            kl_loss = aggregate(kl, mask, self.reduction, **counts)
+            loss = loss + self.kl_coef * kl_loss
+            shares["kl_loss"] = kl_loss.detach()
+        if need_entropy:
+            ent_loss = aggregate(entropy, mask, self.reduction, **counts)
+            loss = loss - self.entropy_coef * ent_loss
+            shares["entropy_loss"] = ent_loss.detach()
+        shares["loss"] = loss.detach()
+        reported = {
+            "metrics": {k: v.detach().cpu() for k, v in metrics.items()},
+            "shares": {k: v.detach().double().cpu() for k, v in shares.items()},
+        }
+        return scale.to_megatron(loss), reported
+
+    def _reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:
+        """Exact cross-micro-batch and cross-rank reduction (the algorithm core's declared reductions)."""
+        from sapo_megatron.algorithms import reduce_metrics
+
+        mpu = self._mpu()
+        local = None
+        if outputs:
+            local = {
+                "metrics": reduce_metrics([o["metrics"] for o in outputs]),
+                "shares": {k: sum(o["shares"][k] for o in outputs) for k in outputs[0]["shares"]},
+            }
+        # Only the last pipeline stage ran the loss; share its result with the whole pipeline group.
+        if mpu.get_pipeline_model_parallel_world_size() > 1:
+            obj = [local]
+            dist.broadcast_object_list(
+                obj, src=mpu.get_pipeline_model_parallel_last_rank(), group=mpu.get_pipeline_model_parallel_group()
+            )
+            local = obj[0]
+        parts = [local]
+        if mpu.get_data_parallel_world_size() > 1:
+            parts = [None] * mpu.get_data_parallel_world_size()
+            dist.all_gather_object(parts, local, group=mpu.get_data_parallel_group())
+        merged = reduce_metrics([p["metrics"] for p in parts])
+        out = {k: float(v) for k, v in merged.items()}
+        for key in parts[0]["shares"]:
+            out[key] = float(sum(p["shares"][key] for p in parts))
+        return out

@@ -113,6 +113,10 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0
     # One rollout batch is split into this many mini-batches, one optimizer step each.
     num_mini_batches: int = 1
+    # MoE routing replay in the update: "off" lets the routers choose; "old" replays the routing recorded
+    # while recomputing logprobs_old; "rollout" replays the rollout engine's routing (in the logprobs_old
+    # recompute too), so trainer and engine use the same experts for every sampled token.
+    routing_replay: Literal["off", "old", "rollout"] = "off"
 
     def validate(self, prefix: str) -> None:
         for sub in ("sapo", "clip", "gspo", "cispo"):
@@ -277,6 +281,22 @@ class DataConfig:
 
 
 @dataclass
+class RewardConfig:
+    """How responses are scored: each call runs in a sandboxed worker process under a timeout."""
+
+    # "auto": exact-match with partial credit for toy tasks, the math answer verifier for prompt files.
+    fn: Literal["auto", "toy", "toy_exact", "math"] = "auto"
+    timeout_s: float = 10.0
+    num_workers: int = 1
+
+    def validate(self, prefix: str) -> None:
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ConfigError(f"{prefix}.timeout_s={self.timeout_s!r}: must be a finite number of seconds > 0")
+        if self.num_workers < 1:
+            raise ConfigError(f"{prefix}.num_workers={self.num_workers!r}: must be >= 1")
+
+
+@dataclass
 class TrainerConfig:
     run_dir: str = "runs/default"
     steps: int = 20
@@ -287,28 +307,59 @@ class TrainerConfig:
     eval_interval: int = 5
     log_interval: int = 1
     resume: bool = True
+    # Checkpoints kept on disk (the oldest go first); 0 keeps all.
+    keep_checkpoints: int = 2
+    # Supervised steps on (prompt, answer) pairs before RL, for tasks a random model cannot get any reward on.
+    sft_warmup_steps: int = 0
+    # Learning rate of the warm-up steps (0: optimizer.lr). Supervised steps tolerate a far larger rate
+    # than policy-gradient steps, whose gradients are mostly noise that Adam would scale up to full steps.
+    sft_lr: float = 0.0
+    # Held-out prompts scored (one sample each) at every eval_interval.
+    val_prompts: int = 64
 
     def validate(self, prefix: str) -> None:
-        for name in ("steps", "micro_batch_size"):
+        for name in ("steps", "micro_batch_size", "val_prompts"):
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{prefix}.{name}={value!r}: must be >= 1")
-        for name in ("save_interval", "eval_interval", "log_interval"):
+        for name in ("save_interval", "eval_interval", "log_interval", "keep_checkpoints", "sft_warmup_steps"):
             value = getattr(self, name)
             if value < 0:
                 raise ConfigError(f"{prefix}.{name}={value!r}: must be >= 0 (0 disables it)")
+        if not (self.sft_lr >= 0 and math.isfinite(self.sft_lr)):
+            raise ConfigError(f"{prefix}.sft_lr={self.sft_lr!r}: must be a finite number >= 0 (0: optimizer.lr)")
         if not self.run_dir:
             raise ConfigError(f"{prefix}.run_dir is empty: give a directory for logs and checkpoints")
 
 
 @dataclass
 class LaunchConfig:
+    # The actor's nodes; world_size = nnodes x nproc_per_node.
     nnodes: int = 1
     nproc_per_node: int = 1
+    # Extra nodes that run only rollout engines (rollout.mode=remote); 0 = engines share the actor's GPUs.
+    rollout_nnodes: int = 0
+    # One GPU's memory and what the runtime takes before any tensor (CUDA context, NCCL buffers, allocator
+    # fragmentation): `sapo-megatron plan` refuses a layout whose estimate exceeds the difference.
+    gpu_memory_gib: float = 80.0
+    gpu_reserved_gib: float = 6.0
+    # Host memory per node for offloaded state and sleeping engines; 0 = not checked.
+    host_memory_gib: float = 0.0
 
     def validate(self, prefix: str) -> None:
         if self.nnodes < 1 or self.nproc_per_node < 1:
             raise ConfigError(f"{prefix}: nnodes and nproc_per_node must be >= 1")
+        if self.rollout_nnodes < 0:
+            raise ConfigError(f"{prefix}.rollout_nnodes={self.rollout_nnodes!r}: must be >= 0")
+        if not (math.isfinite(self.gpu_memory_gib) and self.gpu_memory_gib > 0):
+            raise ConfigError(f"{prefix}.gpu_memory_gib={self.gpu_memory_gib!r}: must be a finite number > 0")
+        if not 0 <= self.gpu_reserved_gib < self.gpu_memory_gib:
+            raise ConfigError(
+                f"{prefix}.gpu_reserved_gib={self.gpu_reserved_gib!r}: must be in [0, gpu_memory_gib="
+                f"{self.gpu_memory_gib:g})"
+            )
+        if not (math.isfinite(self.host_memory_gib) and self.host_memory_gib >= 0):
+            raise ConfigError(f"{prefix}.host_memory_gib={self.host_memory_gib!r}: must be >= 0 (0 = not checked)")
 
     @property
     def world_size(self) -> int:
@@ -323,6 +374,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
@@ -338,6 +390,22 @@ class Config:
             )
         if self.algorithm.advantage == "rloo" and self.rollout.n_samples < 2:
             raise ConfigError("algorithm.advantage=rloo needs rollout.n_samples >= 2 (leave-one-out baseline)")
+        replay = self.algorithm.routing_replay
+        if replay != "off" and self.model.dense:
+            raise ConfigError(
+                f"algorithm.routing_replay={replay!r} with model.dense=true: the dense control has no MoE routing "
+                "to replay; set algorithm.routing_replay=off"
+            )
+        if replay != "off" and self.parallel.context > 1:
+            raise ConfigError(
+                f"algorithm.routing_replay={replay!r} with parallel.context={self.parallel.context}: routing replay "
+                "does not support context parallelism; use parallel.context=1 or routing_replay=off"
+            )
+        if self.optimizer.optimizer_cpu_offload and self.trainer.device == "cpu":
+            raise ConfigError(
+                "optimizer.optimizer_cpu_offload=true with trainer.device=cpu: megatron's HybridDeviceOptimizer is "
+                "a GPU feature; on CPU use optimizer.offload_optimizer=true (frees optimizer memory during rollouts)"
+            )
         return self
 
 
@@ -386,6 +454,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # YAML 1.1 reads exponent notation without a dot ("1e-4") as a string.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}={value!r}: expected a number")
     if tp is str:
         if isinstance(value, str):

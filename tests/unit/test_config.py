@@ -123,3 +123,11 @@ def test_cli_config_prints_resolved_config_and_reports_errors(capsys, monkeypatc
 def test_config_is_a_dataclass_tree():
     cfg = Config()
     assert to_dict(cfg)["algorithm"]["sapo"] == {"tau_pos": 1.0, "tau_neg": 1.05}
+
+
+def test_exponent_notation_without_a_dot_is_a_number():
+    # YAML 1.1 parses "1e-4" as a string; the schema knows the field is a float.
+    cfg = load_config(None, ["optimizer.lr=1e-4"])
+    assert cfg.optimizer.lr == 1e-4
+    with pytest.raises(ConfigError, match="optimizer.lr='fast': expected a number"):
+        load_config(None, ["optimizer.lr=fast"])

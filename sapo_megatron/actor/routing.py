@@ -1,0 +1,447 @@
+"""MoE routing record and replay for the actor's megatron-core model.
+
+Layout (shared with :mod:`sapo_megatron.diagnostics.routing` and the rollout engine): a routing is an integer
+tensor ``[batch, seq, num_moe_layers, topk]`` of *global* expert ids aligned with a :class:`TrainBatch`:
+``routing[b, t, m]`` are the experts that MoE layer ``m`` (MoE layers in model order, dense layers skipped)
+chose for the token ``tokens[b, t]``, i.e. the routing that produced the logits at position ``t``. Ids within a
+token are in the router's order (descending router logit); ``-1`` (:data:`UNRECORDED`) means "no routing":
+a replay routes such a (token, layer) normally.
+
+Recording and replay go through megatron-core's own hook in ``topk_routing_with_score_function``: every
+``TopKRouter`` asks its ``router_replay`` object (:class:`~megatron.core.transformer.moe.router_replay.RouterReplay`)
+for the top-k. :class:`RoutingReplay` installs one ``LayerReplay`` (a ``RouterReplay``) per router of
+this rank and removes them again; it does not need ``moe_enable_routing_replay`` in the model config. A
+replayed top-k takes the router's scores at the given experts (``scores.gather``), exactly as megatron's
+``REPLAY_FORWARD`` does, so the gate weights still follow the current router weights and get gradients.
+
+Where the tokens of a pass live: each data-parallel rank holds a contiguous slice of the (padded) batch,
+split into micro-batches; with sequence parallelism each tensor-parallel rank routes one contiguous slice
+of the sequence (megatron's hidden states are ``[seq, batch, hidden]``, routed as ``seq * batch`` rows);
+each pipeline stage holds some of the MoE layers. :meth:`RoutingPass.gather` reassembles the full routing on
+every rank over those three groups; a replay routing is cut the same way before each micro-batch's forward.
+
+Activation recomputation re-runs the routers inside backward. In a training pass every top-k used in a
+forward is queued per layer and popped, in order, by the recomputation (megatron's ``REPLAY_BACKWARD``
+queue), so recomputed activations always use the forward's experts, with or without a replay routing.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+UNRECORDED = -1
+ROUTING_DTYPE = torch.int32
+
+
+def _megatron_router_classes():
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    return TopKRouter, RouterReplay
+
+
+def moe_layer_pattern(config) -> list[int]:
+    """1 for each MoE layer, 0 for each dense layer, in model order (megatron's ``moe_layer_freq`` rule)."""
+    if not config.num_moe_experts:
+        return [0] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
+    pattern = [int(bool(x)) for x in freq]
+    assert len(pattern) == config.num_layers, f"moe_layer_freq {freq} does not cover {config.num_layers} layers"
+    return pattern
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward node, i.e. inside activation recomputation."""
+    return torch._C._current_autograd_node() is not None
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
+        chunk = chunk.module
+    return chunk
+
+
+def check_routing(routing: torch.Tensor, shape: tuple[int, int, int, int], num_experts: int, name: str) -> torch.Tensor:
+    """Validates a replay routing ``[batch, seq, layers, topk]``; returns it as int64 on the CPU.
+
+    Each (token, layer) holds either ``topk`` distinct ids in ``[0, num_experts)`` or only ``-1``.
+    """
+    if not isinstance(routing, torch.Tensor):
+        raise ValueError(
+            f"{name} must be a tensor of expert ids [batch, seq, layers, topk], got {type(routing).__name__}"
+        )
+    if routing.dtype == torch.bool or routing.is_floating_point() or routing.is_complex():
+        raise ValueError(f"{name} must hold integer expert ids, got dtype {routing.dtype}")
+    if tuple(routing.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} has shape {tuple(routing.shape)}; expected [batch, seq, num_moe_layers, topk] = {tuple(shape)}"
+        )
+    routing = routing.detach().to("cpu", torch.int64)
+    unrecorded = routing == UNRECORDED
+    partial = unrecorded.any(-1) & ~unrecorded.all(-1)
+    if partial.any():
+        raise ValueError(
+            f"{name}: {int(partial.sum())} (token, layer) entries mix -1 with expert ids; a token's top-k is either "
+            "fully given or fully -1 (route normally)"
+        )
+    bad = (~unrecorded) & ((routing < 0) | (routing >= num_experts))
+    if bad.any():
+        raise ValueError(f"{name}: {int(bad.sum())} ids outside [0, {num_experts}) (and not -1)")
+    ordered = routing.sort(dim=-1).values
+    duplicate = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] != UNRECORDED)).any(-1)
+    if duplicate.any():
+        raise ValueError(f"{name}: {int(duplicate.sum())} (token, layer) entries repeat an expert within the top-k")
+    return routing
+
+
+def rollout_routing_to_train(routed_experts: Sequence[torch.Tensor], seq_len: int) -> torch.Tensor:
+    """The rollout engine's per-sample routing (``RolloutBatch.routed_experts``) in TrainBatch alignment.
+
+    ``routed_experts[i]`` is ``[prompt_len + response_len - 1, layers, topk]``: row ``t`` is token ``t`` of
+    ``prompt + response``, the sequence :func:`~sapo_megatron.actor.batch.collate_sequences` lays out from
+    position 0. The last sampled token was never fed through the engine, so its position (and the right
+    padding) stays ``-1``; those positions predict nothing inside the loss mask.
+    Returns int32 ``[len(routed_experts), seq_len, layers, topk]``.
+    """
+    if len(routed_experts) == 0:
+        raise ValueError("rollout_routing_to_train: no samples")
+    first = routed_experts[0]
+    if first.dim() != 3:
+        raise ValueError(f"routed_experts[0] must be [tokens, layers, topk], got shape {tuple(first.shape)}")
+    layers, topk = first.shape[1:]
+    out = torch.full((len(routed_experts), seq_len, layers, topk), UNRECORDED, dtype=ROUTING_DTYPE)
+    for i, routed in enumerate(routed_experts):
+        if routed.dim() != 3 or tuple(routed.shape[1:]) != (layers, topk):
+            raise ValueError(
+                f"routed_experts[{i}] has shape {tuple(routed.shape)}; every sample needs [tokens, {layers}, {topk}]"
+            )
+        if routed.shape[0] > seq_len:
+            raise ValueError(f"routed_experts[{i}] covers {routed.shape[0]} tokens, more than seq_len={seq_len}")
+        out[i, : routed.shape[0]] = routed.to(ROUTING_DTYPE)
+    return out
+
+
+def _layer_replay_class():
+    """The RouterReplay subclass, built on first use so that importing this module does not import megatron."""
+    _, RouterReplay = _megatron_router_classes()
+
+    class LayerReplay(RouterReplay):
+        """megatron's per-router replay state, driven by a :class:`RoutingReplay` instead of global actions."""
+
+        def __init__(self, owner: "RoutingReplay", moe_index: int):
+            super().__init__()
+            # The base class registers every instance in a process-wide list for its static setters; this
+            # one is driven only by its owner, so it stays out of that list (and out of other models' way).
+            RouterReplay.global_router_replay_instances.remove(self)
+            self.owner = owner
+            self.moe_index = moe_index
+            self.micro_index: Optional[int] = None
+
+        def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
+            current = self.owner.current
+            if current is None:
+                return default_compute_topk(scores, topk, num_groups, group_topk)
+            if _in_backward():
+                # Activation recomputation: the same experts as this micro-batch's forward.
+                assert self.replay_backward_list, "recomputed routing without a queued forward routing"
+                indices = self.replay_backward_list.pop(0).to(scores.device)
+                return scores.gather(1, indices), indices
+            target = self.target_topk_idx
+            if target is None:
+                probs, indices = default_compute_topk(scores, topk, num_groups, group_topk)
+            else:
+                indices = target.to(scores.device)
+                given = indices[:, 0] != UNRECORDED
+                if not bool(given.all()):
+                    computed = default_compute_topk(scores, topk, num_groups, group_topk)[1]
+                    indices = torch.where(given[:, None], indices, computed)
+                probs = scores.gather(1, indices)
+            if current.training:
+                self.replay_backward_list.append(indices)
+            if current.record:
+                assert self.micro_index is not None, "a router ran before RoutingPass.before_forward"
+                current.store(self.moe_index, self.micro_index, indices)
+            return probs, indices
+
+    return LayerReplay
+
+
+class RoutingPass:
+    """One forward(-backward) schedule run with routing record and/or replay; see :meth:`RoutingReplay.pass_`."""
+
+    def __init__(
+        self,
+        owner: "RoutingReplay",
+        micro: list,
+        padded_size: int,
+        *,
+        training: bool,
+        record: bool,
+        replay: Optional[torch.Tensor],
+    ):
+        self.owner = owner
+        self.training = training
+        self.record = record
+        self._micro_index = {id(mb): i for i, mb in enumerate(micro)}
+        self._micro_offset = []
+        offset = 0
+        for mb in micro:
+            self._micro_offset.append(offset)
+            offset += mb.size
+        self._num_local = offset
+        self._seq_len = micro[0].seq_len if micro else 0
+        self._records: dict[tuple[int, int], torch.Tensor] = {}
+        self._replay_local = None if replay is None else self._local_replay(replay, padded_size)
+
+    def _local_replay(self, routing: torch.Tensor, padded_size: int) -> torch.Tensor:
+        """This data-parallel rank's rows of the padded batch, as the actor pads and slices the batch."""
+        from megatron.core import parallel_state as mpu
+
+        extra_rows = padded_size - routing.shape[0]
+        if extra_rows:
+            # TrainBatch.padded_to_multiple appends copies of row 0: same tokens, so the same routing.
+            routing = torch.cat([routing, routing[:1].expand(extra_rows, *routing.shape[1:])], dim=0)
+        extra_seq = self._seq_len - routing.shape[1]
+        if extra_seq:
+            routing = torch.nn.functional.pad(routing, (0, 0, 0, 0, 0, extra_seq), value=UNRECORDED)
+        per_rank = padded_size // mpu.get_data_parallel_world_size()
+        start = mpu.get_data_parallel_rank() * per_rank
+        assert per_rank == self._num_local, (per_rank, self._num_local)
+        return routing[start : start + per_rank]
+
+    # -- called by the actor's forward step and by the routers ------------------------------------------------
+    def before_forward(self, chunk: torch.nn.Module, mb) -> None:
+        """Points ``chunk``'s routers at micro-batch ``mb`` (and its slice of the replay routing)."""
+        index = self._micro_index[id(mb)]
+        replay = None
+        if self._replay_local is not None:
+            offset = self._micro_offset[index]
+            replay = self._replay_local[offset : offset + mb.size]
+            start, stop = self.owner.sequence_slice(replay.shape[1])
+            replay = replay[:, start:stop]
+        for layer in self.owner.layers_of(chunk):
+            layer.micro_index = index
+            if replay is None:
+                layer.target_topk_idx = None
+            else:
+                # [b, s, k] -> megatron's token order [s * b, k].
+                rows = replay[:, :, layer.moe_index].transpose(0, 1).reshape(-1, replay.shape[-1])
+                layer.target_topk_idx = rows.to(self.owner.device)
+
+    def store(self, moe_index: int, micro_index: int, indices: torch.Tensor) -> None:
+        self._records[(moe_index, micro_index)] = indices.detach().to(ROUTING_DTYPE)
+
+    # -- context manager ----------------------------------------------------------------------------------------
+    def __enter__(self) -> "RoutingPass":
+        if self.owner.current is not None:
+            raise RuntimeError("a routing pass is already running on this model")
+        self.owner.current = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.owner.current = None
+        self.owner.clear_layer_state()
+
+    # -- result -----------------------------------------------------------------------------------------------
+    def gather(self, batch_size: int, seq_len: int) -> torch.Tensor:
+        """The recorded routing of the whole batch, ``[batch_size, seq_len, layers, topk]`` int32 on the CPU,
+        on every rank. Collective over the tensor-, pipeline- and data-parallel groups: all ranks call it."""
+        from megatron.core import parallel_state as mpu
+
+        assert self.record, "gather() needs a pass with record=True"
+        owner = self.owner
+        s_local = owner.sequence_slice(self._seq_len)
+        s_local = s_local[1] - s_local[0]
+        local = torch.full(
+            (self._num_local, s_local, owner.num_moe_layers, owner.topk),
+            UNRECORDED,
+            dtype=ROUTING_DTYPE,
+            device=owner.device,
+        )
+        for (moe_index, micro_index), indices in self._records.items():
+            offset = self._micro_offset[micro_index]
+            rows = indices.reshape(s_local, -1, owner.topk).transpose(0, 1)
+            local[offset : offset + rows.shape[0], :, moe_index] = rows
+        if owner.sequence_parallel and mpu.get_tensor_model_parallel_world_size() > 1:
+            local = _all_gather_cat(local, dim=1, group=mpu.get_tensor_model_parallel_group())
+        if mpu.get_pipeline_model_parallel_world_size() > 1:
+            # Each MoE layer lives on exactly one stage; the others hold -1 there.
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=mpu.get_pipeline_model_parallel_group())
+        if mpu.get_data_parallel_world_size() > 1:
+            local = _all_gather_cat(local, dim=0, group=mpu.get_data_parallel_group())
+        return local[:batch_size, :seq_len].cpu()
+
+
+def _all_gather_cat(tensor: torch.Tensor, *, dim: int, group) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+class RoutingReplay:
+    """Records / replays the top-k expert choice of every MoE router in this rank's model chunks.
+
+    ``chunks`` are the (DDP-wrapped or bare) model chunks the schedule runs. ``install()`` puts a replay
+    object on each ``TopKRouter``; ``remove()`` restores what was there. While no :class:`RoutingPass` runs,
+    the routers compute their top-k exactly as without it.
+    """
+
+    def __init__(self, chunks: Sequence[torch.nn.Module]):
+        TopKRouter, _ = _megatron_router_classes()
+        self.chunks = list(chunks)
+        self.current: Optional[RoutingPass] = None
+        self._routers: dict[int, list] = {}
+        self._saved: list = []
+        self._layers: dict[int, list] = {}
+        config = None
+        for chunk in self.chunks:
+            routers = [m for m in _unwrap(chunk).modules() if isinstance(m, TopKRouter)]
+            self._routers[id(chunk)] = routers
+            for router in routers:
+                config = router.config
+        if config is None:
+            # The pipeline stage may hold no MoE layer: the model's config still tells the layout.
+            config = getattr(_unwrap(self.chunks[0]), "config", None)
+        pattern = moe_layer_pattern(config)
+        if not any(pattern):
+            raise ValueError("routing record / replay needs a model with MoE layers; this one has none")
+        if config.context_parallel_size > 1:
+            raise ValueError(
+                "routing record / replay with parallel.context > 1 is not supported: context parallelism reorders "
+                "the sequence across ranks"
+            )
+        if config.moe_router_fusion:
+            raise ValueError("routing record / replay needs moe_router_fusion=False (the fused kernel has no hook)")
+        if config.moe_router_load_balancing_type == "sinkhorn":
+            raise ValueError("routing record / replay does not cover sinkhorn routing (it bypasses the top-k hook)")
+        self.config = config
+        self._moe_index = {layer: sum(pattern[:layer]) for layer in range(len(pattern)) if pattern[layer]}
+        self.num_moe_layers = sum(pattern)
+        self.topk = config.moe_router_topk
+        self.num_experts = config.num_moe_experts
+        self.sequence_parallel = bool(config.sequence_parallel)
+        self.device = torch.device("cpu")
+
+    # -- hooks ------------------------------------------------------------------------------------------------
+    @property
+    def installed(self) -> bool:
+        return bool(self._saved)
+
+    def install(self) -> "RoutingReplay":
+        if self.installed:
+            raise RuntimeError("RoutingReplay.install: already installed")
+        LayerReplay = _layer_replay_class()
+        for chunk in self.chunks:
+            layers = []
+            for router in self._routers[id(chunk)]:
+                assert router.layer_number is not None, "a TopKRouter without its layer number"
+                layer = LayerReplay(self, self._moe_index[router.layer_number - 1])
+                self._saved.append((router, router.router_replay))
+                router.router_replay = layer
+                layers.append(layer)
+                self.device = router.weight.device
+            self._layers[id(chunk)] = layers
+        if not self._saved:
+            # A stage without MoE layers still takes part in the collectives of a pass.
+            self._saved.append((None, None))
+        return self
+
+    def remove(self) -> None:
+        for router, previous in self._saved:
+            if router is not None:
+                router.router_replay = previous
+        self._saved.clear()
+        self._layers.clear()
+
+    def __enter__(self) -> "RoutingReplay":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- used by RoutingPass ------------------------------------------------------------------------------------
+    def layers_of(self, chunk: torch.nn.Module) -> list:
+        return self._layers.get(id(chunk), [])
+
+    def clear_layer_state(self) -> None:
+        for layers in self._layers.values():
+            for layer in layers:
+                layer.clear_indices()
+                layer.micro_index = None
+
+    def sequence_slice(self, seq_len: int) -> tuple[int, int]:
+        """The positions this tensor-parallel rank routes (all of them without sequence parallelism)."""
+        from megatron.core import parallel_state as mpu
+
+        tp = mpu.get_tensor_model_parallel_world_size()
+        if not self.sequence_parallel or tp == 1:
+            return 0, seq_len
+        assert seq_len % tp == 0, f"sequence length {seq_len} does not divide over {tp} TP ranks"
+        step = seq_len // tp
+        rank = mpu.get_tensor_model_parallel_rank()
+        return rank * step, (rank + 1) * step
+
+    def pass_(
+        self,
+        micro: list,
+        padded_size: int,
+        *,
+        training: bool,
+        record: bool,
+        replay: Optional[torch.Tensor] = None,
+    ) -> RoutingPass:
+        """A context for one schedule run over ``micro`` (this rank's micro-batches of a batch padded to
+        ``padded_size`` rows). ``replay`` is the full batch's routing, already checked (:meth:`check`)."""
+        if not self.installed:
+            raise RuntimeError("RoutingReplay: install() before running a routing pass")
+        return RoutingPass(self, micro, padded_size, training=training, record=record, replay=replay)
+
+    def check(self, routing: torch.Tensor, batch_size: int, seq_len: int, name: str = "replay_routing") -> torch.Tensor:
+        shape = (batch_size, seq_len, self.num_moe_layers, self.topk)
+        return check_routing(routing, shape, self.num_experts, name)
+
+
+class NullRoutingPass:
+    """The routing context of a pass that neither records nor replays: every call is a no-op."""
+
+    def before_forward(self, chunk: torch.nn.Module, mb) -> None:
+        pass
+
+    def __enter__(self) -> "NullRoutingPass":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+NO_ROUTING = NullRoutingPass()
+
+
+def open_routing_pass(
+    policy,
+    batch,
+    micro: list,
+    padded_size: int,
+    *,
+    training: bool,
+    record: bool,
+    replay: Optional[torch.Tensor],
+):
+    """The routing context for one of ``policy``'s schedule runs over ``batch``.
+
+    The policy's :class:`RoutingReplay` is created and installed on first use (``policy._routing``), so a
+    policy that never records or replays runs megatron's routers untouched.
+    """
+    if not record and replay is None:
+        return NO_ROUTING
+    if policy._routing is None:
+        policy._routing = RoutingReplay(policy.model).install()
+    routing = policy._routing
+    if replay is not None:
+        replay = routing.check(replay, batch.size, batch.seq_len)
+    return routing.pass_(micro, padded_size, training=training, record=record, replay=replay)

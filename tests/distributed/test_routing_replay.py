@@ -1,0 +1,203 @@
+"""MoE routing record and replay in the megatron actor (sapo_megatron.actor.routing), against transformers.
+
+Real megatron-core over gloo. Four jobs: the transformers reference (1 process, never imports megatron),
+then the actor on 1 process (plain and with activation recomputation), 2 processes (EP2 with DP2, PP2,
+TP2 with sequence parallelism) and 4 processes (TP2-SP x EP2 x DP2). Each actor job runs the sequence
+described in worker_routing_replay.py for every layout; every rank returns the full batch's routing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sapo_megatron.launch import run_torchrun
+
+HERE = Path(__file__).parent
+JOB_TIMEOUT_S = 300
+JOBS = {
+    1: ["tp1-pp1-ep1", "tp1-pp1-ep1-recompute"],
+    2: ["tp1-pp1-ep2", "tp1-pp2-ep1", "tp2-pp1-ep1"],
+    4: ["tp2-pp1-ep2"],
+}
+LAYOUTS = [(nproc, layout) for nproc, layouts in JOBS.items() for layout in layouts]
+# Megatron and transformers logits differ by ~1e-6 in fp32; a top-k whose k-th and (k+1)-th router
+# logits are closer than this may legitimately differ and is left out of the comparison.
+TIE_MARGIN = 1e-4
+
+
+def _launch(script: str, args: list, nproc: int) -> None:
+    run_torchrun([str(HERE / script), *map(str, args)], nproc, timeout=JOB_TIMEOUT_S).check()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("routing-reference") / "reference.pt"
+    _launch("worker_routing_hf.py", [out, tiny_model_dir], 1)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def actor_runs(tiny_model_dir, reference, tmp_path_factory):
+    out = tmp_path_factory.mktemp("routing-runs")
+    reference_file = out / "reference.pt"
+    torch.save(reference, reference_file)
+    done: set[int] = set()
+
+    def records(nproc: int, layout: str) -> list[dict]:
+        if nproc not in done:
+            _launch("worker_routing_replay.py", [out, tiny_model_dir, reference_file, *JOBS[nproc]], nproc)
+            done.add(nproc)
+        paths = sorted((out / layout).glob("rank*.pt"))
+        assert len(paths) == nproc
+        return [torch.load(path) for path in paths]
+
+    return records
+
+
+def _sets(routing: torch.Tensor) -> torch.Tensor:
+    return routing.long().sort(dim=-1).values
+
+
+def _decided(router_logits: torch.Tensor, topk: int) -> torch.Tensor:
+    """[B, S, layers]: True where the top-k is not within TIE_MARGIN of a tie."""
+    top = router_logits.topk(topk + 1, dim=-1).values
+    return (top[..., topk - 1] - top[..., topk]) > TIE_MARGIN
+
+
+def _assert_same_experts(routing, expected, router_logits, *, max_undecided=0.05):
+    assert routing.shape == expected.shape and routing.dtype == torch.int32
+    decided = _decided(router_logits, expected.shape[-1])
+    assert decided.float().mean() >= 1 - max_undecided
+    same = (_sets(routing) == _sets(expected)).all(dim=-1)
+    assert bool(same[decided].all()), f"{int((~same & decided).sum())} decided (token, layer) top-k sets differ"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, layout", LAYOUTS)
+def test_recorded_routing_equals_the_hf_router_top_k(reference, actor_runs, nproc, layout):
+    natural = reference["natural"]
+    for record in actor_runs(nproc, layout):
+        # Every rank returns the whole batch's routing, [batch, seq, MoE layers, topk], in TrainBatch alignment.
+        _assert_same_experts(record["r_natural"], natural["routing"], natural["logits"])
+        torch.testing.assert_close(record["lp_natural"][:, :-1], natural["logprobs"][:, :-1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, layout", LAYOUTS)
+def test_replaying_a_given_routing_is_honoured(reference, actor_runs, nproc, layout):
+    forced, natural = reference["forced"], reference["natural"]
+    given = reference["forced_routing"]
+    for record in actor_runs(nproc, layout):
+        # Where the given routing has experts they are used as given (order included); where it holds -1 the
+        # routers choose, downstream of the forced positions, as transformers' router does.
+        replayed = given[..., 0] >= 0
+        assert bool(replayed.any()) and bool((~replayed).any())
+        assert torch.equal(record["r_forced"][replayed], given[replayed])
+        _assert_same_experts(record["r_forced"], forced["routing"], forced["logits"])
+        # The log-probs are those of transformers' model with its gates forced to the same experts...
+        torch.testing.assert_close(record["lp_forced"][:, :-1], forced["logprobs"][:, :-1], rtol=0, atol=1e-5)
+        # ...and far from the natural routing's, so the forcing really reached the experts.
+        assert (record["lp_forced"] - record["lp_natural"])[:, :-1].abs().max() > 1e-2
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, layout", LAYOUTS)
+def test_replay_routes_identically_after_the_router_weights_changed(actor_runs, nproc, layout):
+    for record in actor_runs(nproc, layout):
+        natural = _sets(record["r_natural"])
+        # The perturbation (and step 1) changed some tokens' experts, not all of them...
+        for key in ("r_perturbed", "r_free"):
+            flips = (_sets(record[key]) != natural).any(dim=-1)
+            assert 0 < int(flips.sum()) < flips.numel(), key
+        # ...yet the replayed passes, forward-only and training, use exactly the recorded experts.
+        assert torch.equal(record["r_replayed"], record["r_natural"])
+        assert torch.equal(record["r_train_2"], record["r_natural"])
+        # Without replay the training pass records what a forward pass on the same weights routes.
+        assert torch.equal(record["r_train_1"], record["r_perturbed"])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, layout", LAYOUTS)
+def test_training_pass_computes_its_loss_under_the_replayed_routing(actor_runs, nproc, layout):
+    for record in actor_runs(nproc, layout):
+        # The update's loss is the policy loss of the log-probs a forward pass with the same routing gives.
+        assert record["metrics_1"]["loss"] == pytest.approx(record["loss_expected_1"], rel=1e-5, abs=1e-6)
+        assert record["metrics_2"]["loss"] == pytest.approx(record["loss_expected_2"], rel=1e-5, abs=1e-6)
+        # With the routers free the same update would have had another loss.
+        assert abs(record["loss_free_2"] - record["loss_expected_2"]) > 1e-3
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_recomputation_replays_the_forward_routing(actor_runs):
+    """Full activation recomputation re-runs the routers in backward: the gradients must not change."""
+    (plain,) = actor_runs(1, "tp1-pp1-ep1")
+    (recompute,) = actor_runs(1, "tp1-pp1-ep1-recompute")
+    for key in ("metrics_1", "metrics_2"):
+        assert plain[key] == recompute[key]
+    for key in ("r_train_1", "r_train_2", "lp_replayed", "lp_free"):
+        assert torch.equal(plain[key], recompute[key]), key
+
+
+# -- in-process: layout conversion and validation (no megatron process needed) ---------------------------------
+
+
+def test_rollout_routing_lands_on_train_batch_positions():
+    from sapo_megatron.actor.batch import collate_sequences
+    from sapo_megatron.actor.routing import rollout_routing_to_train
+
+    prompts, responses = [[5, 6, 7], [8]], [[1, 2], [3, 4, 9]]
+    tokens, mask, _ = collate_sequences(prompts, responses, pad_id=0, seq_len=6)
+    # The engine's layout: one row per token fed through the model (all but the last sampled token).
+    routed = [
+        torch.tensor([[[0, 1]], [[1, 2]], [[2, 3]], [[3, 4]]], dtype=torch.int32),  # 3 + 2 - 1 tokens
+        torch.tensor([[[4, 5]], [[5, 6]], [[6, 7]]], dtype=torch.int32),  # 1 + 3 - 1 tokens
+    ]
+    routing = rollout_routing_to_train(routed, tokens.shape[1])
+    assert routing.shape == (2, 6, 1, 2) and routing.dtype == torch.int32
+    assert torch.equal(routing[0, :4], routed[0]) and torch.equal(routing[1, :3], routed[1])
+    # The last sampled token and the padding have no engine routing.
+    assert bool((routing[0, 4:] == -1).all()) and bool((routing[1, 3:] == -1).all())
+    # Every position inside the loss mask has one: the logits at t come from tokens <= t, all routed.
+    assert bool((routing[..., 0, 0][mask] >= 0).all())
+    with pytest.raises(ValueError, match="more than seq_len=3"):
+        rollout_routing_to_train(routed, 3)
+    with pytest.raises(ValueError, match=r"routed_experts\[1\] has shape"):
+        rollout_routing_to_train([routed[0], torch.zeros(3, 2, 2, dtype=torch.int32)], 6)
+
+
+def test_replay_routing_is_checked():
+    from sapo_megatron.actor.routing import check_routing
+
+    good = torch.tensor([[[[0, 3]], [[-1, -1]]]])  # [1, 2, 1, 2]
+    assert torch.equal(check_routing(good, (1, 2, 1, 2), 4, "r"), good)
+    with pytest.raises(ValueError, match="expected .* = \\(1, 3, 1, 2\\)"):
+        check_routing(good, (1, 3, 1, 2), 4, "r")
+    with pytest.raises(ValueError, match="integer expert ids"):
+        check_routing(good.float(), (1, 2, 1, 2), 4, "r")
+    with pytest.raises(ValueError, match="mix -1 with expert ids"):
+        check_routing(torch.tensor([[[[0, -1]], [[1, 2]]]]), (1, 2, 1, 2), 4, "r")
+    with pytest.raises(ValueError, match="outside \\[0, 4\\)"):
+        check_routing(torch.tensor([[[[0, 4]], [[1, 2]]]]), (1, 2, 1, 2), 4, "r")
+    with pytest.raises(ValueError, match="repeat an expert"):
+        check_routing(torch.tensor([[[[2, 2]], [[1, 2]]]]), (1, 2, 1, 2), 4, "r")
+
+
+def test_routing_replay_config():
+    from sapo_megatron.config import ConfigError, load_config
+
+    assert load_config(None).algorithm.routing_replay == "off"
+    assert load_config(None, ["algorithm.routing_replay=rollout"]).algorithm.routing_replay == "rollout"
+    with pytest.raises(ConfigError, match="not allowed; use one of 'off', 'old', 'rollout'"):
+        load_config(None, ["algorithm.routing_replay=always"])
+    with pytest.raises(ConfigError, match="dense control has no MoE routing"):
+        load_config(None, ["algorithm.routing_replay=old", "model.dense=true"])
+    with pytest.raises(ConfigError, match="does not support context parallelism"):
+        load_config(None, ["algorithm.routing_replay=old", "parallel.context=2", "launch.nproc_per_node=2"])

@@ -1,0 +1,1021 @@
+"""Launch and memory planning: where every rank, parallel group and rollout engine goes, and what each GPU holds.
+
+``sapo-megatron plan RECIPE [overrides]`` prints the plan and refuses (``PlanError``, exit code 2) a layout that
+does not divide the world size or does not fit ``launch.gpu_memory_gib - launch.gpu_reserved_gib`` on one GPU.
+It needs no GPU and no weights: the architecture comes from ``config.json`` in ``model.hf_path``, from the
+embedded tiny model's spec, or from a built-in preset (``PRESETS``; picked automatically when ``hf_path``'s last
+component names it, e.g. ``.../Qwen3-30B-A3B-Base`` without a ``config.json``).
+
+What is counted, per GPU (bytes; the formulas are in ``docs/planner.md``):
+
+* **parameters** exactly as megatron-core holds them: attention and dense MLPs split over TP, experts split over
+  EP and ETP, layers over PP, embedding / output layer on the first / last stage, norms and the router
+  replicated. Dense parameters live in one DDP buffer, expert parameters (when EP > 1) in another.
+* **gradients**: megatron DDP's fp32 buffers (``grad_reduce_in_fp32``, as ``actor.factory.wrap_in_ddp`` sets).
+  With the distributed optimizer both buffers are padded (each parameter starts at a multiple of 64 elements,
+  the buffer ends at a multiple of lcm(DP, 128)); ``padding_bound`` is the most that padding can add.
+* **optimizer states**: Adam's two fp32 moments, plus an fp32 master copy when the parameters are not fp32,
+  sharded by the distributed optimizer over DP x CP (dense) and over expert-DP (experts).
+  ``optimizer.optimizer_cpu_offload`` moves master copy, moments and an fp32 gradient copy to the host
+  (megatron's HybridDeviceOptimizer with ``optimizer_offload_fraction=1`` and the precision-aware optimizer).
+* **activations** of one training step with and without full recompute (``model.recompute_activations``),
+  from a per-token, per-layer count of the tensors autograd keeps (see ``ACTIVATION_ASSUMPTIONS``).
+* **rollout engines**: weights / engine TP plus ``rollout.kv_cache_memory_bytes`` per GPU.
+
+Colocated engines share the actor's GPUs, so the plan takes the peak over three phases: *train* (engines
+asleep), *weight sync* (engine weights awake, actor parameters resident) and *rollout* (engine weights + KV cache
++ whatever the phase offloads ``optimizer.offload_params/grads/optimizer`` leave on the GPU). Remote engines
+get their own nodes (``launch.rollout_nnodes``) and the phases separate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import textwrap
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sapo_megatron.config import Config, ConfigError
+
+GIB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# megatron DDP reduces gradients in fp32 (actor.factory.wrap_in_ddp sets grad_reduce_in_fp32=True).
+GRAD_BYTES = 4
+ADAM_MOMENT_BYTES = 8  # exp_avg + exp_avg_sq, fp32
+MASTER_COPY_BYTES = 4  # fp32 main parameters when the model's parameters are bf16 / fp16
+# Host side of HybridDeviceOptimizer per optimizer element: fp32 parameter copy, two moments, pinned fp32 grad.
+CPU_OPTIMIZER_BYTES = 4 + 8 + 4
+# megatron's parameter-start alignment with the distributed optimizer (param_and_grad_buffer.py).
+PARAM_ALIGNMENT = 64
+BUCKET_ALIGNMENT = 128
+
+ACTIVATION_ASSUMPTIONS = (
+    "activations in the parameter dtype; flash attention (no [s, s] scores kept); no dropout; sequence "
+    "parallelism whenever TP > 1; balanced routing (each rank's experts get top_k x its tokens); SwiGLU with "
+    "fused bias-activation (keeps fc1's output, not the activation's); 1F1B pipeline schedule; full recompute "
+    "keeps each layer's input and rebuilds one layer at a time; sequences padded to max_prompt_length + "
+    "max_new_tokens + 1; logits of one micro-batch plus one transient copy on the last stage (their gradient "
+    "reuses their storage)"
+)
+
+
+class PlanError(ConfigError):
+    """A layout that cannot run: it does not divide the GPUs or does not fit their memory; names the key."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model's architecture
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture numbers the plan needs (a Qwen3-MoE ``config.json`` reduced to what costs memory)."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    intermediate_size: int  # the dense MLP of layers that are not MoE
+    moe_layers: tuple[bool, ...]
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config: dict, name: str) -> "ModelShape":
+        """From a Qwen3-MoE ``config.json``; the MoE layer rule is transformers' (and the bridge's)."""
+        from sapo_megatron.bridge import SUPPORTED_MODEL_TYPES
+
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise PlanError(
+                f"model.hf_path: model_type={model_type!r} in {name}; the planner knows "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        layers = int(config["num_hidden_layers"])
+        # The published Qwen3-MoE configs say num_experts; transformers 5 writes num_local_experts.
+        experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
+        step = int(config.get("decoder_sparse_step") or 1)
+        dense_layers = set(config.get("mlp_only_layers") or [])
+        heads = int(config["num_attention_heads"])
+        return cls(
+            name=name,
+            hidden_size=int(config["hidden_size"]),
+            num_layers=layers,
+            num_attention_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or int(config["hidden_size"]) // heads),
+            vocab_size=int(config["vocab_size"]),
+            num_experts=experts,
+            top_k=int(config.get("num_experts_per_tok") or 0),
+            moe_intermediate_size=int(config.get("moe_intermediate_size") or 0),
+            intermediate_size=int(config.get("intermediate_size") or 0),
+            moe_layers=tuple(i not in dense_layers and experts > 0 and (i + 1) % step == 0 for i in range(layers)),
+            attention_bias=bool(config.get("attention_bias", False)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    @property
+    def total_params(self) -> int:
+        layers = 0
+        for i in range(self.num_layers):
+            counts = layer_param_counts(self, i, TensorSplit())
+            layers += counts["dense"] + counts["expert"]
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return layers + embeddings + self.hidden_size  # + the final norm
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token passes through (top_k of the experts)."""
+        inactive = sum(
+            (self.num_experts - self.top_k) * 3 * self.moe_intermediate_size * self.hidden_size
+            for moe in self.moe_layers
+            if moe
+        )
+        return self.total_params - inactive
+
+
+# Qwen3-30B-A3B (Base / Instruct / Thinking share it): the published config.json.
+QWEN3_30B_A3B = ModelShape(
+    name="Qwen3-30B-A3B (built-in preset)",
+    hidden_size=2048,
+    num_layers=48,
+    num_attention_heads=32,
+    num_kv_heads=4,
+    head_dim=128,
+    vocab_size=151936,
+    num_experts=128,
+    top_k=8,
+    moe_intermediate_size=768,
+    intermediate_size=6144,
+    moe_layers=(True,) * 48,
+)
+PRESETS = {"qwen3-30b-a3b": QWEN3_30B_A3B}
+
+
+def _tiny_shape(dense: bool) -> ModelShape:
+    from sapo_megatron.models.tiny import TinyModelSpec
+
+    spec = TinyModelSpec(dense=dense)
+    return ModelShape(
+        name=f"tiny-qwen3-moe{'-dense' if dense else ''} (embedded spec)",
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_kv_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        vocab_size=spec.vocab_size,
+        num_experts=spec.num_experts,
+        top_k=spec.num_experts_per_tok,
+        moe_intermediate_size=spec.moe_intermediate_size,
+        intermediate_size=spec.intermediate_size,
+        moe_layers=(not dense,) * spec.num_hidden_layers,
+    )
+
+
+def resolve_model_shape(cfg: Config, preset: str | None = None) -> ModelShape:
+    """``preset`` if given, else the tiny spec, ``model.hf_path/config.json``, or a preset named by the path."""
+    from sapo_megatron.models.tiny import TINY_MODEL_NAME
+
+    if preset is not None:
+        key = preset.lower()
+        if key not in PRESETS:
+            raise PlanError(f"--preset {preset!r}: unknown; use one of {', '.join(PRESETS)}")
+        return PRESETS[key]
+    hf_path = cfg.model.hf_path
+    if hf_path == TINY_MODEL_NAME:
+        return _tiny_shape(cfg.model.dense)
+    config_file = Path(hf_path) / "config.json"
+    if config_file.is_file():
+        shape = ModelShape.from_hf_config(json.loads(config_file.read_text()), str(config_file))
+        return _densified(shape) if cfg.model.dense else shape
+    leaf = Path(hf_path).name.lower()
+    for key, shape in PRESETS.items():
+        if leaf.startswith(key):
+            shape = replace(shape, name=f"{shape.name}, matched by model.hf_path={hf_path!r} (no config.json there)")
+            return _densified(shape) if cfg.model.dense else shape
+    raise PlanError(
+        f"model.hf_path={hf_path!r} has no config.json and names no built-in preset; point it at a Hugging Face "
+        f"model directory or pass --preset ({', '.join(PRESETS)})"
+    )
+
+
+def _densified(shape: ModelShape) -> ModelShape:
+    return replace(shape, name=shape.name + ", dense control", moe_layers=(False,) * shape.num_layers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameters per rank
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSplit:
+    tensor: int = 1
+    expert: int = 1
+    expert_tensor: int = 1
+
+
+def layer_param_counts(shape: ModelShape, layer: int, split: TensorSplit) -> dict[str, int]:
+    """One rank's parameters of decoder layer ``layer``: {'dense': ..., 'expert': ..., '*_tensors': ...}.
+
+    'dense' parameters are reduced over data parallelism, 'expert' ones over expert-data parallelism;
+    the tensor counts bound the distributed optimizer's alignment padding.
+    """
+    h, t = shape.hidden_size, split.tensor
+    heads, kv, d = shape.num_attention_heads, shape.num_kv_heads, shape.head_dim
+    qkv_rows = (heads + 2 * kv) * d
+    dense = h + qkv_rows * h // t + 2 * d + heads * d * h // t + h  # input norm, qkv, q/k norms, proj, mlp norm
+    dense_tensors = 6
+    if shape.attention_bias:
+        dense += qkv_rows // t
+        dense_tensors += 1
+    expert = expert_tensors = 0
+    if shape.moe_layers[layer]:
+        dense += shape.num_experts * h  # the router is replicated on every TP rank
+        dense_tensors += 1
+        local_experts = shape.num_experts // split.expert
+        expert = local_experts * 3 * shape.moe_intermediate_size * h // split.expert_tensor
+        expert_tensors = 2 * local_experts  # fc1 (gate and up fused) and fc2 per expert
+    else:
+        dense += 3 * shape.intermediate_size * h // t
+        dense_tensors += 2
+    return {"dense": dense, "expert": expert, "dense_tensors": dense_tensors, "expert_tensors": expert_tensors}
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """The parameters one rank of pipeline stage ``stage`` holds (all its virtual-pipeline chunks).
+
+    ``dense`` is what megatron's DDP reduces over DP x CP, ``expert`` what it reduces over expert-DP.
+    """
+
+    stage: int
+    layers: tuple[int, ...]
+    dense: int
+    expert: int
+    dense_tensors: int
+    expert_tensors: int
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+
+def stage_layers(num_layers: int, pipeline: int, virtual_pipeline: int) -> list[tuple[int, ...]]:
+    """Decoder layers of each pipeline rank; with interleaving, rank p holds virtual stages p, p + PP, ..."""
+    chunks = pipeline * max(1, virtual_pipeline)
+    per_chunk = num_layers // chunks
+    out = []
+    for rank in range(pipeline):
+        layers: list[int] = []
+        for virtual_stage in range(rank, chunks, pipeline):
+            layers.extend(range(virtual_stage * per_chunk, (virtual_stage + 1) * per_chunk))
+        out.append(tuple(layers))
+    return out
+
+
+def stage_params(shape: ModelShape, cfg: Config) -> list[StageParams]:
+    p = cfg.parallel
+    split = TensorSplit(p.tensor, p.expert, p.expert_tensor_size)
+    h, vocab_shard = shape.hidden_size, shape.vocab_size // p.tensor
+    stages = []
+    for stage, layers in enumerate(stage_layers(shape.num_layers, p.pipeline, p.virtual_pipeline)):
+        counts = {"dense": 0, "expert": 0, "dense_tensors": 0, "expert_tensors": 0}
+        for layer in layers:
+            for key, value in layer_param_counts(shape, layer, split).items():
+                counts[key] += value
+        if p.expert == 1:
+            # megatron-core marks expert weights as expert-parallel only when EP > 1; otherwise they share the
+            # dense buffer and are reduced (and sharded) over DP like everything else.
+            counts["dense"] += counts.pop("expert")
+            counts["dense_tensors"] += counts.pop("expert_tensors")
+            counts["expert"] = counts["expert_tensors"] = 0
+        if stage == 0:
+            counts["dense"] += vocab_shard * h  # word embeddings
+            counts["dense_tensors"] += 1
+        if stage == p.pipeline - 1:
+            counts["dense"] += h + vocab_shard * h  # final norm, output layer (untied)
+            counts["dense_tensors"] += 2
+        stages.append(StageParams(stage=stage, layers=layers, **counts))
+    return stages
+
+
+def padding_bound(num_tensors: int, shard_group: int, distributed_optimizer: bool) -> int:
+    """Most elements megatron's buffer alignment can add to one DDP buffer holding ``num_tensors`` tensors.
+
+    Assumes one bucket per buffer, which is what megatron builds when ``overlap_grad_reduce`` is off.
+    """
+    if not distributed_optimizer or num_tensors == 0:
+        return 0
+    return (PARAM_ALIGNMENT - 1) * num_tensors + math.lcm(shard_group, BUCKET_ALIGNMENT) - 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layout: ranks, groups, engines
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int  # actor ranks
+    nnodes: int
+    gpus_per_node: int
+    tensor: int
+    pipeline: int
+    context: int
+    data: int
+    expert: int
+    expert_tensor: int
+    expert_data: int
+    # name -> list of rank groups, with megatron-core's "tp-cp-ep-dp-pp" order
+    groups: dict[str, list[list[int]]]
+    engines: list[dict[str, Any]]  # {"index", "tensor_parallel", "node", "gpus", "ranks"}
+    rollout_nnodes: int
+    rollout_mode: str
+
+
+def _rank_groups(dims: list[tuple[str, int]], vary: tuple[str, ...]) -> list[list[int]]:
+    """Groups of ranks that differ only in the ``vary`` dimensions; ``dims`` fastest-varying first."""
+    sizes = [size for _, size in dims]
+    strides = [math.prod(sizes[:i]) for i in range(len(sizes))]
+    fixed = [i for i, (name, _) in enumerate(dims) if name not in vary]
+    varying = [i for i, (name, _) in enumerate(dims) if name in vary]
+    groups = []
+    for fixed_index in itertools.product(*(range(sizes[i]) for i in reversed(fixed))):
+        base = sum(strides[i] * v for i, v in zip(reversed(fixed), fixed_index))
+        ranks = []
+        for varying_index in itertools.product(*(range(sizes[i]) for i in reversed(varying))):
+            ranks.append(base + sum(strides[i] * v for i, v in zip(reversed(varying), varying_index)))
+        groups.append(sorted(ranks))
+    return sorted(groups)
+
+
+def parallel_groups(cfg: Config) -> dict[str, list[list[int]]]:
+    """Every group megatron-core builds for this layout (its default order ``tp-cp-ep-dp-pp``)."""
+    p, world = cfg.parallel, cfg.launch.world_size
+    data = world // (p.tensor * p.pipeline * p.context)
+    expert_data = world // (p.expert * p.expert_tensor_size * p.pipeline)
+    dense_dims = [("tp", p.tensor), ("cp", p.context), ("dp", data), ("pp", p.pipeline)]
+    expert_dims = [("tp", p.expert_tensor_size), ("ep", p.expert), ("dp", expert_data), ("pp", p.pipeline)]
+    groups = {
+        "TP": _rank_groups(dense_dims, ("tp",)),
+        "PP": _rank_groups(dense_dims, ("pp",)),
+        "DP": _rank_groups(dense_dims, ("dp",)),
+        "EP": _rank_groups(expert_dims, ("ep",)),
+        "ETP": _rank_groups(expert_dims, ("tp",)),
+        "EDP": _rank_groups(expert_dims, ("dp",)),
+    }
+    if p.context > 1:
+        groups["CP"] = _rank_groups(dense_dims, ("cp",))
+        groups["DPxCP"] = _rank_groups(dense_dims, ("cp", "dp"))
+    return groups
+
+
+def check_layout(cfg: Config, shape: ModelShape) -> Layout:
+    """The checks ``init_distributed`` and the bridge make, without a process group; ``PlanError`` names the key."""
+    from sapo_megatron.actor.parallel import check_layout as check_actor_layout
+
+    p, launch, rollout = cfg.parallel, cfg.launch, cfg.rollout
+    world = launch.world_size
+    # What init_distributed would refuse, for the device the run is meant for (a plan is for GPUs unless
+    # the recipe says cpu).
+    try:
+        data = check_actor_layout(p, world, "cpu" if cfg.trainer.device == "cpu" else "cuda")
+    except (ValueError, ConfigError) as exc:
+        raise PlanError(str(exc)) from None
+    expert_data = world // (p.expert * p.expert_tensor_size * p.pipeline)
+
+    # What the bridge refuses when it builds the model (sapo_megatron.bridge.qwen3_moe._check_divisibility).
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise PlanError(message)
+
+    need(not shape.tie_word_embeddings, f"{shape.name}: tied embeddings are not supported by the Qwen3-MoE bridge")
+    need(shape.vocab_size % p.tensor == 0, f"parallel.tensor={p.tensor} does not divide vocab_size {shape.vocab_size}")
+    need(
+        shape.num_kv_heads % p.tensor == 0,
+        f"parallel.tensor={p.tensor} does not divide the {shape.num_kv_heads} key/value heads of {shape.name}",
+    )
+    need(
+        shape.num_attention_heads % p.tensor == 0,
+        f"parallel.tensor={p.tensor} does not divide the {shape.num_attention_heads} attention heads",
+    )
+    chunks = p.pipeline * max(1, p.virtual_pipeline)
+    need(
+        shape.num_layers % chunks == 0,
+        f"parallel.pipeline={p.pipeline} x virtual_pipeline={max(1, p.virtual_pipeline)} does not divide the "
+        f"{shape.num_layers} layers",
+    )
+    if any(shape.moe_layers):
+        need(
+            shape.num_experts % p.expert == 0,
+            f"parallel.expert={p.expert} does not divide the {shape.num_experts} experts",
+        )
+        need(
+            shape.moe_intermediate_size % p.expert_tensor_size == 0,
+            f"parallel.expert_tensor={p.expert_tensor_size} does not divide moe_intermediate_size "
+            f"{shape.moe_intermediate_size}",
+        )
+        need(
+            p.tensor == 1 or p.sequence_parallel,
+            f"parallel.sequence_parallel=false with parallel.tensor={p.tensor}: megatron-core trains MoE layers "
+            "under tensor parallelism only with sequence parallelism; set parallel.sequence_parallel=true",
+        )
+    if not all(shape.moe_layers):
+        need(
+            shape.intermediate_size % p.tensor == 0,
+            f"parallel.tensor={p.tensor} does not divide intermediate_size {shape.intermediate_size}",
+        )
+
+    # Rollout engines: one engine never spans nodes (its TP group talks over NVLink).
+    engine_tp = rollout.engine_tensor_parallel
+    need(
+        launch.nproc_per_node % engine_tp == 0,
+        f"rollout.engine_tensor_parallel={engine_tp} does not divide launch.nproc_per_node={launch.nproc_per_node}: "
+        "an engine must fit inside one node",
+    )
+    need(
+        shape.num_attention_heads % engine_tp == 0,
+        f"rollout.engine_tensor_parallel={engine_tp} does not divide the {shape.num_attention_heads} attention heads",
+    )
+    engine_gpus = rollout.num_engines * engine_tp
+    if rollout.mode == "colocated":
+        need(
+            launch.rollout_nnodes == 0,
+            f"launch.rollout_nnodes={launch.rollout_nnodes} with rollout.mode=colocated: colocated engines use the "
+            "actor's GPUs; set launch.rollout_nnodes=0 or rollout.mode=remote",
+        )
+        need(
+            engine_gpus <= world,
+            f"rollout.num_engines={rollout.num_engines} x rollout.engine_tensor_parallel={engine_tp} = {engine_gpus} "
+            f"GPUs, but the colocated engines share the actor's {world} GPUs",
+        )
+        first_gpu = 0
+    else:
+        rollout_gpus = launch.rollout_nnodes * launch.nproc_per_node
+        need(
+            launch.rollout_nnodes >= 1,
+            "rollout.mode=remote needs GPUs of its own: set launch.rollout_nnodes >= 1 (nodes that run only engines)",
+        )
+        need(
+            engine_gpus <= rollout_gpus,
+            f"rollout.num_engines={rollout.num_engines} x rollout.engine_tensor_parallel={engine_tp} = {engine_gpus} "
+            f"GPUs, but launch.rollout_nnodes={launch.rollout_nnodes} x launch.nproc_per_node="
+            f"{launch.nproc_per_node} = {rollout_gpus}",
+        )
+        first_gpu = world  # engine ranks follow the actor's ranks
+    engines = []
+    for index in range(rollout.num_engines):
+        start = first_gpu + index * engine_tp
+        ranks = list(range(start, start + engine_tp))
+        engines.append(
+            {
+                "index": index,
+                "tensor_parallel": engine_tp,
+                "node": start // launch.nproc_per_node,
+                "gpus": [r % launch.nproc_per_node for r in ranks],
+                "ranks": ranks,
+            }
+        )
+    return Layout(
+        world_size=world,
+        nnodes=launch.nnodes,
+        gpus_per_node=launch.nproc_per_node,
+        tensor=p.tensor,
+        pipeline=p.pipeline,
+        context=p.context,
+        data=data,
+        expert=p.expert,
+        expert_tensor=p.expert_tensor_size,
+        expert_data=expert_data,
+        groups=parallel_groups(cfg),
+        engines=engines,
+        rollout_nnodes=launch.rollout_nnodes,
+        rollout_mode=rollout.mode,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory per GPU
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateMemory:
+    """Model state of one rank (a pipeline stage's worst case), in bytes and elements."""
+
+    stage: int
+    params: int  # parameter count on the rank
+    dense_params: int
+    expert_params: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_elements: int  # fp32 elements the distributed optimizer owns on this rank (dense + expert shard)
+    optimizer_gpu_bytes: int
+    optimizer_host_bytes: int  # with optimizer_cpu_offload
+    dense_padding_bound: int  # elements
+    expert_padding_bound: int
+
+
+def state_memory(shape: ModelShape, cfg: Config, layout: Layout) -> list[StateMemory]:
+    """Parameters, gradient buffers and optimizer states of one rank of each pipeline stage."""
+    opt = cfg.optimizer
+    param_bytes = DTYPE_BYTES[cfg.model.params_dtype]
+    dense_group = layout.data * layout.context
+    distributed = opt.use_distributed_optimizer
+    out = []
+    for stage in stage_params(shape, cfg):
+        dense_shard = math.ceil(stage.dense / dense_group) if distributed else stage.dense
+        expert_shard = math.ceil(stage.expert / layout.expert_data) if distributed else stage.expert
+        optimizer_elements = dense_shard + expert_shard
+        per_element = ADAM_MOMENT_BYTES + (MASTER_COPY_BYTES if param_bytes != 4 else 0)
+        on_host = opt.optimizer_cpu_offload
+        out.append(
+            StateMemory(
+                stage=stage.stage,
+                params=stage.total,
+                dense_params=stage.dense,
+                expert_params=stage.expert,
+                param_bytes=stage.total * param_bytes,
+                grad_bytes=stage.total * GRAD_BYTES,
+                optimizer_elements=optimizer_elements,
+                optimizer_gpu_bytes=0 if on_host else optimizer_elements * per_element,
+                optimizer_host_bytes=optimizer_elements * CPU_OPTIMIZER_BYTES if on_host else 0,
+                dense_padding_bound=padding_bound(stage.dense_tensors, dense_group, distributed),
+                expert_padding_bound=padding_bound(stage.expert_tensors, layout.expert_data, distributed),
+            )
+        )
+    return out
+
+
+def attention_bytes_per_token(shape: ModelShape, cfg: Config) -> float:
+    """Bytes autograd keeps per token for one attention block (input norm .. output projection)."""
+    t, b = cfg.parallel.tensor, DTYPE_BYTES[cfg.model.params_dtype]
+    h, a, g, d = shape.hidden_size, shape.num_attention_heads, shape.num_kv_heads, shape.head_dim
+    # norm input + qkv input (h each); the qkv output behind the q/k-norm views ((a + 2g) d); q, k after
+    # norm and RoPE ((a + g) d); the attention output = projection input (a d); fp32 softmax statistics (4 a).
+    return (b * (2 * h + (3 * a + 3 * g) * d) + 4 * a) / t
+
+
+def mlp_bytes_per_token(shape: ModelShape, cfg: Config, moe: bool) -> float:
+    """Bytes autograd keeps per token for one MLP block (pre-MLP norm .. output), routed or dense."""
+    p, b = cfg.parallel, DTYPE_BYTES[cfg.model.params_dtype]
+    t, h = p.tensor, shape.hidden_size
+    if not moe:
+        # norm input, fc1 input, fc1 output (gate and up), fc2 input
+        return b * (2 * h + 3 * shape.intermediate_size) / t
+    k, f, e = shape.top_k, shape.moe_intermediate_size, p.expert_tensor_size
+    # norm input and router input (h each); fp32 router scores and probabilities (8 E); per routed copy: the
+    # expert input gathered over ETP (e h), fc1 output (2 f), fc2 input (f), fc2 output kept for the
+    # probability weighting (h).
+    return (b * (2 * h + k * (e * h + 3 * f + h)) + 8 * shape.num_experts) / t
+
+
+@dataclass(frozen=True)
+class ActivationMemory:
+    stage: int
+    tokens_per_micro_batch: int  # per rank (after context parallelism)
+    micro_batches: int  # per optimizer step, per data-parallel rank
+    in_flight: float  # micro-batches of this stage's layers alive at once (1F1B)
+    layer_bytes_per_token: float  # largest single layer
+    stage_bytes_per_token: float  # all layers of the stage
+    logits_bytes: int
+    no_recompute: int
+    recompute: int
+
+
+def sequence_length(cfg: Config) -> int:
+    """Longest training row: prompt + response + 1, rounded up for sequence parallelism (as the trainer pads)."""
+    length = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens + 1
+    multiple = cfg.parallel.tensor if cfg.parallel.sequence_parallel else 1
+    return length + (-length) % multiple
+
+
+def activation_memory(shape: ModelShape, cfg: Config, layout: Layout) -> list[ActivationMemory]:
+    p, b = cfg.parallel, DTYPE_BYTES[cfg.model.params_dtype]
+    tokens = cfg.trainer.micro_batch_size * math.ceil(sequence_length(cfg) / p.context)
+    rollout_batch = cfg.data.prompts_per_step * cfg.rollout.n_samples
+    mini_batch = rollout_batch // cfg.algorithm.num_mini_batches
+    micro_batches = math.ceil(mini_batch / (layout.data * cfg.trainer.micro_batch_size))
+    attention = attention_bytes_per_token(shape, cfg)
+    checkpoint_per_layer = b * shape.hidden_size / p.tensor  # a layer's input, sequence-parallel
+    out = []
+    for stage, layers in enumerate(stage_layers(shape.num_layers, p.pipeline, p.virtual_pipeline)):
+        per_layer = [attention + mlp_bytes_per_token(shape, cfg, shape.moe_layers[i]) for i in layers]
+        chunks = max(1, p.virtual_pipeline)
+        if chunks == 1:
+            in_flight = min(micro_batches, p.pipeline - stage)
+        else:
+            # megatron's interleaved warm-up, in micro-batch x chunk units, over the chunks the rank holds.
+            chunk_passes = min(micro_batches * chunks, 2 * (p.pipeline - stage - 1) + (chunks - 1) * p.pipeline + 1)
+            in_flight = chunk_passes / chunks
+        last = stage == p.pipeline - 1
+        logits = 2 * tokens * (shape.vocab_size // p.tensor) * b if last else 0
+        full = in_flight * tokens * sum(per_layer)
+        recompute = in_flight * tokens * len(layers) * checkpoint_per_layer + tokens * max(per_layer)
+        out.append(
+            ActivationMemory(
+                stage=stage,
+                tokens_per_micro_batch=tokens,
+                micro_batches=micro_batches,
+                in_flight=in_flight,
+                layer_bytes_per_token=max(per_layer),
+                stage_bytes_per_token=sum(per_layer),
+                logits_bytes=logits,
+                no_recompute=int(full) + logits,
+                recompute=int(recompute) + logits,
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    weight_bytes: int  # per GPU of an engine
+    kv_cache_bytes: int  # per GPU
+    kv_bytes_per_token: int  # per GPU
+    kv_tokens: int
+    sequences_at_max_length: int
+    largest_tensor_bytes: int  # the biggest full HF tensor a weight sync moves at once
+
+
+def engine_memory(shape: ModelShape, cfg: Config) -> EngineMemory:
+    tp = cfg.rollout.engine_tensor_parallel
+    b = DTYPE_BYTES[cfg.model.params_dtype]
+    kv_heads_per_gpu = math.ceil(shape.num_kv_heads / tp)  # vLLM replicates KV heads when TP > kv heads
+    kv_per_token = 2 * shape.num_layers * kv_heads_per_gpu * shape.head_dim * b
+    kv = cfg.rollout.kv_cache_memory_bytes
+    tokens = kv // kv_per_token
+    max_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    largest = max(
+        shape.vocab_size * shape.hidden_size,
+        (shape.num_attention_heads * shape.head_dim) * shape.hidden_size,
+        3 * max(shape.intermediate_size, shape.moe_intermediate_size) * shape.hidden_size,
+    )
+    return EngineMemory(
+        weight_bytes=math.ceil(shape.total_params * b / tp),
+        kv_cache_bytes=kv,
+        kv_bytes_per_token=kv_per_token,
+        kv_tokens=tokens,
+        sequences_at_max_length=tokens // max_len,
+        largest_tensor_bytes=largest * b,
+    )
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Peak bytes per GPU in each phase for one combination of offload switches."""
+
+    name: str
+    optimizer_cpu_offload: bool
+    offload_params: bool
+    offload_grads: bool
+    offload_optimizer: bool
+    recompute: bool
+    train: int
+    sync: int
+    rollout: int
+    rollout_gpu: int  # remote mode: the engines' own GPUs
+    host_per_node: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.train, self.sync, self.rollout, self.rollout_gpu)
+
+
+def _scenario(
+    name: str,
+    cfg: Config,
+    shape: ModelShape,
+    layout: Layout,
+    *,
+    optimizer_cpu_offload: bool,
+    offload_params: bool,
+    offload_grads: bool,
+    offload_optimizer: bool,
+    recompute: bool,
+) -> Scenario:
+    opt_cfg = replace(cfg.optimizer, optimizer_cpu_offload=optimizer_cpu_offload)
+    scenario_cfg = replace(cfg, optimizer=opt_cfg)
+    states = state_memory(shape, scenario_cfg, layout)
+    activations = activation_memory(shape, cfg, layout)
+    engine = engine_memory(shape, cfg)
+    colocated = layout.rollout_mode == "colocated"
+    train = sync = rollout = host = 0
+    for state, act in zip(states, activations):
+        grads = state.grad_bytes + GRAD_BYTES * (state.dense_padding_bound + state.expert_padding_bound)
+        params = state.param_bytes + DTYPE_BYTES[cfg.model.params_dtype] * (
+            state.dense_padding_bound + state.expert_padding_bound
+        )
+        optimizer = state.optimizer_gpu_bytes
+        activation = act.recompute if recompute else act.no_recompute
+        # Train: the colocated engine sleeps (weights to host, KV cache freed); the actor holds everything.
+        train = max(train, params + grads + optimizer + activation)
+        if colocated:
+            # Sync: engine weights awake, actor parameters read by the export; grads and optimizer states can
+            # already be on the host when they are phase-offloaded.
+            resident = (0 if offload_grads else grads) + (0 if offload_optimizer else optimizer)
+            sync = max(sync, engine.weight_bytes + params + resident + engine.largest_tensor_bytes)
+            resident += 0 if offload_params else params
+            rollout = max(rollout, engine.weight_bytes + engine.kv_cache_bytes + resident)
+        # actor.offload copies parameters and optimizer states into pinned buffers it keeps for the next
+        # rollout; gradient buffers are dropped, not copied (they are zeroed before every backward anyway).
+        offloaded = (
+            (params if offload_params and colocated else 0)
+            + (optimizer if offload_optimizer and colocated else 0)
+            + state.optimizer_host_bytes
+        )
+        # Sleep level 1 keeps the engine's weights in host memory while the actor trains; pinned host memory
+        # stays cached by torch, so both stores count at once.
+        host = max(host, offloaded + (engine.weight_bytes if colocated else 0))
+    rollout_gpu = 0 if colocated else engine.weight_bytes + engine.kv_cache_bytes
+    return Scenario(
+        name=name,
+        optimizer_cpu_offload=optimizer_cpu_offload,
+        offload_params=offload_params,
+        offload_grads=offload_grads,
+        offload_optimizer=offload_optimizer,
+        recompute=recompute,
+        train=train,
+        sync=sync,
+        rollout=rollout,
+        rollout_gpu=rollout_gpu,
+        host_per_node=host * layout.gpus_per_node,
+    )
+
+
+def scenarios(cfg: Config, shape: ModelShape, layout: Layout) -> list[Scenario]:
+    """The configured switches first, then none, each one alone, and all of them (same recompute setting)."""
+    opt = cfg.optimizer
+    recompute = cfg.model.recompute_activations
+    flags = ("optimizer_cpu_offload", "offload_params", "offload_grads", "offload_optimizer")
+    configured = {name: getattr(opt, name) for name in flags}
+    none, every = dict.fromkeys(flags, False), dict.fromkeys(flags, True)
+    variants: list[tuple[str, dict[str, bool]]] = [("configured", configured), ("no offload", none)]
+    variants += [(name, {other: other == name for other in flags}) for name in flags]
+    variants.append(("phase offload (params+grads+optimizer)", {**every, "optimizer_cpu_offload": False}))
+    variants.append(("all offloads", every))
+    variants.append(
+        (f"configured, recompute {'off' if recompute else 'on'}", {**configured, "recompute": not recompute})
+    )
+    out = []
+    for name, switches in variants:
+        switches = {"recompute": recompute, **switches}
+        out.append(_scenario(name, cfg, shape, layout, **switches))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    shape: ModelShape
+    layout: Layout
+    states: list[StateMemory]
+    activations: list[ActivationMemory]
+    engine: EngineMemory
+    scenarios: list[Scenario]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def configured(self) -> Scenario:
+        return self.scenarios[0]
+
+    @property
+    def budget_bytes(self) -> int:
+        launch = self.cfg.launch
+        return int((launch.gpu_memory_gib - launch.gpu_reserved_gib) * GIB)
+
+    def check_fits(self) -> None:
+        """``PlanError`` naming the key when the configured switches do not fit a GPU or the host."""
+        launch, peak = self.cfg.launch, self.configured
+        if peak.peak > self.budget_bytes:
+            phase = max(("train", peak.train), ("weight sync", peak.sync), ("rollout", peak.rollout),
+                        ("rollout GPU", peak.rollout_gpu), key=lambda item: item[1])[0]  # fmt: skip
+            fitting = [s.name for s in self.scenarios[1:] if s.peak <= self.budget_bytes]
+            hint = f"; these variants fit: {', '.join(fitting)}" if fitting else "; use more GPUs or a wider layout"
+            raise PlanError(
+                f"launch.gpu_memory_gib={launch.gpu_memory_gib:g}: the {phase} phase needs {_gib(peak.peak)} GiB per "
+                f"GPU, more than gpu_memory_gib - launch.gpu_reserved_gib = {_gib(self.budget_bytes)} GiB{hint}"
+            )
+        if launch.host_memory_gib and peak.host_per_node > launch.host_memory_gib * GIB:
+            raise PlanError(
+                f"launch.host_memory_gib={launch.host_memory_gib:g}: offloaded state and sleeping engines need "
+                f"{_gib(peak.host_per_node)} GiB per node; turn off some optimizer.offload_* switches or add host "
+                "memory"
+            )
+
+
+def make_plan(cfg: Config, preset: str | None = None) -> Plan:
+    """The plan of a validated config; raises ``PlanError`` for a layout that cannot run (memory not checked)."""
+    shape = resolve_model_shape(cfg, preset)
+    layout = check_layout(cfg, shape)
+    warnings = []
+    rollout_batch = cfg.data.prompts_per_step * cfg.rollout.n_samples
+    mini_batch = rollout_batch // cfg.algorithm.num_mini_batches
+    per_step = layout.data * cfg.trainer.micro_batch_size
+    if mini_batch % per_step:
+        warnings.append(
+            f"a mini-batch of {mini_batch} sequences is not a multiple of DP({layout.data}) x "
+            f"trainer.micro_batch_size({cfg.trainer.micro_batch_size}) = {per_step}: the actor pads it with empty rows"
+        )
+    if cfg.rollout.mode == "colocated" and len(layout.engines) * cfg.rollout.engine_tensor_parallel < layout.world_size:
+        warnings.append(
+            f"{len(layout.engines) * cfg.rollout.engine_tensor_parallel} of {layout.world_size} GPUs run an engine; "
+            "the others idle during the rollout"
+        )
+    engine = engine_memory(shape, cfg)
+    if engine.sequences_at_max_length < 1:
+        warnings.append(
+            f"rollout.kv_cache_memory_bytes={cfg.rollout.kv_cache_memory_bytes} holds {engine.kv_tokens} tokens, less "
+            f"than one sequence of {cfg.data.max_prompt_length + cfg.rollout.max_new_tokens}"
+        )
+    if cfg.rollout.mode == "remote" and any(
+        getattr(cfg.optimizer, name) for name in ("offload_params", "offload_grads", "offload_optimizer")
+    ):
+        warnings.append("optimizer.offload_params/grads/optimizer free nothing with remote engines (own GPUs)")
+    return Plan(
+        cfg=cfg,
+        shape=shape,
+        layout=layout,
+        states=state_memory(shape, cfg, layout),
+        activations=activation_memory(shape, cfg, layout),
+        engine=engine,
+        scenarios=scenarios(cfg, shape, layout),
+        warnings=warnings,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Printing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f}"
+
+
+def _billions(count: int) -> str:
+    return f"{count / 1e9:.3f} B" if count >= 1e8 else f"{count:,}"
+
+
+def _format_groups(groups: list[list[int]], width: int = 100, max_groups: int = 64) -> list[str]:
+    items = ["[" + ",".join(map(str, g)) + "]" for g in groups[:max_groups]]
+    if len(groups) > max_groups:
+        items.append(f"... ({len(groups) - max_groups} more)")
+    lines, line = [], ""
+    for item in items:
+        if line and len(line) + 1 + len(item) > width:
+            lines.append(line)
+            line = item
+        else:
+            line = f"{line} {item}" if line else item
+    if line:
+        lines.append(line)
+    return lines
+
+
+def format_plan(plan: Plan) -> str:
+    cfg, shape, layout = plan.cfg, plan.shape, plan.layout
+    p, launch, rollout = cfg.parallel, cfg.launch, cfg.rollout
+    out: list[str] = []
+    add = out.append
+    # One unit for every table: GiB for real models, MiB for the tiny demo (where GiB would print zeros).
+    unit, unit_bytes = ("GiB", GIB) if max(s.peak for s in plan.scenarios) >= GIB else ("MiB", 1024**2)
+
+    def size(nbytes: float) -> str:
+        return f"{nbytes / unit_bytes:.2f}"
+
+    add(f"model: {shape.name}")
+    add(
+        f"  {shape.num_layers} layers ({sum(shape.moe_layers)} MoE), hidden {shape.hidden_size}, heads "
+        f"{shape.num_attention_heads} (kv {shape.num_kv_heads}, head_dim {shape.head_dim}), vocab {shape.vocab_size}, "
+        f"experts {shape.num_experts} top-{shape.top_k} (ffn {shape.moe_intermediate_size})"
+    )
+    add(f"  parameters: {_billions(shape.total_params)} total, {_billions(shape.active_params)} active per token")
+    add("")
+    add("launch:")
+    total_nodes = launch.nnodes + launch.rollout_nnodes
+    add(
+        f"  {total_nodes} node(s) x {launch.nproc_per_node} GPUs: actor on {launch.nnodes} node(s) = "
+        f"{layout.world_size} ranks"
+        + (f", rollout engines on {launch.rollout_nnodes} more" if launch.rollout_nnodes else "")
+    )
+    add(
+        f"  actor layout: TP {p.tensor} x PP {p.pipeline}"
+        + (f" (virtual {p.virtual_pipeline})" if p.virtual_pipeline else "")
+        + f" x CP {p.context} x DP {layout.data};  experts: EP {p.expert} x ETP {layout.expert_tensor} x "
+        f"EDP {layout.expert_data} x PP {p.pipeline};  sequence parallel {'on' if p.sequence_parallel else 'off'}, "
+        f"{p.moe_token_dispatcher} dispatcher"
+    )
+    for node in range(launch.nnodes):
+        first = node * launch.nproc_per_node
+        add(f"  node {node}: ranks {first}-{first + launch.nproc_per_node - 1} (GPU 0-{launch.nproc_per_node - 1})")
+    add("parallel groups (megatron-core order tp-cp-ep-dp-pp):")
+    for name, groups in layout.groups.items():
+        add(f"  {name:<5} size {len(groups[0])}, {len(groups)} group(s):")
+        out.extend("    " + line for line in _format_groups(groups))
+    add(
+        f"rollout engines ({rollout.mode}): {len(layout.engines)} x TP {rollout.engine_tensor_parallel} "
+        f"({len(layout.engines) * rollout.engine_tensor_parallel} GPUs)"
+    )
+    by_node: dict[int, list[str]] = {}
+    for engine in layout.engines:
+        gpus = engine["gpus"]
+        text = f"e{engine['index']}:gpu{gpus[0]}" + (f"-{gpus[-1]}" if len(gpus) > 1 else "")
+        by_node.setdefault(engine["node"], []).append(text)
+    for node, engines in by_node.items():
+        role = "actor + engines" if rollout.mode == "colocated" else "engines only"
+        add(f"  node {node} ({role}): " + " ".join(engines))
+    add("")
+
+    add(f"model state per GPU ({cfg.model.params_dtype} parameters, fp32 gradients, Adam; "
+        f"{'distributed' if cfg.optimizer.use_distributed_optimizer else 'replicated'} optimizer):")  # fmt: skip
+    add(
+        f"  {'stage':<6}{'params':>16}{'dense':>16}{'expert':>16}"
+        f"{f'param {unit}':>11}{f'grad {unit}':>10}{f'optim {unit}':>11}"
+    )
+    for state in plan.states:
+        optim = state.optimizer_gpu_bytes or state.optimizer_host_bytes
+        where = " (host)" if state.optimizer_host_bytes else ""
+        add(
+            f"  {state.stage:<6}{state.params:>16,}{state.dense_params:>16,}{state.expert_params:>16,}"
+            f"{size(state.param_bytes):>11}{size(state.grad_bytes):>10}{size(optim):>11}{where}"
+        )
+    add(
+        f"  optimizer shards: dense over DPxCP = {layout.data * layout.context}, experts over EDP = "
+        f"{layout.expert_data}; "
+        f"buffer alignment adds at most {max(s.dense_padding_bound + s.expert_padding_bound for s in plan.states):,} "
+        "elements per rank"
+    )
+    add("")
+    add(
+        f"activations per GPU (micro-batch {cfg.trainer.micro_batch_size} x {sequence_length(cfg)} tokens"
+        + (f" / CP {p.context}" if p.context > 1 else "")
+        + f", {plan.activations[0].micro_batches} micro-batches per optimizer step):"
+    )
+    add(
+        f"  {'stage':<6}{'in flight':>10}{'KiB/token/layer':>17}{f'logits {unit}':>12}"
+        f"{f'no recompute {unit}':>18}{f'recompute {unit}':>15}"
+    )
+    for act in plan.activations:
+        add(
+            f"  {act.stage:<6}{act.in_flight:>10.2f}{act.layer_bytes_per_token / 1024:>17.1f}"
+            f"{size(act.logits_bytes):>12}"
+            f"{size(act.no_recompute):>18}{size(act.recompute):>15}"
+        )
+    assumptions = "assumes: " + ACTIVATION_ASSUMPTIONS
+    out.extend(textwrap.wrap(assumptions, width=110, initial_indent="  ", subsequent_indent="    "))
+    add("")
+    engine = plan.engine
+    add(
+        f"rollout engine per GPU: weights {size(engine.weight_bytes)} {unit} + KV cache "
+        f"{size(engine.kv_cache_bytes)} {unit} "
+        f"({engine.kv_bytes_per_token / 1024:.0f} KiB/token -> {engine.kv_tokens:,} tokens, "
+        f"{engine.sequences_at_max_length} sequences of {cfg.data.max_prompt_length + rollout.max_new_tokens} tokens)"
+    )
+    add("")
+    budget = plan.budget_bytes
+    add(
+        f"peak per GPU ({unit}; budget {launch.gpu_memory_gib:g} - {launch.gpu_reserved_gib:g} GiB reserved = "
+        f"{size(budget)} {unit}):"
+    )
+    remote = rollout.mode == "remote"
+    # Remote engines have GPUs of their own: no shared sync / rollout phase on the actor's GPUs.
+    phases = f"{'actor':>8}{'engine':>8}" if remote else f"{'train':>8}{'sync':>8}{'rollout':>9}"
+    add(f"  {'offload switches':<42}{phases}{'peak':>8}{'host/node':>11}  fits")
+    for scenario in plan.scenarios:
+        row = f"  {scenario.name:<42}{size(scenario.train):>8}"
+        if remote:
+            row += f"{size(scenario.rollout_gpu):>8}"
+        else:
+            row += f"{size(scenario.sync):>8}{size(scenario.rollout):>9}"
+        fits = scenario.peak <= budget and (
+            not launch.host_memory_gib or scenario.host_per_node <= launch.host_memory_gib * GIB
+        )
+        row += f"{size(scenario.peak):>8}{size(scenario.host_per_node):>11}  {'yes' if fits else 'NO'}"
+        add(row)
+    configured = plan.configured
+    switches = [name for name in ("optimizer_cpu_offload", "offload_params", "offload_grads", "offload_optimizer")
+                if getattr(configured, name)]  # fmt: skip
+    add(
+        f"  configured: {', '.join(switches) or 'no offload'}; recompute {'on' if configured.recompute else 'off'}"
+        + (f"; host memory checked against {launch.host_memory_gib:g} GiB" if launch.host_memory_gib else "")
+    )
+    for warning in plan.warnings:
+        add(f"warning: {warning}")
+    return "\n".join(out)

@@ -1,0 +1,296 @@
+"""The launch / memory planner: closed-form parameter and state counts, layout refusals naming the key, the
+groups, the recipes, the CLI, and docs/planner.md matching what the planner prints.
+
+What megatron-core really allocates is checked in tests/distributed/test_planner_vs_megatron.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sapo_megatron.cli import main
+from sapo_megatron.config import ConfigError, load_config
+from sapo_megatron.planner import (
+    GIB,
+    QWEN3_30B_A3B,
+    ModelShape,
+    PlanError,
+    attention_bytes_per_token,
+    format_plan,
+    make_plan,
+    mlp_bytes_per_token,
+    padding_bound,
+    parallel_groups,
+    resolve_model_shape,
+    stage_layers,
+    stage_params,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SAPO_RECIPE = str(ROOT / "recipes" / "qwen3_30b_a3b_sapo.yaml")
+GRPO_RECIPE = str(ROOT / "recipes" / "qwen3_30b_a3b_grpo.yaml")
+
+# The published Qwen3-30B-A3B config.json, reduced to the keys the planner reads (and a few it ignores).
+QWEN3_30B_A3B_CONFIG = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": True,
+    "vocab_size": 151936,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0,
+}
+
+H, L, E, K, F, A, G, D, V = 2048, 48, 128, 8, 768, 32, 4, 128, 151936
+# Closed forms: per layer, everything but the experts (input norm, qkv, q/k norms, output projection, MLP norm,
+# router), and one expert (gate and up fused in fc1, down in fc2).
+LAYER_DENSE = H + (A + 2 * G) * D * H + 2 * D + A * D * H + H + E * H
+ONE_EXPERT = 3 * F * H
+
+
+def _sapo_cfg(*overrides: str):
+    return load_config(SAPO_RECIPE, list(overrides))
+
+
+def test_preset_equals_the_published_config():
+    shape = ModelShape.from_hf_config(QWEN3_30B_A3B_CONFIG, "config.json")
+    assert {**shape.__dict__, "name": ""} == {**QWEN3_30B_A3B.__dict__, "name": ""}
+    # The model card's 30.5B total / 3.3B activated parameters, exactly.
+    assert shape.total_params == L * (LAYER_DENSE + E * ONE_EXPERT) + 2 * V * H + H == 30_532_122_624
+    assert shape.active_params == L * (LAYER_DENSE + K * ONE_EXPERT) + 2 * V * H + H == 3_353_032_704
+
+
+def test_transformers5_expert_key_and_layer_rule():
+    config = dict(QWEN3_30B_A3B_CONFIG, num_experts=None, num_local_experts=128, decoder_sparse_step=2)
+    config["mlp_only_layers"] = [1]
+    shape = ModelShape.from_hf_config(config, "x")
+    assert shape.num_experts == 128
+    # transformers' rule: MoE where (i + 1) % step == 0 and i is not listed as MLP-only.
+    assert shape.moe_layers[:4] == (False, False, False, True)
+    with pytest.raises(PlanError, match="model_type"):
+        ModelShape.from_hf_config(dict(QWEN3_30B_A3B_CONFIG, model_type="llama"), "x")
+
+
+def test_model_shape_sources(tmp_path):
+    cfg = _sapo_cfg()
+    assert resolve_model_shape(cfg).num_experts == 128  # matched by the hf_path's name
+    (tmp_path / "config.json").write_text(json.dumps(dict(QWEN3_30B_A3B_CONFIG, num_hidden_layers=24)))
+    # A config.json wins over the name.
+    assert resolve_model_shape(_sapo_cfg(f"model.hf_path={tmp_path}")).num_layers == 24
+    assert resolve_model_shape(load_config(None, [])).name.startswith("tiny-qwen3-moe")
+    with pytest.raises(PlanError, match="model.hf_path"):
+        resolve_model_shape(_sapo_cfg("model.hf_path=/nonexistent/some-model"))
+    assert resolve_model_shape(_sapo_cfg("model.hf_path=/x/y"), preset="qwen3-30b-a3b").num_layers == 48
+    with pytest.raises(PlanError, match="--preset"):
+        resolve_model_shape(cfg, preset="gpt-5")
+
+
+def test_recipe_state_per_gpu_in_closed_form():
+    plan = make_plan(_sapo_cfg())
+    (state,) = plan.states
+    # EP 8: 16 of the 128 experts per GPU; TP 1: every dense tensor whole; PP 1: embedding and output here.
+    assert state.expert_params == L * 16 * ONE_EXPERT == 3_623_878_656
+    assert state.dense_params == L * LAYER_DENSE + 2 * V * H + H == 1_541_093_376
+    assert state.param_bytes == 2 * state.params  # bf16
+    assert state.grad_bytes == 4 * state.params  # fp32 gradient buffers
+    # Distributed optimizer: dense shards over DP 32, expert shards over expert-DP 32 / 8 = 4; 12 bytes each
+    # (fp32 master copy of bf16 parameters + two Adam moments).
+    assert (plan.layout.data, plan.layout.expert_data) == (32, 4)
+    assert state.optimizer_elements == math.ceil(state.dense_params / 32) + math.ceil(state.expert_params / 4)
+    assert state.optimizer_gpu_bytes == 12 * state.optimizer_elements
+    assert state.optimizer_host_bytes == 0
+    offloaded = make_plan(_sapo_cfg("optimizer.optimizer_cpu_offload=true")).states[0]
+    assert (offloaded.optimizer_gpu_bytes, offloaded.optimizer_host_bytes) == (0, 16 * state.optimizer_elements)
+    fp32 = make_plan(_sapo_cfg("model.params_dtype=float32")).states[0]
+    assert fp32.optimizer_gpu_bytes == 8 * fp32.optimizer_elements  # fp32 parameters are their own master copy
+
+
+def test_parameters_split_over_tp_pp_ep():
+    whole = make_plan(
+        _sapo_cfg("parallel.expert=1", "launch.nnodes=1", "launch.nproc_per_node=1", "rollout.num_engines=1")
+    ).states
+    assert len(whole) == 1 and whole[0].params == QWEN3_30B_A3B.total_params
+    # EP 1: megatron keeps the experts in the dense buffer.
+    assert whole[0].expert_params == 0
+    split = make_plan(
+        _sapo_cfg("parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=4", "parallel.expert=4",
+                  "parallel.expert_tensor=2")
+    )
+    assert [len(s.layers) for s in stage_params(split.shape, split.cfg)] == [12] * 4
+    per_layer_tp2 = H + (A + 2 * G) * D * H // 2 + 2 * D + A * D * H // 2 + H + E * H
+    first, middle, last = split.states[0], split.states[1], split.states[3]
+    assert middle.dense_params == 12 * per_layer_tp2
+    assert first.dense_params == 12 * per_layer_tp2 + V // 2 * H
+    assert last.dense_params == 12 * per_layer_tp2 + V // 2 * H + H
+    # ETP 2: each expert's intermediate dimension is halved.
+    assert middle.expert_params == 12 * (E // 4) * ONE_EXPERT // 2
+
+
+def test_interleaved_stages_and_padding_bound():
+    assert stage_layers(8, 2, 0) == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert stage_layers(8, 2, 2) == [(0, 1, 4, 5), (2, 3, 6, 7)]
+    assert padding_bound(10, 32, distributed_optimizer=True) == 63 * 10 + 127
+    assert padding_bound(10, 3, distributed_optimizer=True) == 63 * 10 + 383  # lcm(3, 128) - 1
+    assert padding_bound(10, 32, distributed_optimizer=False) == 0
+
+
+def test_groups_follow_megatron_order():
+    cfg = load_config(None, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.expert=2",
+                             "parallel.expert_tensor=1", "launch.nproc_per_node=8"])  # fmt: skip
+    groups = parallel_groups(cfg)
+    assert groups["TP"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups["PP"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert groups["DP"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["EP"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups["ETP"] == [[r] for r in range(8)]
+    assert groups["EDP"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    for name, members in groups.items():
+        assert sorted(r for g in members for r in g) == list(range(8)), name
+
+
+def test_activation_formulas():
+    cfg = _sapo_cfg()
+    attention = 2 * (2 * H + (3 * A + 3 * G) * D) + 4 * A
+    moe = 2 * (2 * H + K * (H + 3 * F + H)) + 8 * E
+    assert attention_bytes_per_token(QWEN3_30B_A3B, cfg) == attention
+    assert mlp_bytes_per_token(QWEN3_30B_A3B, cfg, moe=True) == moe
+    plan = make_plan(cfg)
+    (act,) = plan.activations
+    tokens = 1024 + 8192 + 1
+    assert act.tokens_per_micro_batch == tokens
+    assert act.micro_batches == 128 * 16 // 4 // 32  # mini-batch / (DP x micro-batch size)
+    logits = 2 * tokens * V * 2
+    assert act.no_recompute == int(tokens * L * (attention + moe)) + logits
+    assert act.recompute == int(tokens * L * 2 * H + tokens * (attention + moe)) + logits
+    # Sequence + tensor parallelism divide every per-token term; a bigger micro-batch scales them.
+    tp2 = _sapo_cfg("parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert_tensor=1")
+    assert attention_bytes_per_token(QWEN3_30B_A3B, tp2) == attention / 2
+    double = make_plan(_sapo_cfg("trainer.micro_batch_size=2")).activations[0]
+    assert double.no_recompute == 2 * act.no_recompute
+    # 1F1B: the first stage keeps PP micro-batches in flight, the last one.
+    pp4 = make_plan(_sapo_cfg("parallel.pipeline=4")).activations
+    assert [a.in_flight for a in pp4] == [4, 3, 2, 1]
+    assert pp4[0].logits_bytes == 0 and pp4[-1].logits_bytes > 0
+
+
+def test_recipe_fits_only_with_offload_and_recompute():
+    plan = make_plan(_sapo_cfg())
+    plan.check_fits()
+    by_name = {s.name: s for s in plan.scenarios}
+    budget = (80 - 6) * GIB
+    assert by_name["configured"].peak <= budget
+    assert by_name["no offload"].peak > budget  # the engine's 57 GiB of weights + KV next to the actor
+    assert by_name["configured, recompute off"].peak > budget
+    engine = plan.engine
+    assert engine.weight_bytes == QWEN3_30B_A3B.total_params * 2
+    assert engine.kv_bytes_per_token == 2 * L * G * D * 2
+    assert engine.kv_tokens == 12 * GIB // engine.kv_bytes_per_token
+    # The rollout phase: engine weights + KV cache, with the actor's state in host memory.
+    assert by_name["configured"].rollout == engine.weight_bytes + engine.kv_cache_bytes
+
+
+def test_grpo_recipe_is_the_sapo_recipe_with_another_loss():
+    sapo, grpo = _sapo_cfg(), load_config(GRPO_RECIPE)
+    for section in ("model", "parallel", "optimizer", "rollout", "data", "launch"):
+        assert getattr(sapo, section) == getattr(grpo, section), section
+    assert (sapo.algorithm.policy_loss, grpo.algorithm.policy_loss) == ("sapo", "clip")
+    assert sapo.algorithm.num_mini_batches == grpo.algorithm.num_mini_batches == 4
+    assert (sapo.algorithm.sapo.tau_pos, sapo.algorithm.sapo.tau_neg) == (1.0, 1.05)
+    assert sapo.rollout.n_samples == 16 and sapo.algorithm.advantage == "grpo"
+    assert sapo.data.train == "data/dapo_math_17k.jsonl" and sapo.data.validation == "data/aime_2024.jsonl"
+    make_plan(grpo).check_fits()
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["parallel.tensor=8", "parallel.sequence_parallel=true"], "parallel.tensor"),  # 4 KV heads
+        (["launch.nnodes=3", "parallel.expert=3", "rollout.num_engines=24"], "parallel.expert"),  # 128 experts
+        (["launch.nnodes=5", "parallel.pipeline=5", "rollout.num_engines=40"], "parallel.pipeline"),  # 48 layers
+        (["parallel.tensor=2"], "parallel.sequence_parallel"),  # MoE under TP needs SP
+        (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=1", "parallel.expert_tensor=1"],
+         "parallel.expert_tensor"),  # megatron would not reduce the expert replicas over TP
+        (["rollout.engine_tensor_parallel=3"], "rollout.engine_tensor_parallel"),
+        (["rollout.num_engines=33"], "rollout.num_engines"),
+        (["rollout.mode=remote"], "launch.rollout_nnodes"),
+        (["launch.rollout_nnodes=1"], "launch.rollout_nnodes"),
+    ],
+)  # fmt: skip
+def test_layouts_that_cannot_run_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(PlanError) as caught:
+        make_plan(_sapo_cfg(*overrides))
+    assert key in str(caught.value)
+
+
+def test_world_size_that_does_not_divide_is_a_config_error():
+    with pytest.raises(ConfigError, match="parallel"):
+        _sapo_cfg("parallel.pipeline=3")
+
+
+def test_memory_refusals_name_the_key():
+    with pytest.raises(PlanError, match="launch.gpu_memory_gib=40"):
+        make_plan(_sapo_cfg("launch.gpu_memory_gib=40")).check_fits()
+    with pytest.raises(PlanError, match="these variants fit: .*phase offload"):
+        make_plan(_sapo_cfg("optimizer.offload_params=false")).check_fits()
+    with pytest.raises(PlanError, match="launch.host_memory_gib=256"):
+        make_plan(_sapo_cfg("launch.host_memory_gib=256")).check_fits()
+    with pytest.raises(ConfigError, match="launch.gpu_reserved_gib"):
+        _sapo_cfg("launch.gpu_reserved_gib=90")
+
+
+def test_remote_engines_get_their_own_nodes():
+    plan = make_plan(_sapo_cfg("rollout.mode=remote", "launch.rollout_nnodes=2", "rollout.num_engines=16",
+                               "optimizer.offload_params=false", "optimizer.offload_grads=false",
+                               "optimizer.offload_optimizer=false"))  # fmt: skip
+    engines = plan.layout.engines
+    assert [e["node"] for e in engines] == [4] * 8 + [5] * 8
+    assert engines[0]["ranks"] == [32] and engines[-1]["gpus"] == [7]
+    configured = plan.configured
+    assert configured.rollout == configured.sync == 0  # nothing shares the actor's GPUs
+    assert configured.rollout_gpu == plan.engine.weight_bytes + plan.engine.kv_cache_bytes
+    plan.check_fits()
+    assert not plan.warnings
+
+
+def test_tiny_recipe_plans_on_cpu():
+    plan = make_plan(load_config(str(ROOT / "recipes" / "tiny_cpu_sapo.yaml")))
+    plan.check_fits()
+    assert plan.states[0].params == plan.shape.total_params == 288_192
+    assert "MiB" in format_plan(plan)
+
+
+def test_cli_plan(capsys):
+    assert main(["plan", SAPO_RECIPE]) == 0
+    out = capsys.readouterr().out
+    assert "EP    size 8, 4 group(s):" in out and "e31:gpu7" in out
+    assert main(["plan", SAPO_RECIPE, "launch.gpu_memory_gib=40"]) == 2
+    captured = capsys.readouterr()
+    assert "peak per GPU" in captured.out  # the plan is still printed, so the refusal can be read against it
+    assert "refused: launch.gpu_memory_gib=40" in captured.err
+    assert main(["plan", SAPO_RECIPE, "parallel.tensor=8", "parallel.sequence_parallel=true"]) == 2
+    assert "parallel.tensor=8" in capsys.readouterr().err
+    assert main(["plan", SAPO_RECIPE, "parallel.tensor=3"]) == 2
+    assert "config error" in capsys.readouterr().err
+
+
+def test_docs_show_what_the_planner_prints():
+    """docs/planner.md quotes the plan of the SAPO recipe verbatim; regenerate it when the planner changes."""
+    doc = (ROOT / "docs" / "planner.md").read_text()
+    printed = format_plan(make_plan(_sapo_cfg()))
+    assert printed in doc

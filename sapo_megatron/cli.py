@@ -1,4 +1,5 @@
-"""`sapo-megatron` command line: train, config (print the resolved config)."""
+"""`sapo-megatron` command line: train, config (print the resolved config), dashboard (live diagnostics page),
+convert (Megatron dist-checkpoint -> Hugging Face directory)."""
 
 from __future__ import annotations
 
@@ -50,11 +51,60 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _resolve(args)
     from sapo_megatron.trainer import train
 
-    run_dir = Path(cfg.trainer.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    # The run writes its resolved config.yaml itself; None means interrupted (Ctrl-C), like a shell's 130.
     summary = train(cfg)
-    return 0 if summary is not None else 1
+    return 0 if summary is not None else 130
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from sapo_megatron.dashboard.server import DashboardServer
+
+    if not args.refresh > 0:
+        print(f"sapo-megatron dashboard: --refresh={args.refresh}: must be > 0 seconds", file=sys.stderr)
+        return 2
+    try:
+        server = DashboardServer(args.run_dirs, host=args.host, port=args.port, poll_seconds=args.refresh)
+    except ValueError as exc:
+        print(f"sapo-megatron dashboard: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"sapo-megatron dashboard: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"sapo-megatron dashboard: listening on {args.host}: anyone who can reach this machine can read "
+              f"these runs", file=sys.stderr)
+    print(f"sapo-megatron dashboard: {len(args.run_dirs)} run(s) at {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from sapo_megatron.planner import PlanError, format_plan, make_plan
+
+    cfg = _resolve(args)
+    try:
+        plan = make_plan(cfg, preset=args.preset)
+    except PlanError as exc:
+        print(f"sapo-megatron plan: refused: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(plan))
+    try:
+        plan.check_fits()
+    except PlanError as exc:
+        print(f"sapo-megatron plan: refused: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from sapo_megatron.convert import run
+
+    return run(args, "sapo-megatron convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +116,43 @@ def build_parser() -> argparse.ArgumentParser:
     p_config = sub.add_parser("config", help="print the resolved config of a recipe + overrides")
     _add_recipe_args(p_config)
     p_config.set_defaults(func=_cmd_config)
+    p_dash = sub.add_parser(
+        "dashboard",
+        help="serve a live web page of the diagnostics of one or more run directories",
+        description="Serves a web page with the diagnostics of the given run directories (read live, while the "
+        "runs write them), overlaid for comparison. Documentation: docs/diagnostics.md.",
+    )
+    p_dash.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (trainer.run_dir)")
+    p_dash.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p_dash.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0 = any free port)")
+    p_dash.add_argument(
+        "--refresh", type=float, default=3.0, metavar="SECONDS",
+        help="how often the page re-reads the runs (default: 3)",
+    )
+    p_dash.set_defaults(func=_cmd_dashboard)
+    p_plan = sub.add_parser(
+        "plan",
+        help="print the launch plan and per-GPU memory estimate of a recipe; refuse one that cannot run",
+        description="Prints where every rank, parallel group and rollout engine goes and what each GPU holds "
+        "(parameters, gradients, optimizer states, activations, engine weights and KV cache, with and without "
+        "each offload). Exits with 2 when the layout does not divide the GPUs or does not fit launch.gpu_memory_gib. "
+        "Documentation: docs/planner.md.",
+    )
+    _add_recipe_args(p_plan)
+    p_plan.add_argument(
+        "--preset", default=None, help="use a built-in architecture (qwen3-30b-a3b) instead of model.hf_path/config.json"
+    )
+    p_plan.set_defaults(func=_cmd_plan)
+    from sapo_megatron.convert import add_arguments as add_convert_arguments
+
+    p_convert = sub.add_parser(
+        "convert",
+        help="convert a Megatron dist-checkpoint (any TP/PP/EP layout) into a Hugging Face directory",
+        description="Loads a checkpoint written by the trainer into an unsharded model in this one process and "
+        "writes safetensors shards, config.json, tokenizer and generation config. Documentation: docs/checkpoints.md.",
+    )
+    add_convert_arguments(p_convert)
+    p_convert.set_defaults(func=_cmd_convert)
     return parser
 
 

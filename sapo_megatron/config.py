@@ -246,6 +246,9 @@ class RolloutConfig:
     mode: Literal["colocated", "remote"] = "colocated"
     num_engines: int = 1
     engine_tensor_parallel: int = 1
+    # Record which experts each token was routed to in the engine (MoE only): the routing diagnostics
+    # compare it with the trainer's routing, and algorithm.routing_replay=rollout replays it.
+    collect_routed_experts: bool = True
 
     def validate(self, prefix: str) -> None:
         if self.n_samples < 1:
@@ -395,6 +398,11 @@ class Config:
             raise ConfigError(
                 f"algorithm.routing_replay={replay!r} with model.dense=true: the dense control has no MoE routing "
                 "to replay; set algorithm.routing_replay=off"
+            )
+        if replay == "rollout" and not self.rollout.collect_routed_experts:
+            raise ConfigError(
+                "algorithm.routing_replay=rollout with rollout.collect_routed_experts=false: the engine's routing is "
+                "what gets replayed; set rollout.collect_routed_experts=true"
             )
         if replay != "off" and self.parallel.context > 1:
             raise ConfigError(

@@ -65,6 +65,7 @@ def run_torchrun(
     cwd: str | None = None,
     capture: bool = True,
     port_retries: int = 3,
+    die_with_parent: bool = False,
 ) -> LaunchResult:
     """Runs ``nproc`` ranks of ``target`` and waits at most ``timeout`` seconds.
 
@@ -72,6 +73,8 @@ def run_torchrun(
     behind holding a port or a gloo rendezvous. The rendezvous port is picked free but bound later by
     torchrun, so another job may take it in between: a start that fails with "address already in use"
     is retried on a fresh port (only when the output is captured, which is how it is recognised).
+    ``die_with_parent``: torchrun is killed when the calling process dies, even by SIGKILL (Linux), and its
+    ranks then stop by themselves (see :func:`exit_when_orphaned`).
     """
     child_env = dict(os.environ)
     child_env.setdefault("OMP_NUM_THREADS", "1")
@@ -80,7 +83,9 @@ def run_torchrun(
         child_env.update(env)
     deadline = time.monotonic() + timeout
     for attempt in range(port_retries + 1):
-        result = _run_once(target, nproc, max(1.0, deadline - time.monotonic()), child_env, cwd, capture)
+        result = _run_once(
+            target, nproc, max(1.0, deadline - time.monotonic()), child_env, cwd, capture, die_with_parent
+        )
         if not (capture and result.returncode != 0 and _port_taken(result.output)) or attempt == port_retries:
             return result
     return result
@@ -90,12 +95,13 @@ def _port_taken(output: str) -> bool:
     return "EADDRINUSE" in output or "Address already in use" in output or "address already in use" in output
 
 
-def _run_once(target, nproc, timeout, child_env, cwd, capture) -> LaunchResult:
+def _run_once(target, nproc, timeout, child_env, cwd, capture, die_with_parent) -> LaunchResult:
     cmd = torchrun_command(target, nproc, free_port())
     proc = subprocess.Popen(
         cmd,
         env=child_env,
         cwd=cwd,
+        preexec_fn=_kill_me_with_parent if die_with_parent else None,
         stdout=subprocess.PIPE if capture else None,
         stderr=subprocess.STDOUT if capture else None,
         text=True,
@@ -112,6 +118,36 @@ def _run_once(target, nproc, timeout, child_env, cwd, capture) -> LaunchResult:
         _kill_group(proc)
         proc.communicate()
         raise
+
+
+def _kill_me_with_parent() -> None:
+    """In the child between fork and exec: SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass  # not Linux: the ranks' own orphan check still ends them
+
+
+def exit_when_orphaned(poll_seconds: float = 1.0) -> None:
+    """Ends this process when its parent (torchrun) is gone, from a daemon thread.
+
+    A launcher killed with SIGKILL cannot stop its ranks; without this they would hang in their next
+    collective forever, holding ports and memory.
+    """
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-when-orphaned", daemon=True).start()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -180,36 +180,35 @@ class MegatronPolicy:
         for m in self.model:
             m.train()
         keys = ["logprobs"] + (["entropy"] if with_entropy else [])
-        local = {}
-        mpu = self._mpu()
-        n_local = sum(mb.size for mb in micro)
-        # The micro-batches' length, which sequence parallelism may have padded beyond batch.seq_len:
-        # every rank of the broadcast below must post a buffer of the last stage's shape.
-        padded_len = micro[0].seq_len
-        for key in keys:
-            if mpu.is_pipeline_last_stage(ignore_virtual=True):
-                local[key] = torch.cat([o[key] for o in outputs], dim=0)
-            else:
-                local[key] = torch.empty(n_local, padded_len, dtype=torch.float32)
-            if mpu.get_pipeline_model_parallel_world_size() > 1:
-                src = mpu.get_pipeline_model_parallel_last_rank()
-                dist.broadcast(local[key], src=src, group=mpu.get_pipeline_model_parallel_group())
-        dp_rank, dp_size = self._dp()
-        result = {}
-        for key in keys:
-            if dp_size > 1:
-                parts = [torch.empty_like(local[key]) for _ in range(dp_size)]
-                dist.all_gather(parts, local[key], group=mpu.get_data_parallel_group())
-                full = torch.cat(parts, dim=0)
-            else:
-                full = local[key]
-            result[key] = full[: batch.size, : batch.seq_len]
+        result = {key: self._gather_token_outputs(outputs, key, micro, batch) for key in keys}
         if record_routing:
             result["routing"] = routing.gather(batch.size, batch.seq_len)
             keys.append("routing")
         if len(keys) > 1:
             return tuple(result[key] for key in keys)
         return result["logprobs"]
+
+    def _gather_token_outputs(self, outputs: list, key: str, micro: list[TrainBatch], batch: TrainBatch) -> torch.Tensor:
+        """``[B, S]`` values that the last pipeline stage's loss function returned per micro-batch, on every
+        rank: broadcast over the pipeline group, gathered over data-parallel ranks, padding cut off."""
+        mpu = self._mpu()
+        n_local = sum(mb.size for mb in micro)
+        # The micro-batches' length, which sequence parallelism may have padded beyond batch.seq_len:
+        # every rank of the broadcast below must post a buffer of the last stage's shape.
+        padded_len = micro[0].seq_len
+        if mpu.is_pipeline_last_stage(ignore_virtual=True):
+            local = torch.cat([o[key] for o in outputs], dim=0)
+        else:
+            local = torch.empty(n_local, padded_len, dtype=torch.float32)
+        if mpu.get_pipeline_model_parallel_world_size() > 1:
+            src = mpu.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(local, src=src, group=mpu.get_pipeline_model_parallel_group())
+        _, dp_size = self._dp()
+        if dp_size > 1:
+            parts = [torch.empty_like(local) for _ in range(dp_size)]
+            dist.all_gather(parts, local, group=mpu.get_data_parallel_group())
+            local = torch.cat(parts, dim=0)
+        return local[: batch.size, : batch.seq_len]
 
     # -- one optimizer step on a mini-batch ---------------------------------------------------------------
     def train_mini_batch(
@@ -218,12 +217,15 @@ class MegatronPolicy:
         *,
         record_routing: bool = False,
         replay_routing: Optional[torch.Tensor] = None,
+        return_logprobs: bool = False,
     ):
         """One optimizer step with the policy loss on ``batch`` (a mini-batch). Returns scalar metrics.
 
         ``replay_routing`` (int32 ``[B, S, num_moe_layers, topk]``, ``-1`` = route normally) forces the
-        routers' expert choice in the update's forward (and any recomputation); ``record_routing`` returns
-        ``(metrics, routing)`` with the routing the update used.
+        routers' expert choice in the update's forward (and any recomputation); ``record_routing`` adds
+        the routing the update used; ``return_logprobs`` adds the per-token log-probs [B, S] of the update's
+        forward (before the step: the ``logprobs`` of the ratio the loss saw). Returns ``metrics``, or the
+        tuple ``(metrics[, routing][, logprobs])``.
         """
         from sapo_megatron.actor.routing import open_routing_pass
 
@@ -249,7 +251,7 @@ class MegatronPolicy:
             mb = next(data_iterator)
             routing.before_forward(model, mb)
             logits = self._logits(model, mb)
-            return logits, partial(self._loss_func, mb, need_entropy, counts, scale)
+            return logits, partial(self._loss_func, mb, need_entropy, counts, scale, return_logprobs)
 
         for m in self.model:
             m.zero_grad_buffer()
@@ -262,11 +264,22 @@ class MegatronPolicy:
         metrics = self._reduce_metrics(outputs)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["update_skipped"] = 0.0 if update_ok else 1.0
+        extras = []
         if record_routing:
-            return metrics, routing.gather(batch.size, batch.seq_len)
-        return metrics
+            extras.append(routing.gather(batch.size, batch.seq_len))
+        if return_logprobs:
+            extras.append(self._gather_token_outputs(outputs, "logprobs", micro, batch))
+        return (metrics, *extras) if extras else metrics
 
-    def _loss_func(self, mb: TrainBatch, need_entropy: bool, counts: dict, scale: MegatronLossScale, logits):
+    def _loss_func(
+        self,
+        mb: TrainBatch,
+        need_entropy: bool,
+        counts: dict,
+        scale: MegatronLossScale,
+        return_logprobs: bool,
+        logits,
+    ):
         from sapo_megatron.algorithms import aggregate, kl_penalty
 
         logprobs, entropy = self._token_logprobs(logits, mb, need_entropy, training=True)
@@ -295,6 +308,8 @@ class MegatronPolicy:
             "metrics": {k: v.detach().cpu() for k, v in metrics.items()},
             "shares": {k: v.detach().double().cpu() for k, v in shares.items()},
         }
+        if return_logprobs:
+            reported["logprobs"] = logprobs.detach().float().cpu()
         return scale.to_megatron(loss), reported
 
     def _reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:

@@ -50,8 +50,12 @@ def build_megatron_optimizer(cfg: Config, chunks: list, *, total_steps: int):
         fp16=dtype == torch.float16,
         params_dtype=dtype,
         use_distributed_optimizer=opt.use_distributed_optimizer,
-        # GPU only (HybridDeviceOptimizer): optimizer states and the step live on the host.
+        # GPU only (HybridDeviceOptimizer): optimizer states and the step live on the host. The fraction
+        # defaults to 0 (nothing offloaded) in megatron; the whole optimizer goes, which needs the
+        # precision-aware optimizer (fp32 states beside bf16 parameters).
         optimizer_cpu_offload=opt.optimizer_cpu_offload,
+        optimizer_offload_fraction=1.0 if opt.optimizer_cpu_offload else 0.0,
+        use_precision_aware_optimizer=opt.optimizer_cpu_offload,
     )
     optimizer = get_megatron_optimizer(optimizer_config, chunks)
     # One scheduler step per optimizer step: steps x mini-batches in all.

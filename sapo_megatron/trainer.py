@@ -1,0 +1,819 @@
+"""The RL loop: prompts -> rollout (vLLM) -> rewards -> advantages -> logprobs_old -> mini-batch updates
+-> weight sync -> diagnostics and logs -> checkpoint and validation.
+
+:func:`train_step` is the whole step on one screen; everything it calls is a named function or a
+component's method. :func:`train` sets the run up, resumes it, loops, and shuts it down.
+
+Colocated mode: every rank builds its Megatron shards; rank 0 (the *driver*) also holds the vLLM engine
+(in-process on CPU), generates, scores, and broadcasts the rollout, so every rank holds the whole batch and
+the actor takes each data-parallel rank's slice itself. Prompts are drawn identically on every rank from
+the seeded, resumable stream, so the data position needs no communication.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from sapo_megatron.config import Config, ConfigError
+
+DRIVER_RANK = 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Set-up helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve_model_dir(cfg: Config) -> Path:
+    """``model.hf_path``: the embedded tiny model (built once, cached) or a Hugging Face directory."""
+    from sapo_megatron.models.tiny import TINY_MODEL_NAME, TinyModelSpec, build_tiny_model
+
+    if cfg.model.hf_path == TINY_MODEL_NAME:
+        return build_tiny_model(TinyModelSpec(dense=cfg.model.dense))
+    path = Path(cfg.model.hf_path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.hf_path={cfg.model.hf_path!r} is not a Hugging Face model directory (no config.json); "
+            f"give a local directory or 'tiny-qwen3-moe'"
+        )
+    return path
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    wanted = cfg.trainer.device
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu")
+    return torch.device(wanted)
+
+
+def is_toy_source(source: str) -> bool:
+    return source.startswith("toy:")
+
+
+def build_prompt_streams(cfg: Config, tokenizer):
+    """The resumable training stream and the fixed validation examples (``.prompt`` / ``.answer`` each)."""
+    from sapo_megatron.data.prompts import PromptStream, load_prompts
+    from sapo_megatron.data.toy import ToyTaskStream, parse_toy_source
+
+    if is_toy_source(cfg.data.train):
+        task = parse_toy_source(cfg.data.train)
+        train_stream = ToyTaskStream(task, seed=cfg.data.seed, split="train")
+        val_source = cfg.data.validation or cfg.data.train
+        val_task = parse_toy_source(val_source) if is_toy_source(val_source) else None
+        if val_task is not None:
+            val_examples = ToyTaskStream(val_task, seed=cfg.data.seed, split="heldout").take(cfg.trainer.val_prompts)
+            return train_stream, val_examples
+    else:
+        count = partial(count_prompt_tokens, tokenizer)
+        examples, stats = load_prompts(cfg.data.train, count_tokens=count, max_prompt_length=cfg.data.max_prompt_length)
+        if not examples:
+            raise ConfigError(f"data.train={cfg.data.train!r}: no usable prompt ({stats.summary()})")
+        print(f"[data] {cfg.data.train}: {stats.summary()}", flush=True)
+        train_stream = PromptStream(examples, seed=cfg.data.seed)
+        val_source = cfg.data.validation
+    if not val_source:
+        return train_stream, []
+    count = partial(count_prompt_tokens, tokenizer)
+    val_examples, stats = load_prompts(val_source, count_tokens=count, max_prompt_length=cfg.data.max_prompt_length)
+    print(f"[data] {val_source}: {stats.summary()}", flush=True)
+    return train_stream, val_examples[: cfg.trainer.val_prompts]
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt: through the chat template when the tokenizer has one, else as plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def count_prompt_tokens(tokenizer, text: str) -> int:
+    return len(encode_prompt(tokenizer, text))
+
+
+def reward_function(cfg: Config) -> Callable[[str, str], float]:
+    """A picklable ``(response, answer) -> reward`` for the sandbox workers."""
+    from sapo_megatron.rewards.math import math_reward
+    from sapo_megatron.rewards.toy import toy_reward
+
+    name = cfg.reward.fn
+    if name == "auto":
+        name = "toy" if is_toy_source(cfg.data.train) else "math"
+    if name == "toy":
+        return toy_reward
+    if name == "toy_exact":
+        return partial(toy_reward, partial_credit=False)
+    return math_reward
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Communication between the driver (rank 0) and the other ranks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def broadcast_from_driver(obj: Any) -> Any:
+    """The driver's ``obj`` on every rank (others pass anything, typically ``None``)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=DRIVER_RANK)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The step's pieces
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One rollout batch on every rank: ``n`` consecutive rows per prompt."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    logprobs_rollout: list[list[float]]
+    rewards: list[float]
+    finish_reasons: list[str]
+    weight_version: int
+    reward_failures: int = 0
+    routed_experts: Any = None
+
+
+def generate_and_score(ctx: "RunContext", examples: list, *, n: int, seed: int) -> Optional[Rollout]:
+    """Driver only: samples ``n`` responses per prompt with vLLM and scores them in the reward sandbox."""
+    prompt_ids = [encode_prompt(ctx.tokenizer, ex.prompt) for ex in examples]
+    out = ctx.engine.generate(prompt_ids, n=n, seed=seed)
+    texts = ctx.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
+    answers = [examples[i].answer for i in out.prompt_index]
+    rewards, stats = ctx.sandbox.score(list(zip(texts, answers)))
+    return Rollout(
+        prompts=out.prompt_ids,
+        responses=out.response_ids,
+        logprobs_rollout=out.logprobs_rollout,
+        rewards=list(rewards),
+        finish_reasons=list(out.finish_reasons),
+        weight_version=out.weight_version,
+        reward_failures=int(stats.failures) if hasattr(stats, "failures") else 0,
+        routed_experts=out.routed_experts,
+    )
+
+
+def build_train_batch(rollout: Rollout, advantages: torch.Tensor, *, pad_id: int):
+    from sapo_megatron.actor.batch import TrainBatch, collate_sequences
+
+    # One extra position so that the last response token is predicted inside the window.
+    width = max(len(p) + len(r) for p, r in zip(rollout.prompts, rollout.responses)) + 1
+    tokens, mask, logprobs_rollout = collate_sequences(
+        rollout.prompts, rollout.responses, pad_id=pad_id, seq_len=width, response_logprobs=rollout.logprobs_rollout
+    )
+    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=advantages, logprobs_rollout=logprobs_rollout)
+
+
+def mini_batches(batch, num_mini_batches: int) -> list:
+    return [batch.select(index) for index in mini_batch_slices(batch.size, num_mini_batches)]
+
+
+def sync_weights(ctx: "RunContext", *, version: Optional[int] = None) -> dict[str, float]:
+    """Pushes the actor's weights into the engine as ``version`` (default: the next one); a collective."""
+    ctx.enter_sync_phase()
+    ctx.weight_version = ctx.weight_version + 1 if version is None else version
+    stats = ctx.weight_sync.push(ctx.actor.model.chunks, ctx.weight_version)
+    return {"sync/bytes": float(stats.bytes), "sync/tensors": float(stats.num_tensors)}
+
+
+def prefixed(prefix: str, metrics: dict) -> dict[str, float]:
+    """Flattens 0-dim and 1-d tensors/numbers under ``prefix``; 1-d values become ``<name>/layer{i}``."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 1:
+            for i, v in enumerate(value.tolist()):
+                out[f"{prefix}{key}/layer{i}"] = float(v)
+        elif isinstance(value, torch.Tensor) and value.dim() > 1:
+            continue  # matrices (expert load) go to histograms, not scalars
+        else:
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+class StepTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run state
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    device: torch.device
+    hf_dir: Path
+    actor: Any
+    tokenizer: Any
+    train_stream: Any
+    val_examples: list
+    weight_sync: Any
+    engine: Any = None  # driver only
+    idle_engine: Any = None  # the other ranks' engine (see setup)
+    sandbox: Any = None  # driver only
+    logger: Any = None  # driver only
+    offloader: dict = field(default_factory=dict)
+    weight_version: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+
+    @property
+    def is_driver(self) -> bool:
+        return rank() == DRIVER_RANK
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.actor.model.config.num_moe_experts) and not self.cfg.model.dense
+
+    # -- colocated phases: who holds the device memory when ------------------------------------------------
+    # rollout: the engine's weights + KV cache; the actor's offloaded state (optimizer.offload_*) on the host.
+    # train:   the actor; the engine asleep (weights on the host, KV cache dropped) where vLLM can sleep.
+    # sync:    the actor's parameters + the engine's weights; gradients and optimizer states on the host.
+    # Two offloaders, so that gradients/optimizer states leave before the sync and parameters after it.
+
+    def enter_sync_phase(self) -> None:
+        opt = self.cfg.optimizer
+        if (opt.offload_grads or opt.offload_optimizer) and not self.offloader["state"].is_offloaded:
+            self.offloader["state"].offload(params=False, grads=opt.offload_grads, optimizer=opt.offload_optimizer)
+        if self.engine is not None and self.engine.sleep_supported:
+            self.engine.wake_up(["weights"])
+
+    def enter_rollout_phase(self) -> None:
+        opt = self.cfg.optimizer
+        if (opt.offload_grads or opt.offload_optimizer) and not self.offloader["state"].is_offloaded:
+            self.offloader["state"].offload(params=False, grads=opt.offload_grads, optimizer=opt.offload_optimizer)
+        if opt.offload_params and not self.offloader["params"].is_offloaded:
+            self.offloader["params"].offload(params=True, grads=False, optimizer=False)
+        if self.engine is not None and self.engine.sleep_supported:
+            self.engine.wake_up(None)
+
+    def enter_train_phase(self) -> None:
+        if self.engine is not None and self.engine.sleep_supported:
+            self.engine.sleep(level=1)
+        self.offloader["params"].reload()
+        self.offloader["state"].reload()
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "weight_version": self.weight_version, "data": self.train_stream.state_dict()}
+
+    def load_trainer_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.weight_version = int(state["weight_version"])
+        self.train_stream.load_state_dict(state["data"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train_step(ctx: RunContext, step: int) -> dict[str, float]:
+    """One RL step. Every rank runs it; the driver additionally generates, scores, syncs and logs."""
+    from sapo_megatron.actor.routing import rollout_routing_to_train
+    from sapo_megatron.algorithms import compute_advantages
+    from sapo_megatron.diagnostics.mismatch import mismatch_metrics
+
+    cfg, actor, timer, diag = ctx.cfg, ctx.actor, StepTimer(), StepDiagnostics(ctx, step)
+    examples = ctx.train_stream.take(cfg.data.prompts_per_step)
+
+    with timer("rollout"):
+        ctx.enter_rollout_phase()
+        rollout = generate_and_score(ctx, examples, n=cfg.rollout.n_samples, seed=cfg.rollout.seed + step) if ctx.is_driver else None
+        rollout = broadcast_from_driver(rollout)
+        ctx.enter_train_phase()
+    rewards = torch.tensor(rollout.rewards, dtype=torch.float32)
+    advantages = compute_advantages(rewards, cfg.rollout.n_samples, cfg.algorithm.advantage)
+    batch = build_train_batch(rollout, advantages, pad_id=ctx.tokenizer.pad_token_id)
+    routing_rollout = None
+    if rollout.routed_experts is not None:
+        routing_rollout = rollout_routing_to_train(rollout.routed_experts, batch.seq_len)
+
+    replay = cfg.algorithm.routing_replay
+    with timer("old_logprob"):
+        old = actor.policy.compute_logprobs(
+            batch, record_routing=ctx.is_moe, replay_routing=routing_rollout if replay == "rollout" else None
+        )
+    logprobs_old, routing_old = old if ctx.is_moe else (old, None)
+    batch = batch.with_(logprobs_old=logprobs_old)
+
+    metrics = {
+        "reward/mean": float(rewards.mean()),
+        "reward/exact_frac": float((rewards == 1.0).float().mean()),
+        "reward/failures": float(rollout.reward_failures),
+        "response/length_mean": float(batch.loss_mask.sum(1).float().mean()),
+        "response/truncated_frac": sum(r == "length" for r in rollout.finish_reasons) / len(rollout.finish_reasons),
+        "weights/rollout_version": float(rollout.weight_version),
+    }
+    with timer("diagnostics"):
+        metrics.update(prefixed("mismatch/", mismatch_metrics(batch.logprobs_old, batch.logprobs_rollout, batch.loss_mask)))
+        diag.rollout_vs_old(batch, routing_rollout, routing_old)
+
+    diagnostics_before_update = timer.seconds.get("diagnostics", 0.0)
+    with timer("update"):
+        for k, mb_index in enumerate(mini_batch_slices(batch.size, cfg.algorithm.num_mini_batches)):
+            mb = batch.select(mb_index)
+            replay_mb = None
+            if replay == "old" and routing_old is not None:
+                replay_mb = routing_old[mb_index]
+            elif replay == "rollout" and routing_rollout is not None:
+                replay_mb = routing_rollout[mb_index]
+            out = actor.policy.train_mini_batch(mb, record_routing=ctx.is_moe, replay_routing=replay_mb, return_logprobs=True)
+            mb_metrics, *rest = out
+            routing_mb = rest[0] if ctx.is_moe else None
+            logprobs_mb = rest[-1]
+            metrics.update(prefixed(f"ratio/mb{k}/", mb_metrics))
+            with timer("diagnostics"):
+                diag.update_mini_batch(k, mb, logprobs_mb, None if routing_old is None else routing_old[mb_index], routing_mb)
+    # The per-mini-batch diagnostics ran inside the update's timer: count them once, as diagnostics.
+    timer.seconds["update"] -= timer.seconds.get("diagnostics", 0.0) - diagnostics_before_update
+    for key in ("loss", "pg_loss", "kl_loss", "entropy_loss", "grad_norm"):
+        values = [v for name, v in metrics.items() if name.startswith("ratio/mb") and name.endswith(f"/{key}")]
+        if values:
+            metrics[f"loss/{key}"] = sum(values) / len(values)
+    metrics["optimizer/lr"] = float(actor.optimizer.param_groups[0]["lr"])
+
+    with timer("sync"):
+        metrics.update(sync_weights(ctx))
+    with timer("diagnostics"):
+        metrics.update(diag.finish())
+    metrics.update({f"time/{name}": seconds for name, seconds in timer.seconds.items()})
+    metrics["time/step"] = sum(timer.seconds.values())
+    metrics["time/diagnostics_frac"] = timer.seconds.get("diagnostics", 0.0) / metrics["time/step"]
+    return metrics
+
+
+class StepDiagnostics:
+    """The routing-induced ratio-variance diagnostics of one step (docs/diagnostics.md defines each one).
+
+    Pairs of passes are compared token by token: the rollout engine vs the old-logprob recompute (their
+    log-prob difference is the train/rollout mismatch), and the old-logprob pass vs each update
+    mini-batch's forward (their difference is log r, the ratio SAPO gates). Histograms go to
+    ``histograms.jsonl`` for the dashboard.
+    """
+
+    LOG_RATIO_EDGES = torch.linspace(-0.5, 0.5, 101)
+    RATIO_EDGES = torch.linspace(0.0, 3.0, 121)
+    DELTA_EDGES = torch.linspace(-0.05, 0.05, 101)
+
+    def __init__(self, ctx: RunContext, step: int):
+        self.ctx, self.step = ctx, step
+        self.metrics: dict[str, float] = {}
+        self.log_ratio: dict[str, list[torch.Tensor]] = {"stable": [], "routing_changed": []}
+        self.ratio: dict[str, list[torch.Tensor]] = {"adv_pos": [], "adv_neg": []}
+        self.delta: Optional[torch.Tensor] = None
+
+    def rollout_vs_old(self, batch, routing_rollout, routing_old) -> None:
+        from sapo_megatron.diagnostics.attribution import finalize_variance_attribution, routing_variance_stats
+        from sapo_megatron.diagnostics.routing import expert_load_stats, finalize_expert_load, finalize_routing_change, routing_change_stats
+
+        mask = batch.loss_mask
+        self.delta = (batch.logprobs_old - batch.logprobs_rollout)[mask]
+        if routing_old is not None:
+            num_experts = self.ctx.actor.model.config.num_moe_experts
+            load = finalize_expert_load(expert_load_stats(routing_old, mask, num_experts))
+            self.metrics.update(prefixed("routing/expert_load/", {k: v for k, v in load.items() if v.dim() <= 1}))
+        if routing_rollout is None or routing_old is None:
+            return
+        change = finalize_routing_change(routing_change_stats(routing_rollout, routing_old, mask))
+        self.metrics.update(prefixed("routing/rollout_vs_old/", change))
+        delta = torch.where(mask, batch.logprobs_old - batch.logprobs_rollout, 0.0)
+        attribution = finalize_variance_attribution(routing_variance_stats(delta, mask, routing_rollout, routing_old))
+        self.metrics.update(prefixed("attribution/rollout_vs_old/", _scalars(attribution)))
+
+    def update_mini_batch(self, k: int, mb, logprobs, routing_old, routing_update) -> None:
+        from sapo_megatron.diagnostics.attribution import finalize_variance_attribution, routing_variance_stats
+        from sapo_megatron.diagnostics.mismatch import ratio_quantiles
+        from sapo_megatron.diagnostics.routing import changed_layer_count, finalize_routing_change, routing_change_stats
+
+        mask = mb.loss_mask
+        log_ratio = torch.where(mask, logprobs - mb.logprobs_old, 0.0)
+        quantiles = ratio_quantiles(logprobs, mb.logprobs_old, mask)
+        self.metrics.update(prefixed(f"ratio/mb{k}/", quantiles))
+        positive = mask & (mb.advantages > 0)[:, None]
+        negative = mask & (mb.advantages < 0)[:, None]
+        self.ratio["adv_pos"].append(log_ratio[positive].exp())
+        self.ratio["adv_neg"].append(log_ratio[negative].exp())
+        if routing_old is None or routing_update is None:
+            self.log_ratio["stable"].append(log_ratio[mask])
+            return
+        change = finalize_routing_change(routing_change_stats(routing_old, routing_update, mask))
+        self.metrics.update(prefixed(f"routing/old_vs_mb{k}/", change))
+        attribution = finalize_variance_attribution(routing_variance_stats(log_ratio, mask, routing_old, routing_update))
+        self.metrics.update(prefixed(f"attribution/old_vs_mb{k}/", _scalars(attribution)))
+        changed = changed_layer_count(routing_old, routing_update, mask) > 0
+        self.log_ratio["stable"].append(log_ratio[mask & ~changed])
+        self.log_ratio["routing_changed"].append(log_ratio[mask & changed])
+
+    def finish(self) -> dict[str, float]:
+        logger = self.ctx.logger
+        if logger is not None:
+            for name, parts in self.log_ratio.items():
+                logger.log_histogram(self.step, f"log_ratio/{name}", _cat(parts), self.LOG_RATIO_EDGES)
+            for name, parts in self.ratio.items():
+                logger.log_histogram(self.step, f"ratio/{name}", _cat(parts), self.RATIO_EDGES)
+            if self.delta is not None:
+                logger.log_histogram(self.step, "mismatch/delta", self.delta, self.DELTA_EDGES)
+        return self.metrics
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def _scalars(metrics: dict) -> dict:
+    """The 0-dim entries (per-group vectors of the attribution are indexed by changed-layer count, not layer)."""
+    out = {}
+    for key, value in metrics.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            out[key] = value
+        elif value.dim() == 1:
+            for i, v in enumerate(value.tolist()):
+                out[f"{key}/{i}"] = v
+    return out
+
+
+def mini_batch_slices(size: int, num_mini_batches: int) -> list[slice]:
+    """Contiguous slices: each prompt's group stays together, later slices are updated off-policy."""
+    step = size // num_mini_batches
+    return [slice(i * step, (i + 1) * step) for i in range(num_mini_batches)]
+
+
+def validate(ctx: RunContext, step: int) -> dict[str, float]:
+    """Mean reward of one sample per held-out prompt, with a fixed seed (comparable across steps)."""
+    if not ctx.val_examples:
+        return {}
+    rollout = None
+    ctx.enter_rollout_phase()
+    if ctx.is_driver:
+        rollout = generate_and_score(ctx, ctx.val_examples, n=1, seed=ctx.cfg.rollout.seed + 1_000_003)
+    rollout = broadcast_from_driver(rollout)
+    ctx.enter_train_phase()
+    rewards = torch.tensor(rollout.rewards)
+    return {"reward/val_mean": float(rewards.mean()), "reward/val_exact_frac": float((rewards == 1.0).float().mean())}
+
+
+def supervised_warmup(ctx: RunContext) -> None:
+    """``trainer.sft_warmup_steps`` NLL steps on (prompt, answer + EOS) pairs of the training stream."""
+    from sapo_megatron.actor.batch import TrainBatch, collate_sequences
+    from sapo_megatron.algorithms.supervised import nll_loss
+    from sapo_megatron.data.toy import ToyTaskStream
+
+    cfg, policy = ctx.cfg, ctx.actor.policy
+    # A separate stream (another seed), so the warm-up does not move the RL data position.
+    stream = ToyTaskStream(ctx.train_stream.task, seed=cfg.data.seed + 7919, split="train")
+    eos = ctx.tokenizer.eos_token_id
+    lr = cfg.trainer.sft_lr or cfg.optimizer.lr
+    # The warm-up runs outside the RL schedule: its own rate, and the scheduler does not count its steps.
+    rl_loss, policy.policy_loss = policy.policy_loss, nll_loss
+    scheduler, policy.scheduler = policy.scheduler, None
+    try:
+        for i in range(cfg.trainer.sft_warmup_steps):
+            for group in ctx.actor.optimizer.param_groups:
+                group["lr"] = lr
+            examples = stream.take(cfg.data.prompts_per_step * cfg.rollout.n_samples // cfg.algorithm.num_mini_batches)
+            prompts = [encode_prompt(ctx.tokenizer, ex.prompt) for ex in examples]
+            answers = [ctx.tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [eos] for ex in examples]
+            width = max(len(p) + len(a) for p, a in zip(prompts, answers)) + 1
+            tokens, mask, _ = collate_sequences(prompts, answers, pad_id=ctx.tokenizer.pad_token_id, seq_len=width)
+            batch = TrainBatch(
+                tokens=tokens, loss_mask=mask, advantages=torch.zeros(len(examples)), logprobs_old=torch.zeros(tokens.shape)
+            )
+            metrics = policy.train_mini_batch(batch)
+            if ctx.is_driver and (i + 1) % 10 == 0:
+                print(f"[warm-up] step {i + 1}/{cfg.trainer.sft_warmup_steps} nll {metrics['loss']:.3f}", flush=True)
+    finally:
+        policy.policy_loss = rl_loss
+        policy.scheduler = scheduler
+        scheduler.step(increment=0)  # back to the schedule's rate
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def setup(cfg: Config) -> RunContext:
+    from transformers import AutoTokenizer
+
+    from sapo_megatron.actor.cpu_compat import MegatronCpuCompat
+    from sapo_megatron.actor.factory import build_actor
+    from sapo_megatron.actor.parallel import init_distributed
+    from sapo_megatron.bridge.sync import WeightSync
+
+    device = resolve_device(cfg)
+    if device.type == "cpu":
+        MegatronCpuCompat("cpu").install()
+    init_distributed(cfg.parallel, device, seed=cfg.trainer.seed)
+    # The driver builds the cached tiny model first; the others then find it on disk.
+    hf_dir = resolve_model_dir(cfg) if rank() == DRIVER_RANK else None
+    hf_dir = Path(broadcast_from_driver(str(hf_dir) if hf_dir else None))
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    actor = build_actor(cfg, hf_dir, device=device, total_steps=cfg.trainer.steps)
+    train_stream, val_examples = build_prompt_streams(cfg, tokenizer)
+    from sapo_megatron.rollout.engine import RolloutEngine
+
+    # vLLM creates its process groups collectively over the whole torch.distributed job, so every rank
+    # builds an engine; the driver's generates and receives the weights, the others stay idle (asleep
+    # where vLLM can sleep, so they hold no device memory).
+    collect = cfg.rollout.collect_routed_experts and not cfg.model.dense
+    local_engine = RolloutEngine(
+        hf_dir, cfg.rollout, device=device.type, dtype=cfg.model.params_dtype, collect_routed_experts=collect
+    )
+    engine = sandbox = idle_engine = None
+    if rank() == DRIVER_RANK:
+        from sapo_megatron.rewards.sandbox import RewardSandbox
+
+        engine = local_engine
+        sandbox = RewardSandbox(reward_function(cfg), timeout_s=cfg.reward.timeout_s, max_workers=cfg.reward.num_workers)
+    else:
+        idle_engine = local_engine
+        idle_engine.sleep(level=2)
+    weight_sync = WeightSync.colocated(actor.model, engine=engine)
+    from sapo_megatron.actor.offload import ActorOffloader
+
+    return RunContext(
+        offloader={"state": ActorOffloader(actor), "params": ActorOffloader(actor)},
+        cfg=cfg,
+        device=device,
+        hf_dir=hf_dir,
+        actor=actor,
+        tokenizer=tokenizer,
+        train_stream=train_stream,
+        val_examples=val_examples,
+        weight_sync=weight_sync,
+        engine=engine,
+        sandbox=sandbox,
+        idle_engine=idle_engine,
+    )
+
+
+def resume_or_start(ctx: RunContext) -> None:
+    """Loads the newest complete checkpoint of the run directory, or runs the warm-up of a new run."""
+    from sapo_megatron.actor.checkpoint import load_checkpoint
+
+    ckpt_root = Path(ctx.cfg.trainer.run_dir) / "checkpoints"
+    loaded = load_checkpoint(ctx.actor, ckpt_root) if ctx.cfg.trainer.resume else None
+    if loaded is not None:
+        step, state = loaded
+        ctx.load_trainer_state(state)
+        if ctx.is_driver:
+            print(f"[resume] from {ckpt_root} at step {step}", flush=True)
+        # The new engine holds the HF weights: give it the checkpoint's, under the version they had, so the
+        # record reads as if the run had never stopped.
+        sync_weights(ctx, version=ctx.weight_version)
+        return
+    if ctx.cfg.trainer.sft_warmup_steps:
+        supervised_warmup(ctx)
+        sync_weights(ctx)
+
+
+def save(ctx: RunContext) -> None:
+    from sapo_megatron.actor.checkpoint import save_checkpoint
+
+    # Offloaded storages are empty: the checkpoint needs every tensor resident.
+    for offloader in ctx.offloader.values():
+        offloader.reload()
+    save_checkpoint(
+        ctx.actor,
+        Path(ctx.cfg.trainer.run_dir) / "checkpoints",
+        ctx.step,
+        ctx.trainer_state(),
+        keep_last=ctx.cfg.trainer.keep_checkpoints or None,
+    )
+
+
+def due(step: int, interval: int, last: int) -> bool:
+    return interval > 0 and (step % interval == 0 or step == last)
+
+
+def train(cfg: Config) -> Optional[dict]:
+    """Runs (or resumes) the training run of ``cfg``; returns the summary, or None when interrupted.
+
+    With ``launch.nproc_per_node > 1`` and not already inside torchrun, starts the ranks itself.
+    """
+    cfg.validate()
+    if cfg.launch.world_size > 1 and "RANK" not in os.environ:
+        return launch_ranks(cfg)
+    ctx = setup(cfg)
+    try:
+        return run(ctx)
+    except KeyboardInterrupt:
+        if ctx.is_driver:
+            print(
+                f"\n[interrupted] at step {ctx.step + 1}; nothing half-written was kept. "
+                "Rerun the same command to resume from the last checkpoint.",
+                file=sys.stderr,
+                flush=True,
+            )
+        return None
+    finally:
+        shutdown(ctx)
+
+
+def run(ctx: RunContext) -> dict:
+    from sapo_megatron.config import save_config
+    from sapo_megatron.diagnostics.run_logger import RunLogger, write_custom_scalars_layout
+
+    cfg = ctx.cfg
+    resume_or_start(ctx)
+    run_dir = Path(cfg.trainer.run_dir)
+    if ctx.is_driver:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        ctx.logger = RunLogger(run_dir, resume_step=ctx.step)
+        write_custom_scalars_layout(run_dir)
+    started = time.perf_counter()
+    first_step = ctx.step + 1
+    if ctx.step == 0:
+        log(ctx, 0, validate(ctx, 0))
+    progress = Progress(cfg.trainer.steps, first_step - 1, enabled=ctx.is_driver)
+    for step in range(first_step, cfg.trainer.steps + 1):
+        metrics = train_step(ctx, step)
+        ctx.step = step
+        if due(step, cfg.trainer.eval_interval, cfg.trainer.steps):
+            metrics.update(validate(ctx, step))
+        log(ctx, step, metrics)
+        progress.update(step, metrics)
+        if due(step, cfg.trainer.save_interval, cfg.trainer.steps):
+            save(ctx)
+    progress.close()
+    summary = summarize(ctx, time.perf_counter() - started)
+    return summary
+
+
+def log(ctx: RunContext, step: int, metrics: dict) -> None:
+    if ctx.is_driver and metrics:
+        ctx.logger.log(step, metrics)
+        ctx.history.append({"step": step, **metrics})
+
+
+class Progress:
+    """One line per step on the driver: step, reward, loss and the step-time breakdown."""
+
+    def __init__(self, total: int, done: int, *, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc="sapo", unit="step", dynamic_ncols=True, file=sys.stdout)
+
+    def update(self, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        parts = {
+            "reward": f"{m.get('reward/mean', float('nan')):.3f}",
+            "loss": f"{m.get('loss/loss', float('nan')):+.4f}",
+            "t(roll/old/upd/sync)": "/".join(
+                f"{m.get(f'time/{k}', 0.0):.1f}" for k in ("rollout", "old_logprob", "update", "sync")
+            ),
+        }
+        if "reward/val_mean" in m:
+            parts["val"] = f"{m['reward/val_mean']:.3f}"
+        self.bar.set_postfix(parts, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def summarize(ctx: RunContext, seconds: float) -> dict:
+    """Writes summary.json and reward_curve.png (driver), prints the summary, returns it on every rank."""
+    if not ctx.is_driver:
+        return {"step": ctx.step}
+    from sapo_megatron.diagnostics.run_logger import read_metrics
+
+    run_dir = Path(ctx.cfg.trainer.run_dir)
+    records = read_metrics(run_dir)
+    val = [(r["step"], r["reward/val_mean"]) for r in records if r.get("reward/val_mean") is not None]
+    train_rewards = [r["reward/mean"] for r in records if r.get("reward/mean") is not None]
+    step_times = [r["time/step"] for r in records if r.get("time/step") is not None]
+    summary = {
+        "run_dir": str(run_dir),
+        "policy_loss": ctx.cfg.algorithm.policy_loss,
+        "steps": ctx.step,
+        "val_reward_first": val[0][1] if val else None,
+        "val_reward_last": val[-1][1] if val else None,
+        "val_reward_best": max(v for _, v in val) if val else None,
+        "train_reward_first": train_rewards[0] if train_rewards else None,
+        "train_reward_last": train_rewards[-1] if train_rewards else None,
+        "mean_step_seconds": sum(step_times) / len(step_times) if step_times else None,
+        "wall_seconds_this_session": seconds,
+        "weight_version": ctx.weight_version,
+    }
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, run_dir / "summary.json")
+    plot_reward_curve(records, run_dir / "reward_curve.png", title=f"{ctx.cfg.algorithm.policy_loss} on {ctx.cfg.data.train}")
+    print("\n== summary ==", flush=True)
+    for key, value in summary.items():
+        print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}", flush=True)
+    return summary
+
+
+def plot_reward_curve(records: list[dict], path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["reward/mean"]) for r in records if r.get("reward/mean") is not None]
+    val = [(r["step"], r["reward/val_mean"]) for r in records if r.get("reward/val_mean") is not None]
+    if train:
+        ax.plot(*zip(*train), label="train (rollout) reward", alpha=0.6)
+    if val:
+        ax.plot(*zip(*val), marker="o", label="held-out reward")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def shutdown(ctx: RunContext) -> None:
+    from sapo_megatron.actor.parallel import destroy_distributed
+
+    for closer in (ctx.logger, ctx.sandbox, ctx.engine, ctx.idle_engine):
+        if closer is not None:
+            try:
+                closer.close()
+            except Exception as exc:  # shutting down: report, keep closing the rest
+                print(f"[shutdown] {type(closer).__name__}.close(): {exc}", file=sys.stderr)
+    destroy_distributed()
+
+
+def launch_ranks(cfg: Config) -> Optional[dict]:
+    """Starts ``launch.nproc_per_node`` ranks of this trainer with torchrun on this node and waits."""
+    from sapo_megatron.config import save_config
+    from sapo_megatron.launch import run_torchrun
+
+    if cfg.launch.nnodes > 1:
+        raise ConfigError("launch.nnodes > 1: start the ranks with torchrun/srun (see slurm/), not from here")
+    run_dir = Path(cfg.trainer.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    save_config(cfg, config_path)
+    result = run_torchrun(
+        ["-m", "sapo_megatron.trainer", str(config_path)],
+        cfg.launch.nproc_per_node,
+        timeout=7 * 24 * 3600,
+        capture=False,
+        die_with_parent=True,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"the training ranks exited with code {result.returncode}")
+    summary_path = run_dir / "summary.json"
+    return json.loads(summary_path.read_text()) if summary_path.exists() else {}
+
+
+if __name__ == "__main__":
+    # A rank started by launch_ranks (or by torchrun/srun directly) with the resolved config file.
+    from sapo_megatron.config import load_config
+    from sapo_megatron.launch import exit_when_orphaned
+
+    exit_when_orphaned()
+    summary = train(load_config(sys.argv[1], sys.argv[2:]))
+    sys.exit(0 if summary is not None else 130)

@@ -1,0 +1,91 @@
+"""The RL loop's pure pieces: batch assembly from a rollout, mini-batch split, metric flattening, the
+supervised warm-up loss, and the run's reward curve / summary helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sapo_megatron.algorithms.supervised import nll_loss
+from sapo_megatron.config import load_config
+from sapo_megatron.trainer import Rollout, build_train_batch, due, mini_batches, plot_reward_curve, prefixed, reward_function
+
+
+def _rollout():
+    return Rollout(
+        prompts=[[5, 6, 7], [5, 6, 7], [9, 10]],
+        responses=[[11, 12], [13], [14, 15, 16]],
+        logprobs_rollout=[[-0.5, -0.25], [-1.0], [-0.1, -0.2, -0.3]],
+        rewards=[1.0, 0.0, 0.5],
+        finish_reasons=["eos", "eos", "length"],
+        weight_version=3,
+    )
+
+
+def test_train_batch_aligns_rollout_logprobs_with_the_positions_that_predict_them():
+    batch = build_train_batch(_rollout(), torch.tensor([1.0, -1.0, 0.0]), pad_id=0)
+    # Longest prompt + response is 5 tokens; one more position so the last token is predicted in-window.
+    assert batch.tokens.shape == (3, 6)
+    assert batch.tokens[0].tolist() == [5, 6, 7, 11, 12, 0]
+    # Position t predicts tokens[t + 1]: response token 11 (index 3) is predicted at position 2.
+    assert batch.loss_mask[0].tolist() == [False, False, True, True, False, False]
+    assert batch.labels[0, 2] == 11 and batch.labels[0, 3] == 12
+    assert batch.logprobs_rollout[0, 2:4].tolist() == [-0.5, -0.25]
+    assert batch.loss_mask[2].tolist() == [False, True, True, True, False, False]
+    assert batch.logprobs_rollout[2, 1:4].tolist() == pytest.approx([-0.1, -0.2, -0.3])
+    assert batch.num_valid_tokens() == 6
+
+
+def test_mini_batches_are_contiguous_equal_slices():
+    batch = build_train_batch(_rollout(), torch.tensor([1.0, -1.0, 0.0]), pad_id=0)
+    batch = batch.select(slice(0, 2))
+    parts = mini_batches(batch, 2)
+    assert [p.size for p in parts] == [1, 1]
+    assert torch.equal(parts[1].tokens, batch.tokens[1:2])
+
+
+def test_prefixed_flattens_per_layer_vectors_and_skips_matrices():
+    out = prefixed("routing/x/", {"a": torch.tensor(0.5), "per_layer": torch.tensor([0.1, 0.2]), "m": torch.ones(2, 2), "b": 3})
+    assert out == {"routing/x/a": 0.5, "routing/x/per_layer/layer0": pytest.approx(0.1), "routing/x/per_layer/layer1": pytest.approx(0.2), "routing/x/b": 3.0}
+
+
+def test_due_fires_on_interval_and_last_step_only():
+    assert [s for s in range(1, 8) if due(s, 3, 7)] == [3, 6, 7]
+    assert not any(due(s, 0, 7) for s in range(1, 8))
+
+
+def test_nll_loss_is_the_token_mean_negative_log_likelihood_and_its_gradient():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -4.0, -9.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    loss, metrics = nll_loss(logprobs, torch.zeros(2, 3), torch.zeros(2), mask)
+    assert float(loss) == pytest.approx((1 + 2 + 0.5) / 3)
+    loss.backward()
+    expected = torch.where(mask, torch.full((2, 3), -1 / 3), torch.zeros(2, 3))
+    assert torch.allclose(logprobs.grad, expected)
+    assert float(metrics["num_tokens"]) == 3 and float(metrics["num_seqs"]) == 2
+    # With a global count (micro-batching), each part contributes its share of the whole batch's mean.
+    loss_a, _ = nll_loss(logprobs[:1], None, None, mask[:1], num_global_tokens=3)
+    loss_b, _ = nll_loss(logprobs[1:], None, None, mask[1:], num_global_tokens=3)
+    assert float(loss_a + loss_b) == pytest.approx(float(loss))
+
+
+def test_reward_function_follows_the_data_source():
+    from sapo_megatron.rewards.math import math_reward
+    from sapo_megatron.rewards.toy import toy_reward
+
+    assert reward_function(load_config(None, ["data.train=toy:reverse"])) is toy_reward
+    assert reward_function(load_config(None, ["data.train=prompts.jsonl"])) is math_reward
+    exact = reward_function(load_config(None, ["reward.fn=toy_exact"]))
+    assert exact("ab", "ab") == 1.0 and exact("ax", "ab") == 0.0
+    assert toy_reward("ax", "ab") == 0.25
+
+
+def test_reward_curve_png_is_written_atomically(tmp_path):
+    records = [{"step": s, "reward/mean": s / 10, "reward/val_mean": (s / 10 if s % 2 == 0 else None)} for s in range(6)]
+    path = tmp_path / "reward_curve.png"
+    plot_reward_curve(records, path, title="t")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert not list(tmp_path.glob("*.tmp*"))

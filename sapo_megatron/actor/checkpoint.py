@@ -1,0 +1,625 @@
+"""Save and resume the actor with megatron-core's distributed checkpoints (``dist_checkpointing``).
+
+A checkpoint root holds one directory per saved step and a ``latest`` pointer::
+
+    ckpt_root/
+      latest                 "step_000010": the newest complete checkpoint, written last
+      step_000010/
+        meta.json            step, model_type, parallel layout, dtype, the HF directory it came from
+        hf/                  config.json, tokenizer and generation config (no weights): conversion needs nothing else
+        dist/                megatron dist-checkpoint: model shards, optimizer state, LR schedule, RNG, trainer state
+
+A step is written into ``step_000010.tmp/``, every file is fsynced, and only then is it renamed to
+``step_000010`` and ``latest`` replaced (write-to-temp, fsync, rename). A job killed at any point leaves
+``latest`` naming a complete checkpoint; the next save removes the leftover ``*.tmp`` directory.
+
+What one checkpoint holds:
+
+- the model: each chunk's ``sharded_state_dict`` (global tensor names and offsets, so dist_checkpointing
+  reshards them into any TP / PP / EP layout on load);
+- the optimizer: ``optimizer.sharded_state_dict``. The distributed optimizer is saved in megatron's
+  ``dp_reshardable`` format (each rank writes its own buffer shard, no gather): it loads under a different
+  data-parallel size but not under different TP / PP / EP sizes. The non-distributed optimizer's state is
+  stored per parameter and reshards like the model;
+- the LR / weight-decay schedule (``scheduler.state_dict()``);
+- the RNG state of every rank (python, numpy, torch CPU / CUDA, megatron's model-parallel RNG tracker),
+  restored only under the identical layout: other layouts have other per-rank random streams;
+- ``trainer_state``: whatever the trainer passes (step, data position, ...), saved from rank 0.
+
+Every function here is a collective: all ranks call it with the same arguments.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from sapo_megatron.actor.factory import Actor
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "sapo_megatron.dist_checkpoint"
+FORMAT_VERSION = 1
+LATEST_FILE = "latest"
+META_FILE = "meta.json"
+HF_SUBDIR = "hf"
+DIST_SUBDIR = "dist"
+TMP_SUFFIX = ".tmp"
+# Resharding over data parallelism without gathering the optimizer state anywhere (see the module docstring).
+DISTRIBUTED_OPTIMIZER_SHARDING = "dp_reshardable"
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+# Files of a HF model directory that are weights; everything else (config, tokenizer, generation config,
+# chat template) is copied into the checkpoint.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layout
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """The parallel layout a checkpoint was written under (and whether the optimizer was distributed)."""
+
+    tensor: int
+    pipeline: int
+    virtual_pipeline: int
+    expert: int
+    expert_tensor: int
+    context: int
+    data: int
+    world_size: int
+    distributed_optimizer: bool
+
+    @classmethod
+    def current(cls, actor: "Actor") -> "CheckpointLayout":
+        from megatron.core import parallel_state as mpu
+
+        return cls(
+            tensor=mpu.get_tensor_model_parallel_world_size(),
+            pipeline=mpu.get_pipeline_model_parallel_world_size(),
+            virtual_pipeline=mpu.get_virtual_pipeline_model_parallel_world_size() or 0,
+            expert=mpu.get_expert_model_parallel_world_size(),
+            expert_tensor=mpu.get_expert_tensor_parallel_world_size(),
+            context=mpu.get_context_parallel_world_size(),
+            data=mpu.get_data_parallel_world_size(),
+            world_size=torch.distributed.get_world_size(),
+            distributed_optimizer=uses_distributed_optimizer(actor),
+        )
+
+    @property
+    def model_parallel(self) -> tuple[int, ...]:
+        return (self.tensor, self.pipeline, self.virtual_pipeline, self.expert, self.expert_tensor, self.context)
+
+    def describe(self) -> str:
+        sizes = f"TP{self.tensor} x PP{self.pipeline}"
+        if self.virtual_pipeline:
+            sizes += f" (VPP{self.virtual_pipeline})"
+        sizes += f" x EP{self.expert} (ETP{self.expert_tensor})"
+        if self.context > 1:
+            sizes += f" x CP{self.context}"
+        optimizer = "distributed optimizer" if self.distributed_optimizer else "non-distributed optimizer"
+        return f"{sizes} x DP{self.data} on {self.world_size} ranks, {optimizer}"
+
+
+def uses_distributed_optimizer(actor: "Actor") -> bool:
+    return bool(actor.ddp_chunks[0].ddp_config.use_distributed_optimizer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding checkpoints (no process group needed)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """True for one complete step directory (``meta.json`` of this format and a dist-checkpoint)."""
+    path = Path(path)
+    meta = path / META_FILE
+    if not meta.is_file() or not (path / DIST_SUBDIR).is_dir():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def list_checkpoints(ckpt_root: str | os.PathLike) -> dict[int, Path]:
+    """Complete step directories under ``ckpt_root`` by step (``*.tmp`` leftovers are not listed)."""
+    root = Path(ckpt_root)
+    found = {}
+    if root.is_dir():
+        for entry in root.iterdir():
+            match = _STEP_DIR.match(entry.name)
+            if match and entry.is_dir():
+                found[int(match.group(1))] = entry
+    return dict(sorted(found.items()))
+
+
+def find_checkpoint(ckpt_root: str | os.PathLike, step: Optional[int] = None) -> Optional[Path]:
+    """The step directory to load: ``step``'s, else the one ``latest`` names; ``None`` when there is none yet.
+
+    ``ckpt_root`` may also be a step directory itself. A root that does not exist (or is empty) holds no
+    checkpoint; anything else that is not a checkpoint is a ``ValueError`` saying what was found.
+    """
+    root = Path(ckpt_root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"checkpoint path {str(root)!r} is a file, not a checkpoint directory")
+    if is_checkpoint_dir(root):
+        found_step = read_meta(root)["step"]
+        if step is not None and step != found_step:
+            raise ValueError(f"{str(root)!r} is the checkpoint of step {found_step}, not of step {step}")
+        return root
+    if not root.is_dir():
+        if step is not None:
+            raise ValueError(f"no checkpoint of step {step}: {str(root)!r} does not exist")
+        return None
+    steps = list_checkpoints(root)
+    if step is not None:
+        if step not in steps:
+            available = ", ".join(map(str, steps)) or "none"
+            raise ValueError(f"no checkpoint of step {step} under {str(root)!r} (available steps: {available})")
+        return _checked(steps[step])
+    latest = root / LATEST_FILE
+    if latest.is_file():
+        name = latest.read_text().strip()
+        target = root / name
+        if not _STEP_DIR.match(name) or not target.is_dir():
+            raise ValueError(
+                f"{str(latest)!r} names {name!r}, which is not a checkpoint directory under {str(root)!r}; "
+                f"steps present: {', '.join(map(str, steps)) or 'none'}"
+            )
+        return _checked(target)
+    if steps:
+        raise ValueError(
+            f"{str(root)!r} holds step directories ({', '.join(map(str, steps))}) but no {LATEST_FILE!r} "
+            f"pointer; pass the step to load explicitly"
+        )
+    leftovers = [p.name for p in root.iterdir() if not p.name.endswith(TMP_SUFFIX)]
+    if leftovers:
+        raise ValueError(
+            f"{str(root)!r} is not a checkpoint directory: no {LATEST_FILE!r} pointer, no step_NNNNNN "
+            f"directories, no {META_FILE}; it holds {sorted(leftovers)[:5]}"
+        )
+    return None
+
+
+def _checked(step_dir: Path) -> Path:
+    if not is_checkpoint_dir(step_dir):
+        raise ValueError(
+            f"{str(step_dir)!r} is not a complete checkpoint (no {META_FILE} of {FORMAT} or no {DIST_SUBDIR}/)"
+        )
+    return step_dir
+
+
+def read_meta(step_dir: str | os.PathLike) -> dict:
+    path = Path(step_dir) / META_FILE
+    if not path.is_file():
+        raise ValueError(f"{str(step_dir)!r} is not a checkpoint directory (no {META_FILE})")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a {FORMAT} checkpoint (format={meta.get('format')!r})")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path)!r} has format version {meta['version']}; this code reads up to version {FORMAT_VERSION}"
+        )
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+        "torch_cpu": torch.get_rng_state(),
+        "tracker": {name: s.clone() for name, s in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The state dict
+# ----------------------------------------------------------------------------------------------------------
+
+
+def model_sharded_state_dict(chunks: list) -> dict:
+    """The model chunks' sharded state dicts, nested the way megatron-LM nests them (tensor names are global)."""
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{index}": chunk.sharded_state_dict() for index, chunk in enumerate(chunks)}
+
+
+def _optimizers_without_state(optimizer) -> list:
+    """The distributed optimizers in ``optimizer`` whose torch optimizer has not allocated its state yet.
+
+    torch's Adam creates its per-parameter state (and step counter) on the first step; megatron's
+    DistributedOptimizer without apex / Transformer Engine reads the step counter from that state to describe
+    itself, so it cannot be saved or loaded into before it exists.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [
+        part
+        for part in parts
+        if isinstance(part, DistributedOptimizer)
+        and len(part.optimizer.state) == 0
+        and any(group["params"] for group in part.optimizer.param_groups)
+    ]
+
+
+def _sharded_state_dict(actor: "Actor", *, is_loading: bool, optimizer: bool, rng: bool) -> dict:
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    state = model_sharded_state_dict(actor.model.chunks)
+    if optimizer:
+        if is_loading:
+            for part in _optimizers_without_state(actor.optimizer):
+                # megatron's own way to allocate the state: one step with zero gradients. Everything it
+                # touches (moments, step counter, weights under weight decay) is overwritten by the load.
+                part._init_optimizer_states_with_dummy_values()
+        state["optimizer"] = actor.optimizer.sharded_state_dict(
+            dict(state), is_loading=is_loading, metadata={"distrib_optim_sharding_type": DISTRIBUTED_OPTIMIZER_SHARDING}
+        )
+        if actor.scheduler is not None:
+            state["scheduler"] = actor.scheduler.state_dict()
+    if rng:
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        # One object per global rank: each rank's streams differ (TP / EP ranks fork megatron's tracker).
+        state["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+    return state
+
+
+def _check_trainer_state(trainer_state: dict) -> None:
+    """dist_checkpointing reads its common file back with ``torch.load(weights_only=True)``: refuse now what
+    could not be read at resume time."""
+    if not isinstance(trainer_state, dict):
+        raise ValueError(f"trainer_state must be a dict, got {type(trainer_state).__name__}")
+    buffer = io.BytesIO()
+    torch.save(trainer_state, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            "trainer_state must hold only JSON-like values (dict, list, tuple, str, int, float, bool, None) and "
+            f"tensors; it could not be read back safely: {exc}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save
+# ----------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    actor: "Actor",
+    ckpt_root: str | os.PathLike,
+    step: int,
+    trainer_state: dict,
+    *,
+    keep_last: Optional[int] = None,
+    hf_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Saves model, optimizer, LR schedule, every rank's RNG state and ``trainer_state`` as ``step``.
+
+    A collective: every rank calls it. ``trainer_state`` must be the same on every rank (rank 0's copy is
+    written) and hold JSON-like values and tensors. ``keep_last`` keeps that many newest step directories
+    (``None``: all). ``hf_dir`` is the model's HF directory, whose config and tokenizer files are copied
+    (default: the directory the bridge read the config from). Returns the step directory.
+    """
+    if step < 0:
+        raise ValueError(f"step={step}: must be >= 0")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last={keep_last}: must be >= 1 (or None to keep every checkpoint)")
+    _check_trainer_state(trainer_state)
+    if _optimizers_without_state(actor.optimizer):
+        raise ValueError(
+            f"save_checkpoint(step={step}) before the first optimizer step: the optimizer state does not exist "
+            "yet; save after a training step (the weights alone are the HF model the run started from)"
+        )
+    from megatron.core import dist_checkpointing
+
+    source_hf_dir = _source_hf_dir(actor, hf_dir)
+    root = Path(ckpt_root)
+    final = root / step_dir_name(step)
+    tmp = root / (final.name + TMP_SUFFIX)
+    rank = torch.distributed.get_rank()
+    started = time.perf_counter()
+
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a job killed while saving; only one job writes a checkpoint root.
+        for stale in root.glob("step_*" + TMP_SUFFIX):
+            shutil.rmtree(stale)
+        (tmp / DIST_SUBDIR).mkdir(parents=True)
+    torch.distributed.barrier()
+
+    layout = CheckpointLayout.current(actor)
+    state = _sharded_state_dict(actor, is_loading=False, optimizer=True, rng=True)
+    state["trainer_state"] = trainer_state
+    dist_checkpointing.save(state, str(tmp / DIST_SUBDIR), async_sharded_save=False)
+    torch.distributed.barrier()
+
+    if rank == 0:
+        _write_hf_files(actor, source_hf_dir, tmp / HF_SUBDIR)
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "step": step,
+            "model_type": actor.model.bridge.hf_config.model_type,
+            "params_dtype": str(actor.model.bridge.dtype).removeprefix("torch."),
+            "layer_spec": "transformer_engine" if actor.model.bridge.use_te else "local",
+            "hf_dir": str(source_hf_dir.resolve()) if source_hf_dir is not None else None,
+            "layout": asdict(layout),
+            "optimizer_sharding": DISTRIBUTED_OPTIMIZER_SHARDING if layout.distributed_optimizer else "model_space",
+            "megatron_core": _megatron_version(),
+            "saved_unix_time": time.time(),
+        }
+        _write_file(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
+        _fsync_tree(tmp)
+        _publish(root, tmp, final)
+        if keep_last is not None:
+            _prune(root, keep=keep_last, protect=final)
+    torch.distributed.barrier()
+    logger.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - started)
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    """Makes the fully written ``tmp`` the step directory, then points ``latest`` at it."""
+    if final.exists():
+        # A complete directory of the same step from an abandoned run (killed before ``latest`` moved on):
+        # set it aside first so the rename below stays a single atomic step.
+        old = final.with_name(final.name + ".old" + TMP_SUFFIX)
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    pointer = root / (LATEST_FILE + TMP_SUFFIX)
+    _write_file(pointer, final.name + "\n")
+    os.replace(pointer, root / LATEST_FILE)
+    _fsync_dir(root)
+
+
+def _prune(root: Path, *, keep: int, protect: Path) -> None:
+    steps = list_checkpoints(root)
+    for step, path in list(steps.items())[:-keep]:
+        if path == protect:
+            continue
+        # Renamed first: a partly deleted directory must never look like a checkpoint.
+        doomed = path.with_name(path.name + ".deleting" + TMP_SUFFIX)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
+        logger.info("removed checkpoint of step %d (keep_last=%d)", step, keep)
+
+
+def _source_hf_dir(actor: "Actor", hf_dir: str | os.PathLike | None) -> Optional[Path]:
+    if hf_dir is not None:
+        path = Path(hf_dir)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"hf_dir={str(path)!r} is not a Hugging Face model directory (no config.json)")
+        return path
+    # transformers records the directory a config was read from.
+    name = getattr(actor.model.bridge.hf_config, "_name_or_path", "") or ""
+    path = Path(name) if name else None
+    return path if path is not None and (path / "config.json").is_file() else None
+
+
+def _write_hf_files(actor: "Actor", source: Optional[Path], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if source is None:
+        logger.warning("the model's HF directory is unknown: the checkpoint gets config.json but no tokenizer files")
+        actor.model.bridge.hf_config.save_pretrained(str(out))
+        return
+    for entry in sorted(source.iterdir()):
+        if entry.is_file() and not entry.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(entry, out / entry.name)
+
+
+def _write_file(path: Path, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _megatron_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("megatron-core")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Load
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    actor: "Actor",
+    ckpt_root: str | os.PathLike,
+    step: Optional[int] = None,
+    *,
+    load_optimizer: bool = True,
+) -> Optional[tuple[int, dict]]:
+    """Restores the actor from ``step`` (default: the ``latest`` one) and returns ``(step, trainer_state)``;
+    ``None`` when ``ckpt_root`` holds no checkpoint yet. A collective: every rank calls it.
+
+    Under the layout it was saved with, everything comes back, RNG included, and training continues
+    bit-identically. Under another layout the model weights are resharded by dist_checkpointing, and so is
+    the optimizer state when its format allows it (non-distributed optimizer: any layout; distributed
+    optimizer: another data-parallel size only); the RNG state is then left as seeded. Anything else is a
+    ``ValueError`` naming both layouts; ``load_optimizer=False`` loads only the weights and keeps the fresh
+    optimizer and LR schedule.
+    """
+    from megatron.core import dist_checkpointing
+
+    step_dir = find_checkpoint(ckpt_root, step)
+    if step_dir is None:
+        return None
+    meta = read_meta(step_dir)
+    _check_model(actor, meta, step_dir)
+    saved = CheckpointLayout(**meta["layout"])
+    current = CheckpointLayout.current(actor)
+    same_layout = saved == current
+    if load_optimizer:
+        _check_optimizer_layout(saved, current, step_dir)
+    if not same_layout:
+        logger.warning(
+            "loading %s, saved under %s, into %s: weights%s are resharded; RNG state is not restored",
+            step_dir,
+            saved.describe(),
+            current.describe(),
+            " and optimizer state" if load_optimizer else "",
+        )
+    started = time.perf_counter()
+    with torch.no_grad():
+        request = _sharded_state_dict(actor, is_loading=True, optimizer=load_optimizer, rng=same_layout)
+        loaded = dist_checkpointing.load(request, str(step_dir / DIST_SUBDIR))
+        chunks = actor.model.chunks
+        if len(chunks) == 1:
+            chunks[0].load_state_dict(loaded["model"], strict=True)
+        else:
+            for index, chunk in enumerate(chunks):
+                chunk.load_state_dict(loaded[f"model{index}"], strict=True)
+        if load_optimizer:
+            actor.optimizer.load_state_dict(loaded["optimizer"])
+            _restore_adam_steps(actor.optimizer, loaded["optimizer"])
+            if actor.scheduler is not None:
+                actor.scheduler.load_state_dict(loaded["scheduler"])
+        else:
+            # Low-precision parameters: the optimizer's fp32 main copies must follow the loaded weights.
+            actor.optimizer.reload_model_params()
+    if same_layout:
+        _set_rng_state(loaded["rng"])
+    torch.distributed.barrier()
+    logger.info("loaded checkpoint %s in %.1f s", step_dir, time.perf_counter() - started)
+    return int(meta["step"]), loaded["trainer_state"]
+
+
+def _restore_adam_steps(optimizer, loaded: Any) -> None:
+    """Gives every parameter of a distributed optimizer its own Adam step counter, set to the saved step.
+
+    With torch's Adam (no apex / Transformer Engine), megatron-core 0.16.1's distributed optimizer loads
+    the step counter wrongly in two ways: ``load_state_dict`` puts one shared tensor into every parameter's
+    state (torch's Adam increments each parameter's counter in place, so a shared one would advance once per
+    parameter per step), and the ``dp_reshardable`` loader then copies into it the counter the optimizer
+    held when the load request was built. The saved step is in the param groups of the loaded state.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [loaded] if len(parts) == 1 else [loaded[index] for index in range(len(parts))]
+    for part, state in zip(parts, states):
+        if not isinstance(part, DistributedOptimizer):
+            continue
+        steps = {group["step"] for group in state["optimizer"]["param_groups"] if "step" in group}
+        if not steps:
+            continue  # fused Adam keeps its step in the param groups, which load_state_dict restored
+        assert len(steps) == 1, f"param groups disagree on the optimizer step: {sorted(steps)}"
+        step = float(steps.pop())
+        for param_state in part.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = torch.full_like(param_state["step"], step)
+
+
+def _check_model(actor: "Actor", meta: dict, step_dir: Path) -> None:
+    bridge = actor.model.bridge
+    if meta["model_type"] != bridge.hf_config.model_type:
+        raise ValueError(
+            f"{str(step_dir)!r} holds a {meta['model_type']!r} model; the actor is {bridge.hf_config.model_type!r}"
+        )
+    dtype = str(bridge.dtype).removeprefix("torch.")
+    if meta["params_dtype"] != dtype:
+        raise ValueError(
+            f"{str(step_dir)!r} was saved with model.params_dtype={meta['params_dtype']}; the actor uses {dtype}"
+        )
+
+
+def _check_optimizer_layout(saved: CheckpointLayout, current: CheckpointLayout, step_dir: Path) -> None:
+    hint = "; pass load_optimizer=False to load the weights alone (fresh optimizer state and LR schedule)"
+    if saved.distributed_optimizer != current.distributed_optimizer:
+        raise ValueError(
+            f"{str(step_dir)!r} was saved under {saved.describe()} and cannot restore the optimizer of "
+            f"{current.describe()}: the two optimizers store their state differently{hint}"
+        )
+    if saved.distributed_optimizer and saved.model_parallel != current.model_parallel:
+        raise ValueError(
+            f"{str(step_dir)!r} was saved under {saved.describe()} and cannot restore the optimizer of "
+            f"{current.describe()}: megatron's {DISTRIBUTED_OPTIMIZER_SHARDING!r} distributed-optimizer format "
+            f"reshards over data parallelism only, not over TP / PP / EP sizes{hint}"
+        )
+
+
+__all__ = [
+    "CheckpointLayout",
+    "model_sharded_state_dict",
+    "find_checkpoint",
+    "is_checkpoint_dir",
+    "list_checkpoints",
+    "load_checkpoint",
+    "read_meta",
+    "save_checkpoint",
+]

@@ -432,6 +432,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        # YAML 1.1 reads a bare off/on (and no/yes) as a boolean; a choice spelled that way means the word.
+        if isinstance(value, bool):
+            words = [w for w in (("off", "no", "false") if not value else ("on", "yes", "true")) if w in allowed]
+            if words:
+                value = words[0]
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: not allowed; use one of {', '.join(repr(a) for a in allowed)}")
         return value

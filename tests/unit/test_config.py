@@ -131,3 +131,13 @@ def test_exponent_notation_without_a_dot_is_a_number():
     assert cfg.optimizer.lr == 1e-4
     with pytest.raises(ConfigError, match="optimizer.lr='fast': expected a number"):
         load_config(None, ["optimizer.lr=fast"])
+
+
+def test_a_bare_off_is_the_choice_off_not_a_boolean(tmp_path):
+    # YAML 1.1 reads `off` as false; routing_replay's allowed values include the word "off".
+    assert load_config(None, ["algorithm.routing_replay=off"]).algorithm.routing_replay == "off"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("algorithm:\n  routing_replay: off\n")
+    assert load_config(recipe).algorithm.routing_replay == "off"
+    with pytest.raises(ConfigError, match="algorithm.policy_loss=False: not allowed"):
+        load_config(None, ["algorithm.policy_loss=off"])

@@ -14,7 +14,9 @@ for ``model_type == "qwen3_moe"``, keeps mbridge's config base and model provide
   (default: on when TP > 1, which megatron's MoE layers require for training);
 - load / export: every rank reads the HF tensors it needs and slices its shard (no scatter); export
   exchanges the parameter list across pipeline stages once, then gathers each tensor with plain
-  collectives (no per-tensor object exchange).
+  collectives (no per-tensor object exchange);
+- :meth:`Qwen3MoeBridge.weight_shards`: the pieces this rank owns, named by their HF tensors, which the
+  weight sync to the rollout engine (:mod:`sapo_megatron.bridge.sync`) sends.
 """
 
 from __future__ import annotations
@@ -163,6 +165,21 @@ class _Entry:
     local_expert: int | None
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightShard:
+    """This rank's piece of one megatron parameter, named by the HF tensors the full parameter becomes.
+
+    ``unshard(layout, pieces)`` of the ``count`` pieces (in ``index`` order) is the full megatron tensor, and
+    ``megatron_to_hf(layout, full, bridge.attention_shape)`` splits it into the tensors ``hf_names``.
+    """
+
+    hf_names: tuple[str, ...]
+    layout: Layout
+    index: int  # this piece's rank in the sharding group (0 for a replicated layout)
+    count: int  # pieces that make up the full parameter (1 for a replicated layout)
+    tensor: torch.Tensor  # the live parameter, detached: shares its memory
 
 
 @register_model("qwen3_moe")
@@ -407,6 +424,40 @@ class Qwen3MoeBridge(_MbridgeQwen3MoEBridge):
                     for expert in range(self.hf_config.num_experts) if rule.expert else [None]:
                         names.extend(self._hf_names(rule, layer, expert))
         return names
+
+    def weight_shards(self, models: list[torch.nn.Module], *, owned_only: bool = True) -> list[WeightShard]:
+        """This rank's pieces of every parameter of ``models`` (chunks, wrapped or not); no communication.
+
+        With ``owned_only`` a rank keeps only the pieces it is responsible for: those of the first data-parallel
+        replica (the first expert-data-parallel replica for experts) and, for a replicated layout, of the first
+        rank of the tensor-parallel group. Over all ranks every piece of every parameter is then listed exactly
+        once, which is what a weight sync sends.
+        """
+        from megatron.core import parallel_state
+
+        if owned_only and torch.distributed.is_initialized():
+            replica = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+            expert_replica = parallel_state.get_expert_data_parallel_rank()
+        else:
+            replica = expert_replica = 0
+        shards = []
+        for chunk in models:
+            for entry, param in self._entries(unwrap_model(chunk)):
+                rule = self.rules[entry.rule_index]
+                rank, size, _ = self._group_of(rule)
+                if rule.layout is Layout.REPLICATED:
+                    # Every rank of the group holds the whole tensor: one piece, the group's first rank sends it.
+                    if owned_only and rank != 0:
+                        continue
+                    rank, size = 0, 1
+                if owned_only and (expert_replica if rule.expert else replica) != 0:
+                    continue
+                expert = None
+                if rule.expert:
+                    expert = self.mpu.ep_rank * self._experts_per_rank() + entry.local_expert
+                names = tuple(self._hf_names(rule, entry.layer, expert))
+                shards.append(WeightShard(names, rule.layout, rank, size, param.detach()))
+        return shards
 
     # -- load ----------------------------------------------------------------------------------------------
 

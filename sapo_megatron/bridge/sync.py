@@ -1,0 +1,769 @@
+"""Weight sync: the Megatron actor's sharded weights -> HF-named full tensors -> one vLLM rollout engine.
+
+Usage
+-----
+Colocated: the engine lives in the process of one trainer rank (typically global rank 0)::
+
+    # on EVERY actor rank, after the optimizer step:
+    sync = WeightSync.colocated(actor_model, engine=engine if rank == 0 else None)   # once
+    stats = sync.push(actor_model.chunks, version)                                   # every step
+
+Remote: the engine lives in a process of its own, joined to the trainer ranks by a sync group::
+
+    # trainer rank r of N:
+    group = SyncGroup.connect(host, port, rank=r, world_size=N + 1)
+    sync = WeightSync.remote(actor_model, group)
+    stats = sync.push(actor_model.chunks, version)
+    # the engine's process (rank N of the sync group):
+    receiver = WeightReceiver(engine, SyncGroup.connect(host, port, rank=N, world_size=N + 1))
+    stats = receiver.receive()          # once per push, blocks until the trainer pushes
+
+API
+---
+``WeightSync(bridge, transport, *, bucket_bytes=DEFAULT_BUCKET_BYTES)``
+    ``bridge`` is the actor's :class:`~sapo_megatron.bridge.qwen3_moe.Qwen3MoeBridge` (``ActorModel.bridge``);
+    ``transport`` says where the engine is (:class:`ColocatedTransport`, :class:`RemoteTransport`);
+    ``bucket_bytes`` bounds the full-tensor bytes moved per message round (a tensor larger than that travels
+    alone). ``WeightSync.colocated(model, engine=None, *, engine_rank=0, group=None, bucket_bytes=...,
+    staging_device=None)`` and ``WeightSync.remote(model, group, *, bucket_bytes=...)`` build both at once;
+    ``model`` is an ``ActorModel`` or a bridge.
+``WeightSync.push(model_chunks, version) -> SyncStats``
+    A collective over every rank of the transport's group (all actor ranks, plus the remote receiver).
+    ``model_chunks`` are this rank's chunks, wrapped (DDP, Float16Module) or not. Returns once the engine
+    serves ``version`` (an int above the engine's current ``weight_version``); every rank gets the same
+    totals. Raises :class:`WeightSyncError` on every rank when the sync did not happen; the engine then still
+    serves its previous version.
+``WeightReceiver(engine, group, *, staging_device=None).receive() -> SyncStats``
+    The engine's side of a remote push.
+``SyncGroup.from_torch(group=None)``, ``SyncGroup.connect(host, port, *, rank, world_size, backend="gloo")``
+    A group of the running torch.distributed job (colocated), or a standalone group with its own
+    rendezvous (remote: gloo on CPU, NCCL on GPU) that does not disturb the trainer's default group.
+
+Protocol (one push)
+-------------------
+1. Metadata, one ``all_gather_object``: every trainer rank lists the pieces it owns (HF names, layout, piece
+   index and count, shape, dtype; each piece is owned by exactly one rank, see
+   :meth:`Qwen3MoeBridge.weight_shards`), the version and the bucket size; the engine's rank adds the engine's
+   checkpoint schema and current version. Every rank derives the same plan from it and checks it: all pieces
+   present once, consistent shapes and dtypes, exactly the engine's tensor names and shapes, floating-point
+   dtypes, a version above the engine's. A problem raises on every rank before any tensor moves.
+2. Buckets: parameters in a fixed order, grouped so that each bucket holds at most ``bucket_bytes`` of full
+   tensors. Per bucket, every owner packs its pieces into one flat buffer and sends it to the engine's rank:
+   one message per owner and bucket instead of mbridge's collectives per tensor (an object exchange and a
+   pipeline broadcast for each of Qwen3-30B-A3B's ~18,900 tensors), and only the engine's rank receives the
+   full tensors instead of every rank. A sender keeps at most two buckets in flight; the engine's rank
+   receives the next bucket while it rebuilds the HF tensors of the current one.
+3. Outcome, one ``all_gather_object``: only a complete transfer with no error on any rank is loaded, through
+   :meth:`RolloutEngine.update_weights` (the one load path: names/shapes/finite check, vLLM's in-place reload,
+   the vLLM-CPU MoE re-pack, prefix-cache reset, new version).
+4. Result, one ``all_gather_object``: the load's outcome, so that all ranks return, or raise, together.
+
+Memory
+------
+A trainer rank holds, beyond its parameters, two packing buffers of at most one bucket each, allocated at its
+first push and reused by the later ones (``WeightSync.release_buffers()`` frees them). The engine's rank keeps
+what it receives until the load (about the model's size in the staging dtype, on the group's device or on
+``staging_device``): loading only a complete transfer is what keeps a failed sync from leaving mixed weights,
+and vLLM's loader cannot take back a half-loaded update. Pieces the engine's rank owns itself are passed to
+the engine as views of its parameters, so a single-process colocated sync copies nothing before the load.
+
+Failures
+--------
+Validation problems (step 1) and errors while packing, receiving or rebuilding (step 2) leave the engine
+untouched. An error inside vLLM after loading has started makes the engine unusable (it says so on every
+later call) rather than serving mixed weights. A rank that dies mid-transfer makes the others' sends and
+receives fail with the group's transport error (or its timeout); nothing was loaded.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from sapo_megatron.bridge.layout import AttentionShape, Layout, full_shape, megatron_to_hf, unshard
+
+if TYPE_CHECKING:
+    from sapo_megatron.bridge.qwen3_moe import Qwen3MoeBridge, WeightShard
+    from sapo_megatron.rollout.engine import RolloutEngine
+
+DEFAULT_BUCKET_BYTES = 512 * 1024**2
+# Offsets of pieces inside a packed bucket: any dtype can then be viewed in place.
+_ALIGN = 64
+# Packed buckets a sender holds at once: one on the wire while the next is packed.
+_MAX_IN_FLIGHT = 2
+
+
+class WeightSyncError(RuntimeError):
+    """A push that did not make its version current; the message says where the engine stands."""
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    """One push as seen by this rank. Totals are the same on every rank; timings and traffic are this rank's."""
+
+    version: int
+    bytes: int  # bytes of the HF tensors delivered to the engine (the whole model, in the trainer's dtype)
+    num_tensors: int  # HF tensors delivered
+    num_buckets: int
+    seconds: float  # wall time of the whole push on this rank
+    metadata_seconds: float  # the metadata exchange and the plan
+    export_seconds: float  # packing owned pieces (senders) / rebuilding HF tensors from pieces (engine rank)
+    transfer_seconds: float  # blocked on sends and receives
+    load_seconds: float  # RolloutEngine.update_weights on the engine's rank, waiting for it elsewhere
+    sent_bytes: int
+    received_bytes: int
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else float("inf")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Groups
+# ----------------------------------------------------------------------------------------------------------
+
+
+class SyncGroup:
+    """The processes of a sync and this process's rank among them; used through point-to-point messages and
+    object all-gathers only.
+
+    Build it with :meth:`from_torch` (a group of the running torch.distributed job), :meth:`connect` (a
+    standalone group) or :meth:`single` (one process, no communication).
+    """
+
+    def __init__(self, process_group: Any, rank: int, size: int, device: torch.device, *, store: Any = None) -> None:
+        if not 0 <= rank < size:
+            raise ValueError(f"SyncGroup: rank {rank} is outside a group of {size}")
+        self.process_group = process_group
+        self.rank = rank
+        self.size = size
+        self.device = device
+        # A standalone group's rendezvous store must outlive the group.
+        self._store = store
+
+    @classmethod
+    def single(cls) -> "SyncGroup":
+        return cls(None, 0, 1, torch.device("cpu"))
+
+    @classmethod
+    def from_torch(cls, group: Any = None) -> "SyncGroup":
+        """``group`` (default: the whole job) of the initialised torch.distributed job; ranks are group ranks."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if group is not None:
+                raise ValueError("SyncGroup.from_torch(group=...): torch.distributed is not initialised")
+            return cls.single()
+        pg = group if group is not None else dist.group.WORLD
+        backend = str(dist.get_backend(pg)).lower()
+        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        return cls(pg, dist.get_rank(pg), dist.get_world_size(pg), device)
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        rank: int,
+        world_size: int,
+        backend: str = "gloo",
+        timeout_s: float = 1800.0,
+    ) -> "SyncGroup":
+        """A standalone group over ``world_size`` processes that rendezvous at ``host:port`` (rank 0 hosts the
+        store). It is independent of the default torch.distributed group, so trainer ranks and a rollout
+        process started separately can share it. ``backend="nccl"`` needs a CUDA device per process."""
+        import torch.distributed as dist
+
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"SyncGroup.connect(backend={backend!r}): use 'gloo' (CPU) or 'nccl' (GPU)")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"SyncGroup.connect(rank={rank}, world_size={world_size}): need 0 <= rank < world_size")
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore(
+            host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+        )
+        prefixed = dist.PrefixStore("sapo_megatron.weight_sync", store)
+        if backend == "gloo":
+            return cls(dist.ProcessGroupGloo(prefixed, rank, world_size, timeout), rank, world_size,
+                       torch.device("cpu"), store=store)
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
+        return cls(pg, rank, world_size, torch.device("cuda", torch.cuda.current_device()), store=store)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (pickled: the peers are this job's own processes)."""
+        if self.size == 1:
+            return [obj]
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(self.device)
+        length = torch.tensor([payload.numel()], dtype=torch.int64, device=self.device)
+        lengths = [torch.empty_like(length) for _ in range(self.size)]
+        self.process_group.allgather([lengths], [length]).wait()
+        sizes = [int(n.item()) for n in lengths]
+        padded = torch.zeros(max(sizes), dtype=torch.uint8, device=self.device)
+        padded[: payload.numel()] = payload
+        gathered = [torch.empty_like(padded) for _ in range(self.size)]
+        self.process_group.allgather([gathered], [padded]).wait()
+        return [pickle.loads(t[:n].cpu().numpy().tobytes()) for t, n in zip(gathered, sizes)]
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int):
+        return self.process_group.send([tensor], dst, tag)
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int):
+        return self.process_group.recv([tensor], src, tag)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transports
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Transport:
+    """Where the engine is, seen from a trainer rank: the group, the engine's rank in it, and the engine itself
+    on that rank when it lives in this process. ``staging_device`` (engine's rank): where received tensors wait
+    for the load; ``None`` keeps them on the group's device."""
+
+    def __init__(
+        self,
+        group: SyncGroup,
+        engine_rank: int,
+        engine: "RolloutEngine | None" = None,
+        staging_device: str | torch.device | None = None,
+    ) -> None:
+        if not 0 <= engine_rank < group.size:
+            raise ValueError(f"engine_rank={engine_rank} is outside the sync group of {group.size} ranks")
+        self.group = group
+        self.engine_rank = engine_rank
+        self.engine = engine
+        self.staging_device = torch.device(staging_device) if staging_device is not None else None
+
+
+class ColocatedTransport(Transport):
+    """The engine is in the process of trainer rank ``engine_rank`` of ``group`` (default: the whole job).
+
+    Pass the engine on that rank and ``None`` on every other rank.
+    """
+
+    def __init__(
+        self,
+        engine: "RolloutEngine | None",
+        *,
+        engine_rank: int = 0,
+        group: Any = None,
+        staging_device: str | torch.device | None = None,
+    ) -> None:
+        sync_group = SyncGroup.from_torch(group)
+        super().__init__(sync_group, engine_rank, engine, staging_device)
+        if (sync_group.rank == engine_rank) != (engine is not None):
+            raise ValueError(
+                f"ColocatedTransport on rank {sync_group.rank}: pass the engine on engine_rank={engine_rank} and "
+                f"engine=None on every other rank (got engine={'an engine' if engine is not None else None})"
+            )
+
+
+class RemoteTransport(Transport):
+    """The engine is in another process: the last rank of ``group``, which runs :class:`WeightReceiver`."""
+
+    def __init__(self, group: SyncGroup) -> None:
+        if group.rank == group.size - 1:
+            raise ValueError(
+                f"RemoteTransport: rank {group.rank} is the engine's rank (the group's last); run WeightReceiver there"
+            )
+        super().__init__(group, group.size - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plan: what moves where, identical on every rank
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Param:
+    """One megatron parameter in full: where its pieces are and the HF tensors it becomes."""
+
+    hf_names: tuple[str, ...]
+    layout: Layout
+    dtype: torch.dtype
+    shard_shape: tuple[int, ...]
+    owners: list[int]  # owners[i]: the rank that sends piece i
+    hf_shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+    @property
+    def piece_bytes(self) -> int:
+        return _numel(self.shard_shape) * _itemsize(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.piece_bytes * len(self.owners)
+
+
+@dataclass
+class _Bucket:
+    params: list[int] = field(default_factory=list)
+    # source rank -> [(param, piece, byte offset)] in its packed message, and the message's size
+    segments: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+    sizes: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    version: int
+    engine_version: int
+    attention: AttentionShape
+    params: list[_Param]
+    buckets: list[_Bucket]
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(p.hf_names) for p in self.params)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.params)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _aligned(n: int) -> int:
+    return n + (-n) % _ALIGN
+
+
+def _natural_key(name: str) -> list:
+    # Layer and expert numbers compare as numbers, so the order follows the model.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _few(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _build_plan(infos: list[dict], engine_rank: int) -> _Plan:
+    """The plan every rank derives from the gathered metadata; raises WeightSyncError listing every problem."""
+    engine = infos[engine_rank]["engine"]
+    assert engine is not None, "the engine's rank sent no engine description"
+    engine_version = engine["version"]
+    trainers = [info for info in infos if info["pieces"] is not None]
+    problems: list[str] = [f"rank {info['rank']}: {info['error']}" for info in infos if info["error"]]
+
+    versions = sorted({repr(info["version"]) for info in trainers})
+    version = trainers[0]["version"] if trainers else None
+    if not trainers:
+        problems.append("no trainer rank takes part")
+    elif len(versions) > 1:
+        problems.append(f"trainer ranks push different versions ({', '.join(versions)})")
+    elif isinstance(version, bool) or not isinstance(version, int) or version <= engine_version:
+        problems.append(
+            f"version {version!r} must be an integer above the engine's weight_version {engine_version} "
+            "(a stale or repeated sync is refused)"
+        )
+    bucket_sizes = {info["bucket_bytes"] for info in trainers}
+    if len(bucket_sizes) > 1:
+        problems.append(f"trainer ranks use different bucket_bytes {sorted(bucket_sizes)}")
+    attentions = {info["attention"] for info in trainers}
+    if len(attentions) > 1:
+        problems.append(f"trainer ranks disagree on the attention shape {sorted(attentions)}")
+
+    params: dict[tuple[str, ...], _Param] = {}
+    for info in trainers:
+        for names, layout, index, count, shape, dtype in info["pieces"]:
+            if not 0 <= index < count:
+                problems.append(f"{names[0]}: rank {info['rank']} sends piece {index} of {count}")
+                continue
+            param = params.get(names)
+            if param is None:
+                param = params[names] = _Param(names, Layout(layout), getattr(torch, dtype), shape, [-1] * count)
+            described = (param.layout.value, len(param.owners), param.shard_shape, _dtype_name(param.dtype))
+            if described != (layout, count, shape, dtype):
+                problems.append(
+                    f"{names[0]}: rank {info['rank']} holds a piece as (layout, pieces, shape, dtype) = "
+                    f"{(layout, count, shape, dtype)}, another rank as {described}"
+                )
+                continue
+            if param.owners[index] != -1:
+                problems.append(
+                    f"{names[0]}: piece {index} is owned by both rank {param.owners[index]} and {info['rank']}"
+                )
+            param.owners[index] = info["rank"]
+
+    attention = AttentionShape(*next(iter(attentions))) if attentions else AttentionShape(1, 1, 1)
+    schema: dict[str, tuple[int, ...]] = engine["schema"]
+    sent: dict[str, tuple[int, ...]] = {}
+    for param in params.values():
+        missing_pieces = [i for i, owner in enumerate(param.owners) if owner == -1]
+        if missing_pieces:
+            problems.append(f"{param.hf_names[0]}: no rank owns piece(s) {missing_pieces} of {len(param.owners)}")
+        if not param.dtype.is_floating_point:
+            problems.append(f"{param.hf_names[0]}: dtype {param.dtype} is not floating-point")
+        try:
+            full = torch.empty(full_shape(param.layout, param.shard_shape, len(param.owners)), device="meta")
+            param.hf_shapes = [tuple(t.shape) for t in megatron_to_hf(param.layout, full, attention)]
+        except (RuntimeError, ValueError) as exc:
+            problems.append(f"{param.hf_names[0]}: a {param.layout.value} piece of shape {param.shard_shape} "
+                            f"does not split into HF tensors ({exc})")
+            continue
+        sent.update(zip(param.hf_names, param.hf_shapes))
+
+    unknown = sorted(set(sent) - set(schema), key=_natural_key)
+    missing = sorted(set(schema) - set(sent), key=_natural_key)
+    wrong = [f"{name}: sent {sent[name]}, engine expects {schema[name]}"
+             for name in sorted(set(sent) & set(schema), key=_natural_key) if tuple(sent[name]) != tuple(schema[name])]
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) the engine needs are not sent: {_few(missing)}")
+    if unknown:
+        problems.append(f"{len(unknown)} tensor(s) the engine does not have: {_few(unknown)}")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shape(s): {_few(wrong)}")
+    if problems:
+        raise WeightSyncError(
+            f"weight sync to version {version!r} refused before any transfer: " + "; ".join(problems)
+            + f". Nothing was sent; the engine stays on weight_version {engine_version}"
+        )
+
+    ordered = sorted(params.values(), key=lambda p: _natural_key(p.hf_names[0]))
+    bucket_bytes = next(iter(bucket_sizes))
+    buckets: list[_Bucket] = []
+    filled = 0
+    for index, param in enumerate(ordered):
+        if not buckets or (buckets[-1].params and filled + param.nbytes > bucket_bytes):
+            buckets.append(_Bucket())
+            filled = 0
+        bucket = buckets[-1]
+        bucket.params.append(index)
+        filled += param.nbytes
+        for piece, owner in enumerate(param.owners):
+            if owner == engine_rank:
+                continue  # the engine's rank reads its own pieces in place
+            offset = bucket.sizes.get(owner, 0)
+            bucket.segments.setdefault(owner, []).append((index, piece, offset))
+            bucket.sizes[owner] = offset + _aligned(param.piece_bytes)
+    return _Plan(version, engine_version, attention, ordered, buckets)
+
+
+def _piece_view(buffer: torch.Tensor, offset: int, param: _Param) -> torch.Tensor:
+    return buffer[offset : offset + param.piece_bytes].view(param.dtype).view(param.shard_shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One push, on one rank
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Exchange:
+    """Runs the protocol of the module docstring on this rank: as a sender (trainer ranks that are not the
+    engine's), as the receiver (the engine's rank), or both roles at once (a colocated engine's rank)."""
+
+    def __init__(
+        self,
+        group: SyncGroup,
+        engine_rank: int,
+        engine: "RolloutEngine | None",
+        schema: dict[str, tuple[int, ...]] | None,
+        staging_device: torch.device | None,
+        pack_buffers: list[torch.Tensor | None] | None = None,
+    ) -> None:
+        self.group = group
+        self.engine_rank = engine_rank
+        self.engine = engine
+        self.schema = schema
+        self.staging_device = staging_device
+        # A sender's packing buffers, owned by its WeightSync so that later pushes reuse them.
+        self.pack_buffers = pack_buffers if pack_buffers is not None else [None] * _MAX_IN_FLIGHT
+        self.times = collections.Counter()
+        self.sent_bytes = 0
+        self.received_bytes = 0
+
+    def run(
+        self,
+        shards: "list[WeightShard] | None",
+        *,
+        version: Any = None,
+        bucket_bytes: int = 0,
+        attention: AttentionShape | None = None,
+        error: str | None = None,
+    ) -> SyncStats:
+        start = time.perf_counter()
+        me = self.group.rank
+        local = {(s.hf_names, s.index): s.tensor for s in shards or []}
+        info = {
+            "rank": me,
+            "version": version,
+            "bucket_bytes": bucket_bytes,
+            "attention": (attention.num_attention_heads, attention.num_query_groups, attention.head_dim)
+            if attention
+            else None,
+            "pieces": None
+            if shards is None
+            else [
+                (s.hf_names, s.layout.value, s.index, s.count, tuple(s.tensor.shape), _dtype_name(s.tensor.dtype))
+                for s in shards
+            ],
+            "engine": None,
+            "error": error,
+        }
+        if me == self.engine_rank:
+            assert self.engine is not None and self.schema is not None
+            info["engine"] = {"schema": self.schema, "version": self.engine.weight_version}
+        plan = _build_plan(self.group.all_gather_object(info), self.engine_rank)
+        self.times["metadata"] += time.perf_counter() - start
+
+        staged: list[tuple[str, torch.Tensor]] = []
+        if me == self.engine_rank:
+            staged, error = self._receive(plan, local)
+        else:
+            error = self._send(plan, local)
+
+        # Waiting here is waiting for the other ranks to finish their part of the transfer.
+        tick = time.perf_counter()
+        outcomes = self.group.all_gather_object(error)
+        self.times["transfer"] += time.perf_counter() - tick
+        failed = [message for message in outcomes if message]
+        if failed:
+            raise WeightSyncError(
+                f"weight sync to version {plan.version} failed during the transfer: {'; '.join(failed)}. "
+                f"Nothing was loaded; the engine stays on weight_version {plan.engine_version}"
+            )
+
+        load_start = time.perf_counter()
+        outcome = None
+        cause: BaseException | None = None
+        if me == self.engine_rank:
+            failure = None
+            try:
+                self.engine.update_weights(staged, plan.version)
+            except Exception as exc:  # reported to every rank below
+                cause, failure = exc, f"{type(exc).__name__}: {exc}"
+            del staged
+            outcome = (failure, self.engine.weight_version)
+        load_error, engine_version = self.group.all_gather_object(outcome)[self.engine_rank]
+        self.times["load"] += time.perf_counter() - load_start
+        if load_error:
+            raise WeightSyncError(
+                f"weight sync to version {plan.version} failed while loading into the engine ({load_error}); "
+                f"the engine reports weight_version {engine_version}"
+            ) from cause
+        return SyncStats(
+            version=plan.version,
+            bytes=plan.nbytes,
+            num_tensors=plan.num_tensors,
+            num_buckets=len(plan.buckets),
+            seconds=time.perf_counter() - start,
+            metadata_seconds=self.times["metadata"],
+            export_seconds=self.times["export"],
+            transfer_seconds=self.times["transfer"],
+            load_seconds=self.times["load"],
+            sent_bytes=self.sent_bytes,
+            received_bytes=self.received_bytes,
+        )
+
+    def _send(self, plan: _Plan, local: dict) -> str | None:
+        me, error = self.group.rank, None
+        in_flight: collections.deque = collections.deque()
+        slot = 0
+        for b, bucket in enumerate(plan.buckets):
+            segments = bucket.segments.get(me)
+            if not segments:
+                continue
+            tick = time.perf_counter()
+            buffer = self._pack_buffer(slot, bucket.sizes[me])
+            slot = (slot + 1) % _MAX_IN_FLIGHT
+            if error is None:
+                try:
+                    for index, piece, offset in segments:
+                        param = plan.params[index]
+                        _piece_view(buffer, offset, param).copy_(local[(param.hf_names, piece)])
+                except Exception as exc:
+                    # Keep sending (garbage) so the other ranks finish the round; the outcome exchange then
+                    # stops the load.
+                    error = f"rank {me} could not pack bucket {b}: {type(exc).__name__}: {exc}"
+            tock = time.perf_counter()
+            in_flight.append(self.group.send(buffer, self.engine_rank, b))
+            self.sent_bytes += buffer.numel()
+            # The next bucket is packed into the buffer of the oldest send, so that one must be complete.
+            while len(in_flight) >= _MAX_IN_FLIGHT:
+                in_flight.popleft().wait()
+            self.times["export"] += tock - tick
+            self.times["transfer"] += time.perf_counter() - tock
+        tick = time.perf_counter()
+        while in_flight:
+            in_flight.popleft().wait()
+        self.times["transfer"] += time.perf_counter() - tick
+        return error
+
+    def _pack_buffer(self, slot: int, size: int) -> torch.Tensor:
+        """``size`` bytes of packing buffer ``slot``; reused across buckets and pushes because fresh CPU memory
+        costs a page fault per page on first touch, about as much as the copy into it."""
+        held = self.pack_buffers[slot]
+        if held is None or held.numel() < size or held.device != self.group.device:
+            # Drop the old buffer before allocating its replacement, so the two never coexist.
+            held = self.pack_buffers[slot] = None
+            held = self.pack_buffers[slot] = torch.empty(size, dtype=torch.uint8, device=self.group.device)
+        return held[:size]
+
+    def _post(self, plan: _Plan, b: int) -> tuple[dict[int, torch.Tensor], list]:
+        buffers, works = {}, []
+        for src, size in sorted(plan.buckets[b].sizes.items()):
+            buffers[src] = torch.empty(size, dtype=torch.uint8, device=self.group.device)
+            works.append(self.group.recv(buffers[src], src, b))
+            self.received_bytes += size
+        return buffers, works
+
+    def _receive(self, plan: _Plan, local: dict) -> tuple[list[tuple[str, torch.Tensor]], str | None]:
+        me, error = self.group.rank, None
+        staged: list[tuple[str, torch.Tensor]] = []
+        pending = self._post(plan, 0) if plan.buckets else None
+        for b, bucket in enumerate(plan.buckets):
+            tick = time.perf_counter()
+            buffers, works = pending
+            # Receive ahead: the next bucket's bytes arrive while this one is rebuilt.
+            pending = self._post(plan, b + 1) if b + 1 < len(plan.buckets) else None
+            for work in works:
+                work.wait()
+            tock = time.perf_counter()
+            self.times["transfer"] += tock - tick
+            if error is not None:
+                continue  # drain the remaining buckets so every sender completes
+            try:
+                where = {(index, piece): offset for src in buffers for index, piece, offset in bucket.segments[src]}
+                for index in bucket.params:
+                    param = plan.params[index]
+                    pieces = [
+                        local[(param.hf_names, piece)]
+                        if owner == me
+                        else _piece_view(buffers[owner], where[(index, piece)], param)
+                        for piece, owner in enumerate(param.owners)
+                    ]
+                    full = unshard(param.layout, pieces)
+                    for name, tensor in zip(param.hf_names, megatron_to_hf(param.layout, full, plan.attention)):
+                        if self.staging_device is not None:
+                            tensor = tensor.to(self.staging_device)
+                        staged.append((name, tensor))
+            except Exception as exc:
+                error = f"rank {me} could not rebuild bucket {b}: {type(exc).__name__}: {exc}"
+                staged = []
+            self.times["export"] += time.perf_counter() - tock
+        return staged, error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _engine_schema(engine: "RolloutEngine") -> dict[str, tuple[int, ...]]:
+    from sapo_megatron.rollout.engine import checkpoint_schema
+
+    return checkpoint_schema(engine.model_dir)
+
+
+class WeightSync:
+    """Pushes the actor's weights into the rollout engine; see the module docstring for the API and protocol."""
+
+    def __init__(
+        self, bridge: "Qwen3MoeBridge", transport: Transport, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    ) -> None:
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
+            raise ValueError(f"WeightSync(bucket_bytes={bucket_bytes!r}): must be an integer > 0")
+        self.bridge = bridge
+        self.transport = transport
+        self.bucket_bytes = bucket_bytes
+        self._pack_buffers: list[torch.Tensor | None] = [None] * _MAX_IN_FLIGHT
+        engine = transport.engine
+        self._schema = _engine_schema(engine) if engine is not None else None
+
+    def release_buffers(self) -> None:
+        """Frees this rank's packing buffers (the next push allocates them again)."""
+        self._pack_buffers[:] = [None] * _MAX_IN_FLIGHT
+
+    @classmethod
+    def colocated(
+        cls,
+        model: Any,
+        engine: "RolloutEngine | None" = None,
+        *,
+        engine_rank: int = 0,
+        group: Any = None,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        staging_device: str | torch.device | None = None,
+    ) -> "WeightSync":
+        """``model``: an ``ActorModel`` or its bridge. The engine on ``engine_rank``, ``None`` elsewhere."""
+        transport = ColocatedTransport(engine, engine_rank=engine_rank, group=group, staging_device=staging_device)
+        return cls(getattr(model, "bridge", model), transport, bucket_bytes=bucket_bytes)
+
+    @classmethod
+    def remote(cls, model: Any, group: SyncGroup, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> "WeightSync":
+        """``group``: the sync group whose last rank runs :class:`WeightReceiver`."""
+        return cls(getattr(model, "bridge", model), RemoteTransport(group), bucket_bytes=bucket_bytes)
+
+    def push(self, model_chunks: Sequence[torch.nn.Module], version: int) -> SyncStats:
+        """Makes ``version`` the engine's weights: a collective over every rank of the transport's group."""
+        shards, error = None, None
+        try:
+            shards = self.bridge.weight_shards(list(model_chunks))
+        except Exception as exc:
+            # Still take part, so that every rank raises the same error instead of the others hanging.
+            shards, error = [], f"could not list its weight shards: {type(exc).__name__}: {exc}"
+        transport = self.transport
+        exchange = _Exchange(transport.group, transport.engine_rank, transport.engine, self._schema,
+                             transport.staging_device, self._pack_buffers)
+        with torch.no_grad():
+            return exchange.run(
+                shards, version=version, bucket_bytes=self.bucket_bytes, attention=self.bridge.attention_shape,
+                error=error,
+            )
+
+
+class WeightReceiver:
+    """The engine's side of a remote push: the last rank of ``group``, in the engine's process."""
+
+    def __init__(
+        self, engine: "RolloutEngine", group: SyncGroup, *, staging_device: str | torch.device | None = None
+    ) -> None:
+        if group.rank != group.size - 1:
+            raise ValueError(
+                f"WeightReceiver: the engine must be the last rank of the sync group ({group.size - 1}), "
+                f"not rank {group.rank}"
+            )
+        self.engine = engine
+        self.group = group
+        self.staging_device = torch.device(staging_device) if staging_device is not None else None
+        self._schema = _engine_schema(engine)
+
+    def receive(self) -> SyncStats:
+        """Takes part in one push of the trainer ranks; returns once the engine serves the pushed version."""
+        exchange = _Exchange(self.group, self.group.rank, self.engine, self._schema, self.staging_device)
+        with torch.no_grad():
+            return exchange.run(None)
+
+
+__all__ = [
+    "DEFAULT_BUCKET_BYTES",
+    "ColocatedTransport",
+    "RemoteTransport",
+    "SyncGroup",
+    "SyncStats",
+    "Transport",
+    "WeightReceiver",
+    "WeightSync",
+    "WeightSyncError",
+]

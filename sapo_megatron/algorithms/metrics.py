@@ -111,8 +111,14 @@ def ratio_metrics(log_ratio: torch.Tensor, valid: torch.Tensor) -> dict[str, tor
     }
 
 
-def reduce_metrics(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Combines metric dicts of micro-batches (or of ranks) exactly, by :data:`METRIC_REDUCTIONS`."""
+def reduce_metrics(
+    parts: Sequence[Mapping[str, torch.Tensor]],
+    reductions: Mapping[str, str] = METRIC_REDUCTIONS,
+    *,
+    table: str = "METRIC_REDUCTIONS",
+) -> dict[str, torch.Tensor]:
+    """Combines metric dicts of micro-batches (or of ranks) exactly, by the kinds in ``reductions``
+    (:data:`METRIC_REDUCTIONS` by default; ``table`` names it in errors)."""
     if len(parts) == 0:
         raise ValueError("reduce_metrics needs at least one metrics dict")
     keys = list(parts[0])
@@ -122,10 +128,10 @@ def reduce_metrics(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, tor
                 f"metrics dict {index} has keys {sorted(part)} but dict 0 has {sorted(keys)}; "
                 f"only dicts from the same loss can be combined"
             )
-    unknown = [key for key in keys if key not in METRIC_REDUCTIONS]
+    unknown = [key for key in keys if key not in reductions]
     if unknown:
-        raise ValueError(f"metric(s) {unknown} have no declared reduction; add them to METRIC_REDUCTIONS")
-    needed = {_WEIGHT_OF_KIND[METRIC_REDUCTIONS[key]] for key in keys if METRIC_REDUCTIONS[key] in _WEIGHT_OF_KIND}
+        raise ValueError(f"metric(s) {unknown} have no declared reduction; add them to {table}")
+    needed = {_WEIGHT_OF_KIND[reductions[key]] for key in keys if reductions[key] in _WEIGHT_OF_KIND}
     missing = sorted(needed - set(keys))
     if missing:
         raise ValueError(f"weighted metrics need the count(s) {missing} in every metrics dict")
@@ -135,7 +141,7 @@ def reduce_metrics(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, tor
 
     out: dict[str, torch.Tensor] = {}
     for key in keys:
-        kind = METRIC_REDUCTIONS[key]
+        kind = reductions[key]
         values = stacked(key)
         if kind == "sum":
             out[key] = values.sum()

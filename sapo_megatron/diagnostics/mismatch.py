@@ -39,7 +39,7 @@ from sapo_megatron.algorithms._inputs import (
     raise_if_nonfinite,
     shape_of,
 )
-from sapo_megatron.algorithms.metrics import masked_max, masked_mean
+from sapo_megatron.algorithms.metrics import masked_max, masked_mean, reduce_metrics
 
 LN2 = math.log(2.0)
 LN5 = math.log(5.0)
@@ -61,8 +61,6 @@ MISMATCH_REDUCTIONS: dict[str, str] = {
     # mean over sequences of (mean_t logprobs_old - mean_t logprobs_rollout) = log PPL_rollout - log PPL_old
     "mismatch_seq_log_ppl_diff": "seq_mean",
 }
-
-_WEIGHT_OF_KIND = {"token_mean": "num_tokens", "seq_mean": "num_seqs"}
 
 DEFAULT_QUANTILES = (0.01, 0.05, 0.5, 0.95, 0.99)
 
@@ -138,40 +136,7 @@ def reduce_mismatch_metrics(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict
     weight by ``num_tokens`` / ``num_seqs``, ``max`` takes the maximum. Reducing already reduced dicts (one per
     rank) gives the same result as reducing all micro-batches at once.
     """
-    if len(parts) == 0:
-        raise ValueError("reduce_mismatch_metrics needs at least one metrics dict")
-    keys = list(parts[0])
-    for index, part in enumerate(parts):
-        if set(part) != set(keys):
-            raise ValueError(
-                f"metrics dict {index} has keys {sorted(part)} but dict 0 has {sorted(keys)}; "
-                f"only dicts from mismatch_metrics can be combined"
-            )
-    unknown = [key for key in keys if key not in MISMATCH_REDUCTIONS]
-    if unknown:
-        raise ValueError(f"metric(s) {unknown} have no declared reduction in MISMATCH_REDUCTIONS")
-    needed = {_WEIGHT_OF_KIND[MISMATCH_REDUCTIONS[k]] for k in keys if MISMATCH_REDUCTIONS[k] in _WEIGHT_OF_KIND}
-    missing = sorted(needed - set(keys))
-    if missing:
-        raise ValueError(f"weighted metrics need the count(s) {missing} in every metrics dict")
-
-    def stacked(key: str) -> torch.Tensor:
-        return torch.stack([torch.as_tensor(part[key]).detach().reshape(()) for part in parts])
-
-    out: dict[str, torch.Tensor] = {}
-    for key in keys:
-        kind = MISMATCH_REDUCTIONS[key]
-        values = stacked(key)
-        if kind == "sum":
-            out[key] = values.sum()
-        elif kind == "max":
-            out[key] = values.max()
-        elif kind in _WEIGHT_OF_KIND:
-            weights = stacked(_WEIGHT_OF_KIND[kind]).to(values.dtype)
-            out[key] = (weights * values).sum() / weights.sum().clamp(min=1)
-        else:
-            raise AssertionError(f"unhandled metric reduction {kind!r}")
-    return out
+    return reduce_metrics(parts, MISMATCH_REDUCTIONS, table="MISMATCH_REDUCTIONS")
 
 
 def quantile_name(q: float) -> str:

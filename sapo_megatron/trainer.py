@@ -13,11 +13,10 @@ the seeded, resumable stream, so the data position needs no communication.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -264,7 +263,6 @@ class RunContext:
     offloader: dict = field(default_factory=dict)
     weight_version: int = 0
     step: int = 0
-    history: list = field(default_factory=list)
 
     @property
     def is_driver(self) -> bool:
@@ -705,7 +703,6 @@ def run(ctx: RunContext) -> dict:
 def log(ctx: RunContext, step: int, metrics: dict) -> None:
     if ctx.is_driver and metrics:
         ctx.logger.log(step, metrics)
-        ctx.history.append({"step": step, **metrics})
 
 
 class Progress:

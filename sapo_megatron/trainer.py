@@ -338,9 +338,12 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
     replay = cfg.algorithm.routing_replay
     with timer("old_logprob"):
         old = actor.policy.compute_logprobs(
-            batch, record_routing=ctx.is_moe, replay_routing=routing_rollout if replay == "rollout" else None
+            batch,
+            record_routing=ctx.is_moe,
+            record_router_entropy=ctx.is_moe,
+            replay_routing=routing_rollout if replay == "rollout" else None,
         )
-    logprobs_old, routing_old = old if ctx.is_moe else (old, None)
+    logprobs_old, routing_old, router_entropy_old = old if ctx.is_moe else (old, None, None)
     batch = batch.with_(logprobs_old=logprobs_old)
 
     metrics = {
@@ -353,7 +356,7 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
     }
     with timer("diagnostics"):
         metrics.update(prefixed("mismatch/", mismatch_metrics(batch.logprobs_old, batch.logprobs_rollout, batch.loss_mask)))
-        diag.rollout_vs_old(batch, routing_rollout, routing_old)
+        diag.rollout_vs_old(batch, routing_rollout, routing_old, router_entropy_old)
 
     diagnostics_before_update = timer.seconds.get("diagnostics", 0.0)
     with timer("update"):
@@ -409,12 +412,14 @@ class StepDiagnostics:
         self.ratio: dict[str, list[torch.Tensor]] = {"adv_pos": [], "adv_neg": []}
         self.delta: Optional[torch.Tensor] = None
 
-    def rollout_vs_old(self, batch, routing_rollout, routing_old) -> None:
+    def rollout_vs_old(self, batch, routing_rollout, routing_old, router_entropy_old=None) -> None:
         from sapo_megatron.diagnostics.attribution import finalize_variance_attribution, routing_variance_stats
         from sapo_megatron.diagnostics.routing import expert_load_stats, finalize_expert_load, finalize_routing_change, routing_change_stats
 
         mask = batch.loss_mask
         self.delta = (batch.logprobs_old - batch.logprobs_rollout)[mask]
+        if router_entropy_old is not None:
+            self.metrics.update(prefixed("routing/", router_entropy_metrics(router_entropy_old, mask)))
         if routing_old is not None:
             num_experts = self.ctx.actor.model.config.num_moe_experts
             load = finalize_expert_load(expert_load_stats(routing_old, mask, num_experts))
@@ -461,6 +466,19 @@ class StepDiagnostics:
             if self.delta is not None:
                 logger.log_histogram(self.step, "mismatch/delta", self.delta, self.DELTA_EDGES)
         return self.metrics
+
+
+def router_entropy_metrics(router_entropy: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``router_entropy`` [layers] (mean over the valid tokens of the per-token router entropy
+    ``[B, S, layers]``, nats) and ``router_entropy_mean`` over layers; 0 without valid tokens."""
+    from sapo_megatron.diagnostics.routing import finalize_router_entropy
+
+    valid = mask.bool()[..., None]
+    stats = {
+        "router_entropy_sum": torch.where(valid, router_entropy.double(), 0.0).sum(dim=(0, 1)),
+        "router_entropy_count": valid.sum().double(),
+    }
+    return finalize_router_entropy(stats)
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -143,6 +143,7 @@ class MegatronPolicy:
         with_entropy: bool = False,
         record_routing: bool = False,
         replay_routing: Optional[torch.Tensor] = None,
+        record_router_entropy: bool = False,
     ):
         """Per-position log-probs [B, S] (and entropy) of ``batch.tokens`` under the current weights.
 
@@ -150,13 +151,22 @@ class MegatronPolicy:
         pipeline group, gathered over data-parallel ranks. ``record_routing`` appends the MoE routing of the
         pass, int32 ``[B, S, num_moe_layers, topk]``; ``replay_routing`` (same layout, ``-1`` = route
         normally) forces the routers' expert choice (see :mod:`sapo_megatron.actor.routing`).
-        Returns ``logprobs``, or the tuple ``(logprobs[, entropy][, routing])``.
+        ``record_router_entropy`` appends each MoE router's per-token entropy (nats) of its softmax over all
+        experts, float32 ``[B, S, num_moe_layers]``.
+        Returns ``logprobs``, or the tuple ``(logprobs[, entropy][, routing][, router_entropy])``.
         """
         from sapo_megatron.actor.routing import open_routing_pass
 
         micro, padded_size = self._local_micro_batches(batch)
         routing = open_routing_pass(
-            self, batch, micro, padded_size, training=False, record=record_routing, replay=replay_routing
+            self,
+            batch,
+            micro,
+            padded_size,
+            training=False,
+            record=record_routing,
+            replay=replay_routing,
+            record_entropy=record_router_entropy,
         )
 
         def forward_step(data_iterator, model):
@@ -184,6 +194,9 @@ class MegatronPolicy:
         if record_routing:
             result["routing"] = routing.gather(batch.size, batch.seq_len)
             keys.append("routing")
+        if record_router_entropy:
+            result["router_entropy"] = routing.gather_entropy(batch.size, batch.seq_len)
+            keys.append("router_entropy")
         if len(keys) > 1:
             return tuple(result[key] for key in keys)
         return result["logprobs"]

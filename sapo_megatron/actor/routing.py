@@ -20,6 +20,11 @@ of the sequence (megatron's hidden states are ``[seq, batch, hidden]``, routed a
 each pipeline stage holds some of the MoE layers. :meth:`RoutingPass.gather` reassembles the full routing on
 every rank over those three groups; a replay routing is cut the same way before each micro-batch's forward.
 
+A pass can also record each router's entropy per token (:data:`ENTROPY_DTYPE` ``[batch, seq, num_moe_layers]``,
+nats, 0 where nothing was recorded): the entropy of the softmax over *all* routed experts, before the top-k,
+taken from the same hook (megatron hands it the router logits, or their softmax with
+``moe_router_pre_softmax``). It is gathered exactly like the routing.
+
 Activation recomputation re-runs the routers inside backward. In a training pass every top-k used in a
 forward is queued per layer and popped, in order, by the recomputation (megatron's ``REPLAY_BACKWARD``
 queue), so recomputed activations always use the forward's experts, with or without a replay routing.
@@ -34,6 +39,7 @@ import torch.distributed as dist
 
 UNRECORDED = -1
 ROUTING_DTYPE = torch.int32
+ENTROPY_DTYPE = torch.float32
 
 
 def _megatron_router_classes():
@@ -166,6 +172,9 @@ def _layer_replay_class():
             if current.record:
                 assert self.micro_index is not None, "a router ran before RoutingPass.before_forward"
                 current.store(self.moe_index, self.micro_index, indices)
+            if current.record_entropy:
+                assert self.micro_index is not None, "a router ran before RoutingPass.before_forward"
+                current.store_entropy(self.moe_index, self.micro_index, self.owner.router_entropy(scores))
             return probs, indices
 
     return LayerReplay
@@ -183,10 +192,12 @@ class RoutingPass:
         training: bool,
         record: bool,
         replay: Optional[torch.Tensor],
+        record_entropy: bool = False,
     ):
         self.owner = owner
         self.training = training
         self.record = record
+        self.record_entropy = record_entropy
         self._micro_index = {id(mb): i for i, mb in enumerate(micro)}
         self._micro_offset = []
         offset = 0
@@ -196,6 +207,7 @@ class RoutingPass:
         self._num_local = offset
         self._seq_len = micro[0].seq_len if micro else 0
         self._records: dict[tuple[int, int], torch.Tensor] = {}
+        self._entropies: dict[tuple[int, int], torch.Tensor] = {}
         self._replay_local = None if replay is None else self._local_replay(replay, padded_size)
 
     def _local_replay(self, routing: torch.Tensor, padded_size: int) -> torch.Tensor:
@@ -236,6 +248,9 @@ class RoutingPass:
     def store(self, moe_index: int, micro_index: int, indices: torch.Tensor) -> None:
         self._records[(moe_index, micro_index)] = indices.detach().to(ROUTING_DTYPE)
 
+    def store_entropy(self, moe_index: int, micro_index: int, entropy: torch.Tensor) -> None:
+        self._entropies[(moe_index, micro_index)] = entropy.detach().to(ENTROPY_DTYPE)
+
     # -- context manager ----------------------------------------------------------------------------------------
     def __enter__(self) -> "RoutingPass":
         if self.owner.current is not None:
@@ -251,27 +266,38 @@ class RoutingPass:
     def gather(self, batch_size: int, seq_len: int) -> torch.Tensor:
         """The recorded routing of the whole batch, ``[batch_size, seq_len, layers, topk]`` int32 on the CPU,
         on every rank. Collective over the tensor-, pipeline- and data-parallel groups: all ranks call it."""
+        assert self.record, "gather() needs a pass with record=True"
+        # Each MoE layer lives on exactly one pipeline stage; the others hold -1 there.
+        tail = (self.owner.topk,)
+        return self._gather(self._records, tail, UNRECORDED, ROUTING_DTYPE, dist.ReduceOp.MAX, batch_size, seq_len)
+
+    def gather_entropy(self, batch_size: int, seq_len: int) -> torch.Tensor:
+        """The recorded router entropy of the whole batch, float32 ``[batch_size, seq_len, layers]`` (nats) on
+        the CPU, on every rank; collective like :meth:`gather`."""
+        assert self.record_entropy, "gather_entropy() needs a pass with record_entropy=True"
+        # Other pipeline stages hold 0 at a layer: the sum is the owning stage's value, bit for bit.
+        entropy = self._gather(self._entropies, (1,), 0.0, ENTROPY_DTYPE, dist.ReduceOp.SUM, batch_size, seq_len)
+        return entropy[..., 0]
+
+    def _gather(self, records: dict, tail: tuple, fill, dtype, pp_op, batch_size: int, seq_len: int) -> torch.Tensor:
+        """``records[(moe_index, micro_index)]`` (megatron's token order ``[s_local * b, *tail]``) assembled
+        into ``[batch_size, seq_len, layers, *tail]`` over the tensor-, pipeline- and data-parallel groups."""
         from megatron.core import parallel_state as mpu
 
-        assert self.record, "gather() needs a pass with record=True"
         owner = self.owner
         s_local = owner.sequence_slice(self._seq_len)
         s_local = s_local[1] - s_local[0]
         local = torch.full(
-            (self._num_local, s_local, owner.num_moe_layers, owner.topk),
-            UNRECORDED,
-            dtype=ROUTING_DTYPE,
-            device=owner.device,
+            (self._num_local, s_local, owner.num_moe_layers, *tail), fill, dtype=dtype, device=owner.device
         )
-        for (moe_index, micro_index), indices in self._records.items():
+        for (moe_index, micro_index), values in records.items():
             offset = self._micro_offset[micro_index]
-            rows = indices.reshape(s_local, -1, owner.topk).transpose(0, 1)
+            rows = values.reshape(s_local, -1, *tail).transpose(0, 1)
             local[offset : offset + rows.shape[0], :, moe_index] = rows
         if owner.sequence_parallel and mpu.get_tensor_model_parallel_world_size() > 1:
             local = _all_gather_cat(local, dim=1, group=mpu.get_tensor_model_parallel_group())
         if mpu.get_pipeline_model_parallel_world_size() > 1:
-            # Each MoE layer lives on exactly one stage; the others hold -1 there.
-            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=mpu.get_pipeline_model_parallel_group())
+            dist.all_reduce(local, op=pp_op, group=mpu.get_pipeline_model_parallel_group())
         if mpu.get_data_parallel_world_size() > 1:
             local = _all_gather_cat(local, dim=0, group=mpu.get_data_parallel_group())
         return local[:batch_size, :seq_len].cpu()
@@ -326,6 +352,25 @@ class RoutingReplay:
         self.num_experts = config.num_moe_experts
         self.sequence_parallel = bool(config.sequence_parallel)
         self.device = torch.device("cpu")
+
+    def check_entropy_supported(self) -> None:
+        if self.config.moe_router_score_function != "softmax":
+            raise ValueError(
+                "router entropy is the entropy of the router's softmax over all experts; this model's router "
+                f"scores with {self.config.moe_router_score_function!r}"
+            )
+
+    def router_entropy(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-token entropy (nats) ``[tokens]`` of the softmax over all routed experts, from the scores
+        megatron's top-k hook receives: the router logits, or already their softmax with pre-softmax routing."""
+        scores = scores.detach().float()
+        if self.config.moe_router_pre_softmax:
+            # xlogy: 0 log 0 = 0, an expert with probability 0 adds nothing.
+            return -torch.special.xlogy(scores, scores).sum(dim=-1)
+        log_probs = torch.log_softmax(scores, dim=-1)
+        probs = log_probs.exp()
+        # 0 log 0 = 0: an expert with a -inf logit adds nothing (its 0 * -inf would be NaN).
+        return -torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1)
 
     # -- hooks ------------------------------------------------------------------------------------------------
     @property
@@ -394,12 +439,18 @@ class RoutingReplay:
         training: bool,
         record: bool,
         replay: Optional[torch.Tensor] = None,
+        record_entropy: bool = False,
     ) -> RoutingPass:
         """A context for one schedule run over ``micro`` (this rank's micro-batches of a batch padded to
-        ``padded_size`` rows). ``replay`` is the full batch's routing, already checked (:meth:`check`)."""
+        ``padded_size`` rows). ``replay`` is the full batch's routing, already checked (:meth:`check`);
+        ``record_entropy`` also records each router's entropy per token (:meth:`RoutingPass.gather_entropy`)."""
         if not self.installed:
             raise RuntimeError("RoutingReplay: install() before running a routing pass")
-        return RoutingPass(self, micro, padded_size, training=training, record=record, replay=replay)
+        if record_entropy:
+            self.check_entropy_supported()
+        return RoutingPass(
+            self, micro, padded_size, training=training, record=record, replay=replay, record_entropy=record_entropy
+        )
 
     def check(self, routing: torch.Tensor, batch_size: int, seq_len: int, name: str = "replay_routing") -> torch.Tensor:
         shape = (batch_size, seq_len, self.num_moe_layers, self.topk)
@@ -431,17 +482,20 @@ def open_routing_pass(
     training: bool,
     record: bool,
     replay: Optional[torch.Tensor],
+    record_entropy: bool = False,
 ):
     """The routing context for one of ``policy``'s schedule runs over ``batch``.
 
     The policy's :class:`RoutingReplay` is created and installed on first use (``policy._routing``), so a
     policy that never records or replays runs megatron's routers untouched.
     """
-    if not record and replay is None:
+    if not record and not record_entropy and replay is None:
         return NO_ROUTING
     if policy._routing is None:
         policy._routing = RoutingReplay(policy.model).install()
     routing = policy._routing
     if replay is not None:
         replay = routing.check(replay, batch.size, batch.seq_len)
-    return routing.pass_(micro, padded_size, training=training, record=record, replay=replay)
+    return routing.pass_(
+        micro, padded_size, training=training, record=record, replay=replay, record_entropy=record_entropy
+    )

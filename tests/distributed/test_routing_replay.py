@@ -8,6 +8,7 @@ described in worker_routing_replay.py for every layout; every rank returns the f
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,20 @@ def test_recorded_routing_equals_the_hf_router_top_k(reference, actor_runs, npro
         # Every rank returns the whole batch's routing, [batch, seq, MoE layers, topk], in TrainBatch alignment.
         _assert_same_experts(record["r_natural"], natural["routing"], natural["logits"])
         torch.testing.assert_close(record["lp_natural"][:, :-1], natural["logprobs"][:, :-1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, layout", LAYOUTS)
+def test_recorded_router_entropy_equals_the_hf_router_softmax_entropy(reference, actor_runs, nproc, layout):
+    logits = reference["natural"]["logits"].double()  # [B, S, layers, experts], transformers' router logits
+    expected = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    # Not a constant: the check below could not pass with a uniform (log E) or one-hot (0) stand-in.
+    assert float(expected.std()) > 1e-3 and float(expected.max()) < math.log(logits.shape[-1]) - 1e-3
+    for record in actor_runs(nproc, layout):
+        entropy = record["ent_natural"]
+        assert entropy.dtype == torch.float32 and entropy.shape == expected.shape
+        torch.testing.assert_close(entropy.double(), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.distributed
@@ -201,3 +216,16 @@ def test_routing_replay_config():
         load_config(None, ["algorithm.routing_replay=old", "model.dense=true"])
     with pytest.raises(ConfigError, match="does not support context parallelism"):
         load_config(None, ["algorithm.routing_replay=old", "parallel.context=2", "launch.nproc_per_node=2"])
+
+
+def test_router_entropy_metric_is_the_mean_over_valid_tokens_per_layer():
+    from sapo_megatron.trainer import prefixed, router_entropy_metrics
+
+    entropy = torch.tensor([[[1.0, 2.0], [3.0, 5.0], [9.0, 9.0]], [[0.5, 4.0], [7.0, 7.0], [0.0, 0.0]]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    metrics = prefixed("routing/", router_entropy_metrics(entropy, mask))
+    assert metrics == {
+        "routing/router_entropy/layer0": pytest.approx(4.5 / 3),
+        "routing/router_entropy/layer1": pytest.approx(11.0 / 3),
+        "routing/router_entropy_mean": pytest.approx(15.5 / 6),
+    }

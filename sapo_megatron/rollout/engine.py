@@ -214,6 +214,20 @@ class RolloutEngine:
 
         self._repack_after_reload = cpu_moe_repack_needed(self._vllm_version, device)
         self.num_moe_layers = self._llm.collective_rpc(_count_moe_layers)[0]
+        # "direct" or "reload": how update_weights loads the MoE experts (sapo_megatron/rollout/cpu_expert_load.py).
+        self.expert_load = "reload"
+        if device == "cpu" and self.num_moe_layers and config.cpu_expert_load == "direct":
+            from sapo_megatron.rollout.cpu_expert_load import direct_expert_load_blocker
+
+            blocker = self._llm.collective_rpc(direct_expert_load_blocker)[0]
+            if blocker is None:
+                self.expert_load = "direct"
+            else:
+                logger.warning(
+                    "rollout.cpu_expert_load=direct does not apply to this engine (%s); weight updates load the "
+                    "experts through vLLM's reload_weights",
+                    blocker,
+                )
         self._router_capture = RouterCapture() if (collect_routed_experts and device == "cpu") else None
         if collect_routed_experts and self.num_moe_layers == 0:
             self.close()
@@ -456,12 +470,19 @@ class RolloutEngine:
         named = self._check_update(named_tensors)
 
         try:
-            self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True})
-            if self._repack_after_reload:
-                from sapo_megatron.rollout.vllm_cpu_fixes import repack_cpu_moe_experts
+            if self.expert_load == "direct":
+                from sapo_megatron.rollout.cpu_expert_load import (
+                    load_experts_direct,
+                    reload_non_expert_weights,
+                    split_expert_tensors,
+                )
 
-                repacked = self._llm.collective_rpc(repack_cpu_moe_experts)[0]
-                assert repacked == self.num_moe_layers, f"re-packed {repacked} of {self.num_moe_layers} MoE layers"
+                rest, experts = split_expert_tensors(named)
+                self._llm.collective_rpc(reload_non_expert_weights, args=(rest,))
+                loaded = self._llm.collective_rpc(load_experts_direct, args=(experts,))[0]
+                assert loaded == self.num_moe_layers, f"loaded the experts of {loaded} of {self.num_moe_layers} MoE layers"
+            else:
+                self._reload_all(named)
         except BaseException as exc:
             self._broken = f"the update to weight_version {version} failed inside vLLM ({type(exc).__name__}: {exc})"
             raise RuntimeError(f"update_weights: {self._broken}; the engine's weights are now undefined") from exc
@@ -471,6 +492,15 @@ class RolloutEngine:
             raise RuntimeError(f"update_weights: {self._broken}")
         self._weights_discarded = False
         self.weight_version = version
+
+    def _reload_all(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """vLLM's layer-wise in-place reload of every tensor, then (vLLM-CPU 0.32) the MoE expert re-pack."""
+        self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True})
+        if self._repack_after_reload:
+            from sapo_megatron.rollout.vllm_cpu_fixes import repack_cpu_moe_experts
+
+            repacked = self._llm.collective_rpc(repack_cpu_moe_experts)[0]
+            assert repacked == self.num_moe_layers, f"re-packed {repacked} of {self.num_moe_layers} MoE layers"
 
     def _check_update(self, named_tensors) -> list[tuple[str, torch.Tensor]]:
         if isinstance(named_tensors, dict):

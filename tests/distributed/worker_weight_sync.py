@@ -245,12 +245,14 @@ def main(out_dir: str, hf_dir: str, layout: str, mode: str, sync_port: str | Non
         record("v3")
 
         if mode == "colocated" and world == 1:
-            # Without the vLLM-CPU MoE re-pack after a reload, the engine computes wrong log-probs.
-            engine._repack_after_reload = False
+            # Loading through vLLM's reload (the fallback of the direct expert load) without the vLLM-CPU MoE
+            # re-pack, the engine computes wrong log-probs; the next push (the default direct load) repairs it.
+            assert engine.expert_load == "direct"
+            engine.expert_load, engine._repack_after_reload = "reload", False
             perturb(model, seed=4)
             push("v4-no-repack", 4)
             record("v4-no-repack")
-            engine._repack_after_reload = True
+            engine.expert_load, engine._repack_after_reload = "direct", True
             push("v5", 5)
             record("v5")
 

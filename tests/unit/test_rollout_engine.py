@@ -273,6 +273,53 @@ def test_reload_without_the_moe_repack_is_wrong_on_vllm_cpu(engine, weights):
     assert_same_samples(before, engine.generate(PROMPTS, n=2, seed=9, collect_routed_experts=False))
 
 
+
+def _model_parameters(worker) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in worker.model_runner.get_model().named_parameters()}
+
+
+def _experts_scaled_with_fused_fc1(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every expert tensor scaled by 1.25, each expert's gate and up rows as adjacent views of one tensor
+    (as Megatron's fc1 hands them over; the direct load packs those without a scratch copy)."""
+    out = {k: v * 1.25 if ".mlp.experts." in k else v for k, v in base.items()}
+    for name in base:
+        if name.endswith(".gate_proj.weight") and ".mlp.experts." in name:
+            up_name = name.replace(".gate_proj.", ".up_proj.")
+            fc1 = torch.cat([out[name], out[up_name]])
+            out[name], out[up_name] = fc1[: base[name].shape[0]], fc1[base[name].shape[0] :]
+    return out
+
+
+def test_direct_expert_load_is_bit_identical_to_reload_and_repack(engine, weights):
+    """The default CPU path writes the experts straight into vLLM's prepacked kernel tensors
+    (sapo_megatron/rollout/cpu_expert_load.py); vLLM's own reload plus the re-pack must give the same bits.
+    (One engine switched between the paths: vLLM keeps its process groups in globals, so a second engine in
+    this process would tear down the first one's when closed.)"""
+    assert engine.expert_load == "direct"
+    weights.states["experts_scaled"] = _experts_scaled_with_fused_fc1(weights.states["base"])
+    loaded = {}
+    try:
+        for name in ("experts_scaled", "scaled", "base"):
+            weights.use(name)
+            direct = engine.llm.collective_rpc(_model_parameters)[0]
+            direct_samples = engine.generate(PROMPTS, n=2, seed=5, collect_routed_experts=False)
+            engine.expert_load = "reload"
+            engine.update_weights(weights.states[name].items(), engine.weight_version + 1)
+            engine.expert_load = "direct"
+            reloaded = engine.llm.collective_rpc(_model_parameters)[0]
+            assert direct.keys() == reloaded.keys()
+            assert [k for k in direct if not torch.equal(direct[k], reloaded[k])] == [], f"after {name!r}"
+            assert_same_samples(direct_samples, engine.generate(PROMPTS, n=2, seed=5, collect_routed_experts=False))
+            loaded[name] = direct
+    finally:
+        engine.expert_load = "direct"
+    experts = [k for k in loaded["base"] if k.endswith((".w13_weight", ".w2_weight"))]
+    assert len(experts) == 2 * engine.num_moe_layers
+    # Each direct update really replaced every expert tensor (no stale kernel tensors).
+    assert [k for k in experts if torch.equal(loaded["experts_scaled"][k], loaded["scaled"][k])] == []
+    assert [k for k in experts if torch.equal(loaded["experts_scaled"][k], loaded["base"][k])] == []
+
+
 def _corrupt(state: dict[str, torch.Tensor], kind: str) -> list[tuple[str, object]]:
     items = list(state.items())
     if kind == "wrong_shape":

@@ -1,0 +1,221 @@
+"""Direct load of MoE expert weights into vLLM-CPU's prepacked kernel tensors.
+
+Why
+    A weight update through vLLM's ``reload_weights`` re-materialises every layer in fresh memory, runs the
+    weight loaders tensor by tensor, processes the layer again and copies the result back into the live kernel
+    tensors; on CPU the MoE experts then need the re-pack of :mod:`sapo_megatron.rollout.vllm_cpu_fixes`, which
+    prepacks into freshly allocated memory once more. For a MoE model the experts are nearly all the bytes
+    (95% of Qwen3-30B-A3B), and on CPU that path runs at about a tenth of memory-copy speed
+    (``docs/benchmarks.md``).
+
+What this does instead
+    The non-expert tensors still go through ``reload_weights`` (the expert layers receive nothing there and
+    keep their kernel tensors untouched). Each expert is then written straight into the live, prepacked
+    ``w13_weight`` / ``w2_weight``: its HF ``gate_proj`` / ``up_proj`` (or ``down_proj``) are laid out exactly
+    as vLLM's loader and ``_pad_moe_intermediate`` lay them out (gate rows, then up rows, zero padding of the
+    intermediate size), and vLLM's own ``prepack_moe_weight`` kernel packs them into the expert's slice of the
+    kernel tensor. Gate and up rows that arrive as adjacent views of one tensor (Megatron's fused fc1) are read
+    in place; others go through a small reused scratch. No layer-sized temporary is allocated and nothing is
+    copied twice. The result is bit-identical to ``reload_weights`` followed by the re-pack
+    (``tests/unit/test_rollout_engine.py``).
+
+When it applies
+    vLLM-CPU's unquantized grouped-GEMM experts (``CPUUnquantizedExperts`` and its ISA subclasses) without
+    zentorch, all experts local (no expert map), no expert biases, and a prepack that packs every expert on
+    its own (checked once per engine on random values with the engine's ISA, dtype and shapes).
+    :func:`direct_expert_load_blocker` says why not otherwise, and the engine then falls back to
+    ``reload_weights`` plus the re-pack. ``rollout.cpu_expert_load=reload`` forces that fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from typing import Iterable, Optional
+
+import torch
+
+EXPERT_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# vLLM module names of the expert kernels: model.layers.{l}.mlp.experts(.routed_experts)
+EXPERT_MODULE_LAYER = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts(?:\.|$)")
+
+ExpertWeights = dict[int, dict[int, dict[str, torch.Tensor]]]  # layer -> expert -> gate_proj/up_proj/down_proj
+
+
+def split_expert_tensors(
+    named: Iterable[tuple[str, torch.Tensor]],
+) -> tuple[list[tuple[str, torch.Tensor]], ExpertWeights]:
+    """HF-named tensors split into the non-expert ones (in order) and the expert ones by layer and expert."""
+    rest: list[tuple[str, torch.Tensor]] = []
+    experts: ExpertWeights = {}
+    for name, tensor in named:
+        match = EXPERT_TENSOR.match(name)
+        if match is None:
+            rest.append((name, tensor))
+            continue
+        layer, expert, proj = int(match.group(1)), int(match.group(2)), match.group(3)
+        experts.setdefault(layer, {}).setdefault(expert, {})[proj] = tensor
+    return rest, experts
+
+
+def _expert_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Layer index -> the module holding that layer's ``w13_weight`` / ``w2_weight``."""
+    layers = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "w13_weight"):
+            continue
+        match = EXPERT_MODULE_LAYER.match(name)
+        if match is None:
+            raise RuntimeError(f"direct expert load: unexpected expert module name {name!r}")
+        layers[int(match.group(1))] = module
+    return layers
+
+
+def _fused_experts(module: torch.nn.Module):
+    moe_kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+    return getattr(moe_kernel, "fused_experts", None)
+
+
+def _layer_blocker(module: torch.nn.Module) -> Optional[str]:
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    fused = _fused_experts(module)
+    if not isinstance(fused, CPUUnquantizedExperts):
+        return f"expert kernel {type(fused).__name__} is not vLLM-CPU's unquantized grouped GEMM"
+    if getattr(fused, "_use_zentorch", False):
+        return "the experts run on zentorch, whose weights are not prepacked by prepack_moe_weight"
+    if getattr(module, "expert_map", None) is not None or module.local_num_experts != module.global_num_experts:
+        return "the engine holds only some of the experts (expert parallel)"
+    if any(hasattr(module, name) for name in ("w13_bias", "w2_bias")):
+        return "the experts have biases"
+    num_experts, two_padded, hidden = module.w13_weight.shape
+    padded = fused._padded_intermediate_size(fused.moe_config)
+    if two_padded != 2 * padded or tuple(module.w2_weight.shape) != (num_experts, hidden, padded):
+        return (
+            f"kernel shapes w13 {tuple(module.w13_weight.shape)} / w2 {tuple(module.w2_weight.shape)} do not match "
+            f"the padded intermediate size {padded}"
+        )
+    return None
+
+
+def _prepack_is_per_expert(isa: str, dtype: torch.dtype, shape: tuple[int, int]) -> bool:
+    """Whether ``prepack_moe_weight`` packs each expert of a ``[experts, *shape]`` tensor on its own, so that
+    packing one expert into its slice equals packing the whole stack (checked on random values)."""
+    generator = torch.Generator().manual_seed(0)
+    stacked = torch.randn((2, *shape), generator=generator).to(dtype)
+    whole = torch.empty_like(stacked)
+    torch.ops._C.prepack_moe_weight(stacked, whole, isa)
+    each = torch.empty_like(stacked)
+    for e in range(2):
+        torch.ops._C.prepack_moe_weight(stacked[e : e + 1], each[e : e + 1], isa)
+    return torch.equal(whole, each)
+
+
+def direct_expert_load_blocker(worker) -> Optional[str]:
+    """Why the engine's experts cannot be loaded directly, or None when they can. Runs in the worker."""
+    layers = _expert_layers(worker.model_runner.get_model())
+    if not layers:
+        return "the model has no MoE expert layers"
+    for index, module in sorted(layers.items()):
+        reason = _layer_blocker(module)
+        if reason is not None:
+            return f"layer {index}: {reason}"
+    module = layers[min(layers)]
+    isa = _fused_experts(module).isa
+    dtype = module.w13_weight.dtype
+    for name in ("w13_weight", "w2_weight"):
+        if not _prepack_is_per_expert(isa, dtype, tuple(getattr(module, name).shape[1:])):
+            return f"prepack_moe_weight (isa {isa}, {dtype}) does not pack experts independently ({name})"
+    return None
+
+
+class _DropExpertReloadWarnings(logging.Filter):
+    """Drops vLLM's reload warnings about the expert tensors, which this path leaves out on purpose."""
+
+    def __init__(self, expert_class: str) -> None:
+        super().__init__()
+        self.expert_class = expert_class
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "%s: Failed to load weights" and record.args == (self.expert_class,):
+            return False
+        if record.msg == "Following weights were not loaded from checkpoint: %s" and record.args:
+            names = record.args[0]
+            if all(str(n).endswith((".w13_weight", ".w2_weight")) for n in names):
+                return False
+        return True
+
+
+@contextlib.contextmanager
+def _quiet_expert_reload(expert_class: str):
+    loggers = [
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise"),
+        logging.getLogger("vllm.model_executor.model_loader.reload.inplace"),
+    ]
+    quiet = _DropExpertReloadWarnings(expert_class)
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+def reload_non_expert_weights(worker, named: list[tuple[str, torch.Tensor]]) -> None:
+    """vLLM's in-place reload of every tensor but the experts' (their layers keep their kernel tensors)."""
+    layers = _expert_layers(worker.model_runner.get_model())
+    expert_class = type(next(iter(layers.values()))).__name__ if layers else ""
+    with _quiet_expert_reload(expert_class):
+        worker.model_runner.reload_weights(weights_iterator=named, is_checkpoint_format=True)
+
+
+@torch.no_grad()
+def load_experts_direct(worker, experts: ExpertWeights) -> int:
+    """Writes every expert of ``experts`` (complete, already checked) into the live prepacked kernel tensors;
+    returns the number of MoE layers loaded. Runs in the worker."""
+    layers = _expert_layers(worker.model_runner.get_model())
+    if sorted(layers) != sorted(experts):
+        raise RuntimeError(f"direct expert load: weights for MoE layers {sorted(experts)}, engine has {sorted(layers)}")
+    for index, module in layers.items():
+        fused = _fused_experts(module)
+        w13, w2 = module.w13_weight, module.w2_weight
+        num_experts, two_padded, hidden = w13.shape
+        padded = two_padded // 2
+        # Zero outside the loaded rows/columns: the intermediate-size padding of vLLM's layout.
+        scratch13 = torch.zeros((1, two_padded, hidden), dtype=w13.dtype)
+        scratch2 = torch.zeros((1, hidden, padded), dtype=w2.dtype)
+        layer = experts[index]
+        if sorted(layer) != list(range(num_experts)):
+            raise RuntimeError(f"direct expert load: layer {index} has experts {sorted(layer)}, expected {num_experts}")
+        for e in range(num_experts):
+            gate, up, down = layer[e]["gate_proj"], layer[e]["up_proj"], layer[e]["down_proj"]
+            size = gate.shape[0]
+            # Megatron keeps an expert's gate and up rows in one fc1 tensor, so colocated (and often after a
+            # remote transfer) they arrive as adjacent views: pack straight from them, skipping the scratch.
+            fc1 = _rows_as_one_view(gate, up, w13.dtype) if size == padded else None
+            if fc1 is None:
+                scratch13[0, :size].copy_(gate)
+                scratch13[0, padded : padded + size].copy_(up)
+                fc1 = scratch13[0]
+            torch.ops._C.prepack_moe_weight(fc1[None], w13[e : e + 1], fused.isa)
+            if size == padded and down.dtype == w2.dtype and down.is_contiguous():
+                fc2 = down
+            else:
+                scratch2[0, :, :size].copy_(down)
+                fc2 = scratch2[0]
+            torch.ops._C.prepack_moe_weight(fc2[None], w2[e : e + 1], fused.isa)
+    return len(layers)
+
+
+def _rows_as_one_view(first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``cat([first, second])`` as a view, without copying, when ``second``'s rows directly follow ``first``'s
+    in the same storage (both contiguous, of ``dtype``); None otherwise."""
+    if not (first.dtype == second.dtype == dtype and first.is_contiguous() and second.is_contiguous()):
+        return None
+    if first.shape[1:] != second.shape[1:] or first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr():
+        return None
+    if second.data_ptr() != first.data_ptr() + first.nbytes:
+        return None
+    return first.as_strided((first.shape[0] + second.shape[0], *first.shape[1:]), first.stride(), first.storage_offset())

@@ -29,13 +29,13 @@ When it applies
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
 from typing import Iterable, Optional
 
 import torch
 
+# The expert kernel tensors this module writes, by vLLM parameter name suffix.
+EXPERT_KERNEL_PARAMS = (".w13_weight", ".w2_weight")
 EXPERT_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 # vLLM module names of the expert kernels: model.layers.{l}.mlp.experts(.routed_experts)
 EXPERT_MODULE_LAYER = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts(?:\.|$)")
@@ -130,45 +130,15 @@ def direct_expert_load_blocker(worker) -> Optional[str]:
     return None
 
 
-class _DropExpertReloadWarnings(logging.Filter):
-    """Drops vLLM's reload warnings about the expert tensors, which this path leaves out on purpose."""
-
-    def __init__(self, expert_class: str) -> None:
-        super().__init__()
-        self.expert_class = expert_class
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == "%s: Failed to load weights" and record.args == (self.expert_class,):
-            return False
-        if record.msg == "Following weights were not loaded from checkpoint: %s" and record.args:
-            names = record.args[0]
-            if all(str(n).endswith((".w13_weight", ".w2_weight")) for n in names):
-                return False
-        return True
-
-
-@contextlib.contextmanager
-def _quiet_expert_reload(expert_class: str):
-    loggers = [
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise"),
-        logging.getLogger("vllm.model_executor.model_loader.reload.inplace"),
-    ]
-    quiet = _DropExpertReloadWarnings(expert_class)
-    for logger in loggers:
-        logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(quiet)
+def expert_module_class(worker) -> str:
+    """The class name of the modules holding the expert kernels (vLLM's reload warns about them by it)."""
+    layers = _expert_layers(worker.model_runner.get_model())
+    return type(next(iter(layers.values()))).__name__ if layers else ""
 
 
 def reload_non_expert_weights(worker, named: list[tuple[str, torch.Tensor]]) -> None:
     """vLLM's in-place reload of every tensor but the experts' (their layers keep their kernel tensors)."""
-    layers = _expert_layers(worker.model_runner.get_model())
-    expert_class = type(next(iter(layers.values()))).__name__ if layers else ""
-    with _quiet_expert_reload(expert_class):
-        worker.model_runner.reload_weights(weights_iterator=named, is_checkpoint_format=True)
+    worker.model_runner.reload_weights(weights_iterator=named, is_checkpoint_format=True)
 
 
 @torch.no_grad()

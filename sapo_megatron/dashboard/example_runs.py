@@ -38,7 +38,15 @@ def write_example_run(
     from sapo_megatron.config import load_config, save_config
     from sapo_megatron.diagnostics.attribution import finalize_variance_attribution, routing_variance_stats
     from sapo_megatron.diagnostics.mismatch import mismatch_metrics
-    from sapo_megatron.diagnostics.routing import changed_layer_count, finalize_routing_change, routing_change_stats
+    from sapo_megatron.diagnostics.routing import (
+        changed_layer_count,
+        expert_load_stats,
+        finalize_expert_load,
+        finalize_router_entropy,
+        finalize_routing_change,
+        router_entropy_stats,
+        routing_change_stats,
+    )
     from sapo_megatron.diagnostics.run_logger import RunLogger, flatten_metrics, write_custom_scalars_layout
 
     run_dir = Path(run_dir)
@@ -105,6 +113,13 @@ def write_example_run(
                 metrics |= flatten_metrics(
                     {k: v for k, v in attribution.items() if v.dim() == 0}, "attribution/rollout_vs_old/"
                 )
+                # Routers grow more decided as training goes on: sharper logits, lower entropy.
+                router_logits = randn(batch, seq, num_layers, num_experts) * (1.0 + 2.0 * progress)
+                metrics |= flatten_metrics(
+                    finalize_router_entropy(router_entropy_stats(mask, router_logits=router_logits)), "routing/"
+                )
+                load = finalize_expert_load(expert_load_stats(routing_old, mask, num_experts))
+                metrics |= flatten_metrics({k: v for k, v in load.items() if v.dim() <= 1}, "routing/expert_load/")
 
             advantages = randn(batch).sign()
             pg_losses = []

@@ -56,6 +56,12 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list[str]]] = {
         "changed fraction per layer, old vs update": [r"^routing/old_vs_mb\d+/routing_changed_frac/layer\d+$"],
         "top-k overlap, all layers": [r"^routing/[^/]+/routing_overlap_mean$"],
         "tokens without a recorded routing": [r"^routing/[^/]+/routing_unrecorded_frac$"],
+        "router entropy per layer (nats, old-logprob pass)": [r"^routing/router_entropy/layer\d+$"],
+        "router entropy, mean over layers": [r"^routing/router_entropy_mean$"],
+        "expert load imbalance, mean over layers (max/mean, CV)": [
+            r"^routing/expert_load/load_(max_over_mean|cv)_mean$"
+        ],
+        "expert load entropy per layer (1 = balanced)": [r"^routing/expert_load/load_entropy_norm/layer\d+$"],
     },
     "routing-induced variance": {
         "share of variance vs share of tokens, routing-changed tokens": [

@@ -471,14 +471,9 @@ class StepDiagnostics:
 def router_entropy_metrics(router_entropy: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """``router_entropy`` [layers] (mean over the valid tokens of the per-token router entropy
     ``[B, S, layers]``, nats) and ``router_entropy_mean`` over layers; 0 without valid tokens."""
-    from sapo_megatron.diagnostics.routing import finalize_router_entropy
+    from sapo_megatron.diagnostics.routing import finalize_router_entropy, token_entropy_stats
 
-    valid = mask.bool()[..., None]
-    stats = {
-        "router_entropy_sum": torch.where(valid, router_entropy.double(), 0.0).sum(dim=(0, 1)),
-        "router_entropy_count": valid.sum().double(),
-    }
-    return finalize_router_entropy(stats)
+    return finalize_router_entropy(token_entropy_stats(router_entropy, mask))
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

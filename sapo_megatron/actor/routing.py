@@ -367,10 +367,9 @@ class RoutingReplay:
         if self.config.moe_router_pre_softmax:
             # xlogy: 0 log 0 = 0, an expert with probability 0 adds nothing.
             return -torch.special.xlogy(scores, scores).sum(dim=-1)
-        log_probs = torch.log_softmax(scores, dim=-1)
-        probs = log_probs.exp()
-        # 0 log 0 = 0: an expert with a -inf logit adds nothing (its 0 * -inf would be NaN).
-        return -torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1)
+        from sapo_megatron.diagnostics.routing import softmax_entropy
+
+        return softmax_entropy(scores)
 
     # -- hooks ------------------------------------------------------------------------------------------------
     @property

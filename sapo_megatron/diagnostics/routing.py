@@ -288,8 +288,7 @@ def router_entropy_stats(
                 f"router_probs has {bad[1]} row(s) at valid tokens that do not sum to 1 (within 1e-3); pass "
                 f"router_logits= instead if these are scores"
             )
-        probs = values
-        log_probs = probs.clamp(min=1e-300).log()
+        entropy = _entropy(values, values.clamp(min=1e-300).log())
     else:
         values = torch.where(row_valid[..., None], values, 0.0)
         # -inf logits (an excluded expert) are allowed; NaN, +inf or a row of only -inf are not.
@@ -299,11 +298,35 @@ def router_entropy_stats(
             raise ValueError(
                 f"router_logits has {bad} row(s) at valid tokens with NaN, +inf or no finite logit at all"
             )
-        log_probs = torch.log_softmax(values, dim=-1)
-        probs = log_probs.exp()
-    entropy = -torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1)
+        entropy = softmax_entropy(values)
+    return _entropy_sums(entropy, valid)
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of ``softmax(logits)`` over the last dim, ``0 log 0 = 0``: an expert with a ``-inf`` logit
+    adds nothing (its ``0 * -inf`` would be NaN). No checks: callers pass valid rows."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return _entropy(log_probs.exp(), log_probs)
+
+
+def _entropy(probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    return -torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1)
+
+
+@torch.no_grad()
+def token_entropy_stats(entropy: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`router_entropy_stats` from per-token router entropies ``[batch, seq, layers]`` (nats) that are
+    already computed, as the actor records them; summed in :data:`STATS_DTYPE`."""
+    if entropy.dim() != 3:
+        raise ValueError(f"router entropy must be [batch, seq, layers], got shape {shape_of(entropy)}")
+    valid = as_valid_mask(mask, shape_of(entropy)[:2], shape_name="router_entropy[..., 0]")
+    return _entropy_sums(entropy.detach().to(STATS_DTYPE), valid)
+
+
+def _entropy_sums(entropy: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``router_entropy_sum`` [layers] over the valid tokens of ``entropy`` [batch, seq, layers] and the count."""
     return {
-        "router_entropy_sum": torch.where(row_valid, entropy, 0.0).sum(dim=(0, 1)).to(STATS_DTYPE),
+        "router_entropy_sum": torch.where(valid[..., None], entropy, 0.0).sum(dim=(0, 1)).to(STATS_DTYPE),
         "router_entropy_count": valid.sum().to(STATS_DTYPE),
     }
 

@@ -253,6 +253,15 @@ class RolloutConfig:
     # tensors (several times faster; falls back to "reload" where it does not apply), "reload" goes through
     # vLLM's reload_weights plus the expert re-pack. See sapo_megatron/rollout/cpu_expert_load.py.
     cpu_expert_load: Literal["direct", "reload"] = "direct"
+    # rollout.mode=remote: the `vllm serve` servers, as comma-separated base URLs at routable addresses
+    # ("http://node7:8000,http://node8:8000"); empty = start num_engines servers on this node (CPU demo, tests).
+    server_urls: str = ""
+    # How weights reach the engines (vLLM's weight-transfer backends): "auto" = "sapo_gloo" on CPU (our
+    # backend, registered through a vLLM plugin), "ipc" for colocated GPU engines, "nccl" for remote GPU servers.
+    weight_transfer: Literal["auto", "sapo_gloo", "ipc", "nccl"] = "auto"
+    # The address the engines reach trainer rank 0 at for the weight-transfer rendezvous (remote mode);
+    # empty = this host's name. Never a loopback address on a cluster.
+    sync_host: str = ""
 
     def validate(self, prefix: str) -> None:
         if self.n_samples < 1:
@@ -267,6 +276,16 @@ class RolloutConfig:
             raise ConfigError(f"{prefix}.kv_cache_memory_bytes={self.kv_cache_memory_bytes!r}: must be > 0")
         if self.num_engines < 1 or self.engine_tensor_parallel < 1:
             raise ConfigError(f"{prefix}: num_engines and engine_tensor_parallel must be >= 1")
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(
+                    f"{prefix}.server_urls: {url!r} is not a base URL; give comma-separated 'http://host:port' entries"
+                )
+
+    @property
+    def urls(self) -> list[str]:
+        """``server_urls`` as a list (no trailing slashes)."""
+        return [u.strip().rstrip("/") for u in self.server_urls.split(",") if u.strip()]
 
 
 @dataclass
@@ -310,6 +329,9 @@ class TrainerConfig:
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
     micro_batch_size: int = 4
+    # > 0: micro-batches are formed by tokens instead (sequences sorted by length, first-fit under this many
+    # padded tokens, each padded only to its own longest); 0 = micro_batch_size sequences each.
+    max_tokens_per_micro_batch: int = 0
     save_interval: int = 10
     eval_interval: int = 5
     log_interval: int = 1
@@ -329,7 +351,8 @@ class TrainerConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{prefix}.{name}={value!r}: must be >= 1")
-        for name in ("save_interval", "eval_interval", "log_interval", "keep_checkpoints", "sft_warmup_steps"):
+        for name in ("save_interval", "eval_interval", "log_interval", "keep_checkpoints", "sft_warmup_steps",
+                     "max_tokens_per_micro_batch"):
             value = getattr(self, name)
             if value < 0:
                 raise ConfigError(f"{prefix}.{name}={value!r}: must be >= 0 (0 disables it)")

@@ -244,7 +244,9 @@ class RolloutConfig:
     kv_cache_memory_bytes: int = 256 * 1024 * 1024
     # "colocated": engines share the trainer's processes/devices; "remote": separate engine ranks.
     mode: Literal["colocated", "remote"] = "colocated"
-    num_engines: int = 1
+    # Engines that generate, each its share of every rollout. 0 = automatic: colocated, one per trainer rank;
+    # remote, one per server of server_urls (or one local server).
+    num_engines: int = 0
     engine_tensor_parallel: int = 1
     # Record which experts each token was routed to in the engine (MoE only): the routing diagnostics
     # compare it with the trainer's routing, and algorithm.routing_replay=rollout replays it.
@@ -274,8 +276,8 @@ class RolloutConfig:
             raise ConfigError(f"{prefix}.top_p={self.top_p!r}: must be in (0, 1]")
         if self.kv_cache_memory_bytes <= 0:
             raise ConfigError(f"{prefix}.kv_cache_memory_bytes={self.kv_cache_memory_bytes!r}: must be > 0")
-        if self.num_engines < 1 or self.engine_tensor_parallel < 1:
-            raise ConfigError(f"{prefix}: num_engines and engine_tensor_parallel must be >= 1")
+        if self.num_engines < 0 or self.engine_tensor_parallel < 1:
+            raise ConfigError(f"{prefix}: num_engines must be >= 0 (0 = automatic) and engine_tensor_parallel >= 1")
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(
@@ -436,12 +438,58 @@ class Config:
                 f"algorithm.routing_replay={replay!r} with parallel.context={self.parallel.context}: routing replay "
                 "does not support context parallelism; use parallel.context=1 or routing_replay=off"
             )
+        self._validate_fleet()
         if self.optimizer.optimizer_cpu_offload and self.trainer.device == "cpu":
             raise ConfigError(
                 "optimizer.optimizer_cpu_offload=true with trainer.device=cpu: megatron's HybridDeviceOptimizer is "
                 "a GPU feature; on CPU use optimizer.offload_optimizer=true (frees optimizer memory during rollouts)"
             )
         return self
+
+    def engines(self) -> int:
+        """How many rollout engines generate (``rollout.num_engines`` resolved)."""
+        r = self.rollout
+        if r.num_engines:
+            return r.num_engines
+        if r.mode == "colocated":
+            return self.launch.world_size // r.engine_tensor_parallel
+        return len(r.urls) or 1
+
+    def _validate_fleet(self) -> None:
+        r, launch = self.rollout, self.launch
+        if r.mode == "colocated":
+            if r.engine_tensor_parallel != 1:
+                raise ConfigError(
+                    f"rollout.engine_tensor_parallel={r.engine_tensor_parallel} with rollout.mode=colocated: colocated "
+                    "engines run in the trainer's processes at tensor parallel 1 (one per rank); use "
+                    "rollout.mode=remote with servers started at --tensor-parallel-size for larger engines"
+                )
+            if self.engines() != launch.world_size:
+                raise ConfigError(
+                    f"rollout.num_engines={r.num_engines} with rollout.mode=colocated and {launch.world_size} trainer "
+                    f"rank(s): every rank holds one engine, so num_engines must be {launch.world_size} (or 0)"
+                )
+            if r.urls or launch.rollout_nnodes:
+                raise ConfigError(
+                    "rollout.server_urls / launch.rollout_nnodes are for rollout.mode=remote; colocated engines live "
+                    "in the trainer's ranks"
+                )
+            return
+        if r.urls and r.num_engines and r.num_engines != len(r.urls):
+            raise ConfigError(
+                f"rollout.num_engines={r.num_engines} but rollout.server_urls names {len(r.urls)} server(s); give one "
+                "URL per engine (or num_engines=0)"
+            )
+        if launch.rollout_nnodes and not r.urls:
+            raise ConfigError(
+                f"launch.rollout_nnodes={launch.rollout_nnodes}: the trainer reaches the rollout nodes' servers at "
+                "rollout.server_urls, which is empty (slurm/train_disaggregated.sbatch fills it in)"
+            )
+        if not r.urls and launch.nnodes > 1:
+            raise ConfigError(
+                "rollout.mode=remote on several actor nodes needs rollout.server_urls: local servers are only started "
+                "for a single-node run"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------

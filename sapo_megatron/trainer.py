@@ -4,10 +4,11 @@
 :func:`train_step` is the whole step on one screen; everything it calls is a named function or a
 component's method. :func:`train` sets the run up, resumes it, loops, and shuts it down.
 
-Colocated mode: every rank builds its Megatron shards; rank 0 (the *driver*) also holds the vLLM engine
-(in-process on CPU), generates, scores, and broadcasts the rollout, so every rank holds the whole batch and
-the actor takes each data-parallel rank's slice itself. Prompts are drawn identically on every rank from
-the seeded, resumable stream, so the data position needs no communication.
+Rollouts come from a :class:`~sapo_megatron.rollout.fleet.RolloutFleet`: engines colocated in every trainer
+rank (each generates its share of the prompts) or ``vllm serve`` servers (``rollout.mode=remote``). Every rank
+receives the rollout batch; rank 0 (the *driver*) scores it in the reward sandbox and shares the rewards,
+logs and prints. The actor takes each data-parallel rank's slice itself. Prompts are drawn identically on
+every rank from the seeded, resumable stream, so the data position needs no communication.
 """
 
 from __future__ import annotations
@@ -157,33 +158,31 @@ class Rollout:
     weight_version: int
     reward_failures: int = 0
     routed_experts: Any = None
+    samples_per_engine: list[int] = field(default_factory=list)
 
 
-def generate_and_score(ctx: "RunContext", examples: list, *, n: int, seed: int) -> Optional[Rollout]:
-    """Samples ``n`` responses per prompt with vLLM and scores them in the reward sandbox.
-
-    Colocated: the driver's engine generates and only the driver returns a rollout. Remote: every rank
-    takes part in the exchange with the engine process, and again only the driver scores and returns.
-    """
+def generate_and_score(ctx: "RunContext", examples: list, *, n: int, seed: int) -> Rollout:
+    """Samples ``n`` responses per prompt on the fleet and scores them in the driver's reward sandbox; every
+    rank returns the same rollout."""
     prompt_ids = [encode_prompt(ctx.tokenizer, ex.prompt) for ex in examples]
-    if ctx.remote is not None:
-        out = ctx.remote.generate(prompt_ids if ctx.is_driver else None, n=n, seed=seed)
-    elif ctx.is_driver:
-        out = ctx.engine.generate(prompt_ids, n=n, seed=seed)
-    if not ctx.is_driver:
-        return None
-    texts = ctx.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
-    answers = [examples[i].answer for i in out.prompt_index]
-    rewards, stats = ctx.sandbox.score(list(zip(texts, answers)))
+    out = ctx.fleet.generate(prompt_ids, n=n, seed=seed)
+    scored = None
+    if ctx.is_driver:
+        texts = ctx.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
+        answers = [examples[i].answer for i in out.prompt_index]
+        rewards, stats = ctx.sandbox.score(list(zip(texts, answers)))
+        scored = (list(rewards), stats.n_errors + stats.n_timeouts)
+    rewards, failures = broadcast_from_driver(scored)
     return Rollout(
         prompts=out.prompt_ids,
         responses=out.response_ids,
         logprobs_rollout=out.logprobs_rollout,
-        rewards=list(rewards),
+        rewards=rewards,
         finish_reasons=list(out.finish_reasons),
         weight_version=out.weight_version,
-        reward_failures=stats.n_errors + stats.n_timeouts,
+        reward_failures=failures,
         routed_experts=out.routed_experts,
+        samples_per_engine=list(ctx.fleet.samples_per_engine),
     )
 
 
@@ -203,13 +202,10 @@ def mini_batches(batch, num_mini_batches: int) -> list:
 
 
 def sync_weights(ctx: "RunContext", *, version: Optional[int] = None) -> dict[str, float]:
-    """Pushes the actor's weights into the engine as ``version`` (default: the next one); a collective."""
+    """Pushes the actor's weights into every engine as ``version`` (default: the next one); a collective."""
     ctx.enter_sync_phase()
     ctx.weight_version = ctx.weight_version + 1 if version is None else version
-    if ctx.remote is not None:
-        stats = ctx.remote.push(ctx.weight_sync, ctx.actor.model.chunks, ctx.weight_version)
-    else:
-        stats = ctx.weight_sync.push(ctx.actor.model.chunks, ctx.weight_version)
+    stats = ctx.fleet.push(ctx.actor.model.chunks, ctx.weight_version)
     return {"sync/bytes": float(stats.bytes), "sync/tensors": float(stats.num_tensors)}
 
 
@@ -254,10 +250,7 @@ class RunContext:
     tokenizer: Any
     train_stream: Any
     val_examples: list
-    weight_sync: Any
-    engine: Any = None  # driver only
-    idle_engine: Any = None  # the other ranks' engine (see setup)
-    remote: Any = None  # rollout.mode=remote: the client of the engine process, on every rank
+    fleet: Any  # the RolloutFleet: colocated engines or remote servers
     sandbox: Any = None  # driver only
     logger: Any = None  # driver only
     offloader: dict = field(default_factory=dict)
@@ -282,8 +275,7 @@ class RunContext:
         opt = self.cfg.optimizer
         if (opt.offload_grads or opt.offload_optimizer) and not self.offloader["state"].is_offloaded:
             self.offloader["state"].offload(params=False, grads=opt.offload_grads, optimizer=opt.offload_optimizer)
-        if self.engine is not None and self.engine.sleep_supported:
-            self.engine.wake_up(["weights"])
+        self.fleet.enter_phase("sync")
 
     def enter_rollout_phase(self) -> None:
         opt = self.cfg.optimizer
@@ -291,12 +283,10 @@ class RunContext:
             self.offloader["state"].offload(params=False, grads=opt.offload_grads, optimizer=opt.offload_optimizer)
         if opt.offload_params and not self.offloader["params"].is_offloaded:
             self.offloader["params"].offload(params=True, grads=False, optimizer=False)
-        if self.engine is not None and self.engine.sleep_supported:
-            self.engine.wake_up(None)
+        self.fleet.enter_phase("rollout")
 
     def enter_train_phase(self) -> None:
-        if self.engine is not None and self.engine.sleep_supported:
-            self.engine.sleep(level=1)
+        self.fleet.enter_phase("train")
         self.offloader["params"].reload()
         self.offloader["state"].reload()
 
@@ -326,7 +316,6 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
     with timer("rollout"):
         ctx.enter_rollout_phase()
         rollout = generate_and_score(ctx, examples, n=cfg.rollout.n_samples, seed=cfg.rollout.seed + step)
-        rollout = broadcast_from_driver(rollout)
         ctx.enter_train_phase()
     rewards = torch.tensor(rollout.rewards, dtype=torch.float32)
     advantages = compute_advantages(rewards, cfg.rollout.n_samples, cfg.algorithm.advantage)
@@ -354,6 +343,7 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
         "response/truncated_frac": sum(r == "length" for r in rollout.finish_reasons) / len(rollout.finish_reasons),
         "weights/rollout_version": float(rollout.weight_version),
     }
+    metrics.update({f"rollout/engine{i}/samples": float(k) for i, k in enumerate(rollout.samples_per_engine)})
     with timer("diagnostics"):
         metrics.update(prefixed("mismatch/", mismatch_metrics(batch.logprobs_old, batch.logprobs_rollout, batch.loss_mask)))
         diag.rollout_vs_old(batch, routing_rollout, routing_old, router_entropy_old)
@@ -502,10 +492,8 @@ def validate(ctx: RunContext, step: int) -> dict[str, float]:
     """Mean reward of one sample per held-out prompt, with a fixed seed (comparable across steps)."""
     if not ctx.val_examples:
         return {}
-    rollout = None
     ctx.enter_rollout_phase()
     rollout = generate_and_score(ctx, ctx.val_examples, n=1, seed=ctx.cfg.rollout.seed + 1_000_003)
-    rollout = broadcast_from_driver(rollout)
     ctx.enter_train_phase()
     rewards = torch.tensor(rollout.rewards)
     return {"reward/val_mean": float(rewards.mean()), "reward/val_exact_frac": float((rewards == 1.0).float().mean())}
@@ -570,36 +558,27 @@ def setup(cfg: Config) -> RunContext:
     actor = build_actor(cfg, hf_dir, device=device, total_steps=cfg.trainer.steps)
     train_stream, val_examples = build_prompt_streams(cfg, tokenizer)
     collect = cfg.rollout.collect_routed_experts and not cfg.model.dense
-    engine = sandbox = idle_engine = remote = None
+    sandbox = None
     if rank() == DRIVER_RANK:
         from sapo_megatron.rewards.sandbox import RewardSandbox
 
         sandbox = RewardSandbox(reward_function(cfg), timeout_s=cfg.reward.timeout_s, max_workers=cfg.reward.num_workers)
     if cfg.rollout.mode == "remote":
-        from sapo_megatron.launch import free_port
-        from sapo_megatron.rollout.remote import RemoteEngineClient
+        from sapo_megatron.rollout.server_fleet import ServerFleet
 
-        port = broadcast_from_driver(free_port() if rank() == DRIVER_RANK else None)
-        remote = RemoteEngineClient.start(
-            str(hf_dir), cfg.rollout, rank=rank(), world_size=world_size(), host="127.0.0.1", port=port,
-            device=device.type, dtype=cfg.model.params_dtype, collect_routed_experts=collect,
+        fleet = ServerFleet.build(
+            actor.model, hf_dir, cfg, run_dir=Path(cfg.trainer.run_dir), device=device.type,
+            collect_routed_experts=collect,
         )
-        weight_sync = WeightSync.remote(actor.model, remote.group)
     else:
-        from sapo_megatron.rollout.engine import RolloutEngine
+        from sapo_megatron.rollout.fleet import ColocatedFleet
 
         # vLLM creates its process groups collectively over the whole torch.distributed job, so every rank
-        # builds an engine; the driver's generates and receives the weights, the others stay idle (asleep
-        # where vLLM can sleep, so they hold no device memory).
-        local_engine = RolloutEngine(
-            hf_dir, cfg.rollout, device=device.type, dtype=cfg.model.params_dtype, collect_routed_experts=collect
+        # builds its engine here, at the same point.
+        fleet = ColocatedFleet.build(
+            actor.model, hf_dir, cfg.rollout, device=device.type, dtype=cfg.model.params_dtype,
+            collect_routed_experts=collect,
         )
-        if rank() == DRIVER_RANK:
-            engine = local_engine
-        else:
-            idle_engine = local_engine
-            idle_engine.sleep(level=2)
-        weight_sync = WeightSync.colocated(actor.model, engine=engine)
     from sapo_megatron.actor.offload import ActorOffloader
 
     return RunContext(
@@ -611,11 +590,8 @@ def setup(cfg: Config) -> RunContext:
         tokenizer=tokenizer,
         train_stream=train_stream,
         val_examples=val_examples,
-        weight_sync=weight_sync,
-        engine=engine,
+        fleet=fleet,
         sandbox=sandbox,
-        idle_engine=idle_engine,
-        remote=remote,
     )
 
 
@@ -811,7 +787,7 @@ def plot_reward_curve(records: list[dict], path: Path, *, title: str) -> None:
 def shutdown(ctx: RunContext) -> None:
     from sapo_megatron.actor.parallel import destroy_distributed
 
-    for closer in (ctx.logger, ctx.sandbox, ctx.engine, ctx.idle_engine, ctx.remote):
+    for closer in (ctx.logger, ctx.sandbox, ctx.fleet):
         if closer is not None:
             try:
                 closer.close()

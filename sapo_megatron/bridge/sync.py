@@ -83,7 +83,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
 
@@ -91,7 +91,6 @@ from sapo_megatron.bridge.layout import AttentionShape, Layout, full_shape, mega
 
 if TYPE_CHECKING:
     from sapo_megatron.bridge.qwen3_moe import Qwen3MoeBridge, WeightShard
-    from sapo_megatron.rollout.engine import RolloutEngine
 
 DEFAULT_BUCKET_BYTES = 512 * 1024**2
 # Offsets of pieces inside a packed bucket: any dtype can then be viewed in place.
@@ -226,58 +225,82 @@ class SyncGroup:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class WeightTarget(Protocol):
+    """An engine as the receiving side of a push sees it (``RolloutEngine``, or the ``sapo_gloo`` backend inside
+    a vLLM server's worker): the HF checkpoint schema it serves, its current version, and a checked load that
+    either makes ``version`` current or raises and leaves the previous one."""
+
+    schema: dict[str, tuple[int, ...]]
+    weight_version: int
+
+    def update_weights(self, named: list[tuple[str, torch.Tensor]], version: int) -> None: ...
+
+
 class Transport:
-    """Where the engine is, seen from a trainer rank: the group, the engine's rank in it, and the engine itself
-    on that rank when it lives in this process. ``staging_device`` (engine's rank): where received tensors wait
+    """Where the engines are, seen from a trainer rank: the group, the engines' ranks in it, and this rank's
+    engine when one lives in this process. ``staging_device`` (engines' ranks): where received tensors wait
     for the load; ``None`` keeps them on the group's device."""
 
     def __init__(
         self,
         group: SyncGroup,
-        engine_rank: int,
-        engine: "RolloutEngine | None" = None,
+        engine_ranks: Sequence[int],
+        engine: "WeightTarget | None" = None,
         staging_device: str | torch.device | None = None,
     ) -> None:
-        if not 0 <= engine_rank < group.size:
-            raise ValueError(f"engine_rank={engine_rank} is outside the sync group of {group.size} ranks")
+        engine_ranks = sorted(set(engine_ranks))
+        if not engine_ranks or not all(0 <= r < group.size for r in engine_ranks):
+            raise ValueError(f"engine_ranks={engine_ranks}: give ranks inside the sync group of {group.size} ranks")
         self.group = group
-        self.engine_rank = engine_rank
+        self.engine_ranks = engine_ranks
         self.engine = engine
         self.staging_device = torch.device(staging_device) if staging_device is not None else None
 
+    @property
+    def engine_rank(self) -> int:
+        """The first engine's rank (the only one for a single engine)."""
+        return self.engine_ranks[0]
+
 
 class ColocatedTransport(Transport):
-    """The engine is in the process of trainer rank ``engine_rank`` of ``group`` (default: the whole job).
+    """Engines in the processes of trainer ranks ``engine_ranks`` of ``group`` (default: the whole job; default
+    ranks: ``[engine_rank]``, i.e. one engine on rank 0). Every engine receives the whole model.
 
-    Pass the engine on that rank and ``None`` on every other rank.
+    Pass this rank's engine on an engine's rank and ``None`` on every other rank.
     """
 
     def __init__(
         self,
-        engine: "RolloutEngine | None",
+        engine: "WeightTarget | None",
         *,
         engine_rank: int = 0,
+        engine_ranks: Sequence[int] | None = None,
         group: Any = None,
         staging_device: str | torch.device | None = None,
     ) -> None:
         sync_group = SyncGroup.from_torch(group)
-        super().__init__(sync_group, engine_rank, engine, staging_device)
-        if (sync_group.rank == engine_rank) != (engine is not None):
+        super().__init__(sync_group, [engine_rank] if engine_ranks is None else engine_ranks, engine, staging_device)
+        if (sync_group.rank in self.engine_ranks) != (engine is not None):
             raise ValueError(
-                f"ColocatedTransport on rank {sync_group.rank}: pass the engine on engine_rank={engine_rank} and "
-                f"engine=None on every other rank (got engine={'an engine' if engine is not None else None})"
+                f"ColocatedTransport on rank {sync_group.rank}: pass the engine on engine_ranks={self.engine_ranks} "
+                f"and engine=None on every other rank (got engine={'an engine' if engine is not None else None})"
             )
 
 
 class RemoteTransport(Transport):
-    """The engine is in another process: the last rank of ``group``, which runs :class:`WeightReceiver`."""
+    """The engines are in other processes: the last ``num_engines`` ranks of ``group``, each running
+    :class:`WeightReceiver` (in a vLLM server, the ``sapo_gloo`` backend does)."""
 
-    def __init__(self, group: SyncGroup) -> None:
-        if group.rank == group.size - 1:
+    def __init__(self, group: SyncGroup, num_engines: int = 1) -> None:
+        if not 1 <= num_engines < group.size:
+            raise ValueError(f"RemoteTransport(num_engines={num_engines}): need 1 <= num_engines < {group.size}")
+        first = group.size - num_engines
+        if group.rank >= first:
             raise ValueError(
-                f"RemoteTransport: rank {group.rank} is the engine's rank (the group's last); run WeightReceiver there"
+                f"RemoteTransport: rank {group.rank} is an engine's rank (the group's last {num_engines}); "
+                "run WeightReceiver there"
             )
-        super().__init__(group, group.size - 1)
+        super().__init__(group, range(first, group.size))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,6 +343,7 @@ class _Plan:
     attention: AttentionShape
     params: list[_Param]
     buckets: list[_Bucket]
+    engine_ranks: list[int] = field(default_factory=lambda: [0])
 
     @property
     def num_tensors(self) -> int:
@@ -358,13 +382,24 @@ def _few(items: list[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _build_plan(infos: list[dict], engine_rank: int) -> _Plan:
+def _build_plan(infos: list[dict], engine_ranks: int | Sequence[int]) -> _Plan:
     """The plan every rank derives from the gathered metadata; raises WeightSyncError listing every problem."""
-    engine = infos[engine_rank]["engine"]
-    assert engine is not None, "the engine's rank sent no engine description"
+    engine_ranks = [engine_ranks] if isinstance(engine_ranks, int) else list(engine_ranks)
+    engines = {r: infos[r]["engine"] for r in engine_ranks}
+    assert all(e is not None for e in engines.values()), "an engine's rank sent no engine description"
+    engine = engines[engine_ranks[0]]
     engine_version = engine["version"]
     trainers = [info for info in infos if info["pieces"] is not None]
     problems: list[str] = [f"rank {info['rank']}: {info['error']}" for info in infos if info["error"]]
+    # Every engine of a fleet must be on the same version with the same checkpoint: a push moves them together.
+    for r, other in engines.items():
+        if other["version"] != engine_version:
+            problems.append(
+                f"the engines are on different versions (rank {engine_ranks[0]}: {engine_version}, rank {r}: "
+                f"{other['version']}); a fleet moves together, restart the stray engine"
+            )
+        if other["schema"] != engine["schema"]:
+            problems.append(f"the engine on rank {r} serves another checkpoint than the engine on rank {engine_ranks[0]}")
 
     versions = sorted({repr(info["version"]) for info in trainers})
     version = trainers[0]["version"] if trainers else None
@@ -452,12 +487,12 @@ def _build_plan(infos: list[dict], engine_rank: int) -> _Plan:
         bucket.params.append(index)
         filled += param.nbytes
         for piece, owner in enumerate(param.owners):
-            if owner == engine_rank:
-                continue  # the engine's rank reads its own pieces in place
+            if engine_ranks == [owner]:
+                continue  # the only engine's rank reads its own pieces in place and sends nothing
             offset = bucket.sizes.get(owner, 0)
             bucket.segments.setdefault(owner, []).append((index, piece, offset))
             bucket.sizes[owner] = offset + _aligned(param.piece_bytes)
-    return _Plan(version, engine_version, attention, ordered, buckets)
+    return _Plan(version, engine_version, attention, ordered, buckets, engine_ranks)
 
 
 def _piece_view(buffer: torch.Tensor, offset: int, param: _Param) -> torch.Tensor:
@@ -470,22 +505,22 @@ def _piece_view(buffer: torch.Tensor, offset: int, param: _Param) -> torch.Tenso
 
 
 class _Exchange:
-    """Runs the protocol of the module docstring on this rank: as a sender (trainer ranks that are not the
-    engine's), as the receiver (the engine's rank), or both roles at once (a colocated engine's rank)."""
+    """Runs the protocol of the module docstring on this rank: as a sender (a trainer rank), as a receiver (an
+    engine's rank), or both at once (the rank of a colocated engine, which also owns pieces the other engines
+    need). ``target`` is this rank's engine side (``schema``, ``weight_version``, ``update_weights(named,
+    version)``) on an engine's rank, ``None`` elsewhere."""
 
     def __init__(
         self,
         group: SyncGroup,
-        engine_rank: int,
-        engine: "RolloutEngine | None",
-        schema: dict[str, tuple[int, ...]] | None,
+        engine_ranks: Sequence[int],
+        target: "WeightTarget | None",
         staging_device: torch.device | None,
         pack_buffers: list[torch.Tensor | None] | None = None,
     ) -> None:
         self.group = group
-        self.engine_rank = engine_rank
-        self.engine = engine
-        self.schema = schema
+        self.engine_ranks = list(engine_ranks)
+        self.target = target
         self.staging_device = staging_device
         # A sender's packing buffers, owned by its WeightSync so that later pushes reuse them.
         self.pack_buffers = pack_buffers if pack_buffers is not None else [None] * _MAX_IN_FLIGHT
@@ -521,17 +556,13 @@ class _Exchange:
             "engine": None,
             "error": error,
         }
-        if me == self.engine_rank:
-            assert self.engine is not None and self.schema is not None
-            info["engine"] = {"schema": self.schema, "version": self.engine.weight_version}
-        plan = _build_plan(self.group.all_gather_object(info), self.engine_rank)
+        if me in self.engine_ranks:
+            assert self.target is not None
+            info["engine"] = {"schema": self.target.schema, "version": self.target.weight_version}
+        plan = _build_plan(self.group.all_gather_object(info), self.engine_ranks)
         self.times["metadata"] += time.perf_counter() - start
 
-        staged: list[tuple[str, torch.Tensor]] = []
-        if me == self.engine_rank:
-            staged, error = self._receive(plan, local)
-        else:
-            error = self._send(plan, local)
+        staged, error = self._transfer(plan, local)
 
         # Waiting here is waiting for the other ranks to finish their part of the transfer.
         tick = time.perf_counter()
@@ -547,20 +578,25 @@ class _Exchange:
         load_start = time.perf_counter()
         outcome = None
         cause: BaseException | None = None
-        if me == self.engine_rank:
+        if me in self.engine_ranks:
             failure = None
             try:
-                self.engine.update_weights(staged, plan.version)
+                self.target.update_weights(staged, plan.version)
             except Exception as exc:  # reported to every rank below
                 cause, failure = exc, f"{type(exc).__name__}: {exc}"
             del staged
-            outcome = (failure, self.engine.weight_version)
-        load_error, engine_version = self.group.all_gather_object(outcome)[self.engine_rank]
+            outcome = (failure, self.target.weight_version)
+        results = self.group.all_gather_object(outcome)
         self.times["load"] += time.perf_counter() - load_start
-        if load_error:
+        load_errors = [(r, *results[r]) for r in self.engine_ranks if results[r][0]]
+        if load_errors:
+            where = "; ".join(
+                (f"engine on rank {r}: " if len(self.engine_ranks) > 1 else "") + f"{message}" for r, message, _ in load_errors
+            )
+            versions = ", ".join(str(results[r][1]) for r in self.engine_ranks)
             raise WeightSyncError(
-                f"weight sync to version {plan.version} failed while loading into the engine ({load_error}); "
-                f"the engine reports weight_version {engine_version}"
+                f"weight sync to version {plan.version} failed while loading into the engine ({where}); "
+                f"the engine reports weight_version {versions}"
             ) from cause
         return SyncStats(
             version=plan.version,
@@ -576,72 +612,54 @@ class _Exchange:
             received_bytes=self.received_bytes,
         )
 
-    def _send(self, plan: _Plan, local: dict) -> str | None:
-        me, error = self.group.rank, None
+    def _transfer(self, plan: _Plan, local: dict) -> tuple[list[tuple[str, torch.Tensor]], str | None]:
+        """Sends this rank's pieces to every other engine's rank and, on an engine's rank, receives and rebuilds
+        the full HF tensors. Receives are posted one bucket ahead of any wait on a send, so ranks that both
+        send and receive cannot wait on each other."""
+        me = self.group.rank
+        receiving = me in plan.engine_ranks
+        destinations = [e for e in plan.engine_ranks if e != me]
+        send_error = receive_error = None
+        staged: list[tuple[str, torch.Tensor]] = []
         in_flight: collections.deque = collections.deque()
         slot = 0
+        pending = self._post(plan, 0) if receiving and plan.buckets else None
         for b, bucket in enumerate(plan.buckets):
-            segments = bucket.segments.get(me)
-            if not segments:
+            tick = time.perf_counter()
+            if receiving:
+                buffers, works = pending
+                # Receive ahead: the next bucket's bytes arrive while this one is sent and rebuilt.
+                pending = self._post(plan, b + 1) if b + 1 < len(plan.buckets) else None
+            segments = bucket.segments.get(me) if destinations else None
+            if segments:
+                buffer = self._pack_buffer(slot, bucket.sizes[me])
+                slot = (slot + 1) % _MAX_IN_FLIGHT
+                if send_error is None:
+                    try:
+                        for index, piece, offset in segments:
+                            param = plan.params[index]
+                            _piece_view(buffer, offset, param).copy_(local[(param.hf_names, piece)])
+                    except Exception as exc:
+                        # Keep sending (garbage) so the other ranks finish the round; the outcome exchange then
+                        # stops the load.
+                        send_error = f"rank {me} could not pack bucket {b}: {type(exc).__name__}: {exc}"
+                tock = time.perf_counter()
+                self.times["export"] += tock - tick
+                in_flight.append([self.group.send(buffer, dst, b) for dst in destinations])
+                self.sent_bytes += buffer.numel() * len(destinations)
+                # The next bucket is packed into the buffer of the oldest sends, so those must be complete.
+                while len(in_flight) >= _MAX_IN_FLIGHT:
+                    for work in in_flight.popleft():
+                        work.wait()
+                self.times["transfer"] += time.perf_counter() - tock
+            if not receiving:
                 continue
             tick = time.perf_counter()
-            buffer = self._pack_buffer(slot, bucket.sizes[me])
-            slot = (slot + 1) % _MAX_IN_FLIGHT
-            if error is None:
-                try:
-                    for index, piece, offset in segments:
-                        param = plan.params[index]
-                        _piece_view(buffer, offset, param).copy_(local[(param.hf_names, piece)])
-                except Exception as exc:
-                    # Keep sending (garbage) so the other ranks finish the round; the outcome exchange then
-                    # stops the load.
-                    error = f"rank {me} could not pack bucket {b}: {type(exc).__name__}: {exc}"
-            tock = time.perf_counter()
-            in_flight.append(self.group.send(buffer, self.engine_rank, b))
-            self.sent_bytes += buffer.numel()
-            # The next bucket is packed into the buffer of the oldest send, so that one must be complete.
-            while len(in_flight) >= _MAX_IN_FLIGHT:
-                in_flight.popleft().wait()
-            self.times["export"] += tock - tick
-            self.times["transfer"] += time.perf_counter() - tock
-        tick = time.perf_counter()
-        while in_flight:
-            in_flight.popleft().wait()
-        self.times["transfer"] += time.perf_counter() - tick
-        return error
-
-    def _pack_buffer(self, slot: int, size: int) -> torch.Tensor:
-        """``size`` bytes of packing buffer ``slot``; reused across buckets and pushes because fresh CPU memory
-        costs a page fault per page on first touch, about as much as the copy into it."""
-        held = self.pack_buffers[slot]
-        if held is None or held.numel() < size or held.device != self.group.device:
-            # Drop the old buffer before allocating its replacement, so the two never coexist.
-            held = self.pack_buffers[slot] = None
-            held = self.pack_buffers[slot] = torch.empty(size, dtype=torch.uint8, device=self.group.device)
-        return held[:size]
-
-    def _post(self, plan: _Plan, b: int) -> tuple[dict[int, torch.Tensor], list]:
-        buffers, works = {}, []
-        for src, size in sorted(plan.buckets[b].sizes.items()):
-            buffers[src] = torch.empty(size, dtype=torch.uint8, device=self.group.device)
-            works.append(self.group.recv(buffers[src], src, b))
-            self.received_bytes += size
-        return buffers, works
-
-    def _receive(self, plan: _Plan, local: dict) -> tuple[list[tuple[str, torch.Tensor]], str | None]:
-        me, error = self.group.rank, None
-        staged: list[tuple[str, torch.Tensor]] = []
-        pending = self._post(plan, 0) if plan.buckets else None
-        for b, bucket in enumerate(plan.buckets):
-            tick = time.perf_counter()
-            buffers, works = pending
-            # Receive ahead: the next bucket's bytes arrive while this one is rebuilt.
-            pending = self._post(plan, b + 1) if b + 1 < len(plan.buckets) else None
             for work in works:
                 work.wait()
             tock = time.perf_counter()
             self.times["transfer"] += tock - tick
-            if error is not None:
+            if receive_error is not None:
                 continue  # drain the remaining buckets so every sender completes
             try:
                 where = {(index, piece): offset for src in buffers for index, piece, offset in bucket.segments[src]}
@@ -659,10 +677,35 @@ class _Exchange:
                             tensor = tensor.to(self.staging_device)
                         staged.append((name, tensor))
             except Exception as exc:
-                error = f"rank {me} could not rebuild bucket {b}: {type(exc).__name__}: {exc}"
+                receive_error = f"rank {me} could not rebuild bucket {b}: {type(exc).__name__}: {exc}"
                 staged = []
             self.times["export"] += time.perf_counter() - tock
-        return staged, error
+        tick = time.perf_counter()
+        while in_flight:
+            for work in in_flight.popleft():
+                work.wait()
+        self.times["transfer"] += time.perf_counter() - tick
+        return staged, send_error or receive_error
+
+    def _pack_buffer(self, slot: int, size: int) -> torch.Tensor:
+        """``size`` bytes of packing buffer ``slot``; reused across buckets and pushes because fresh CPU memory
+        costs a page fault per page on first touch, about as much as the copy into it."""
+        held = self.pack_buffers[slot]
+        if held is None or held.numel() < size or held.device != self.group.device:
+            # Drop the old buffer before allocating its replacement, so the two never coexist.
+            held = self.pack_buffers[slot] = None
+            held = self.pack_buffers[slot] = torch.empty(size, dtype=torch.uint8, device=self.group.device)
+        return held[:size]
+
+    def _post(self, plan: _Plan, b: int) -> tuple[dict[int, torch.Tensor], list]:
+        buffers, works = {}, []
+        for src, size in sorted(plan.buckets[b].sizes.items()):
+            if src == self.group.rank:
+                continue  # this rank's own pieces are read in place
+            buffers[src] = torch.empty(size, dtype=torch.uint8, device=self.group.device)
+            works.append(self.group.recv(buffers[src], src, b))
+            self.received_bytes += size
+        return buffers, works
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -670,14 +713,8 @@ class _Exchange:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _engine_schema(engine: "RolloutEngine") -> dict[str, tuple[int, ...]]:
-    from sapo_megatron.rollout.engine import checkpoint_schema
-
-    return checkpoint_schema(engine.model_dir)
-
-
 class WeightSync:
-    """Pushes the actor's weights into the rollout engine; see the module docstring for the API and protocol."""
+    """Pushes the actor's weights into the rollout engines; see the module docstring for the API and protocol."""
 
     def __init__(
         self, bridge: "Qwen3MoeBridge", transport: Transport, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES
@@ -688,8 +725,6 @@ class WeightSync:
         self.transport = transport
         self.bucket_bytes = bucket_bytes
         self._pack_buffers: list[torch.Tensor | None] = [None] * _MAX_IN_FLIGHT
-        engine = transport.engine
-        self._schema = _engine_schema(engine) if engine is not None else None
 
     def release_buffers(self) -> None:
         """Frees this rank's packing buffers (the next push allocates them again)."""
@@ -699,24 +734,29 @@ class WeightSync:
     def colocated(
         cls,
         model: Any,
-        engine: "RolloutEngine | None" = None,
+        engine: "WeightTarget | None" = None,
         *,
         engine_rank: int = 0,
+        engine_ranks: Sequence[int] | None = None,
         group: Any = None,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         staging_device: str | torch.device | None = None,
     ) -> "WeightSync":
-        """``model``: an ``ActorModel`` or its bridge. The engine on ``engine_rank``, ``None`` elsewhere."""
-        transport = ColocatedTransport(engine, engine_rank=engine_rank, group=group, staging_device=staging_device)
+        """``model``: an ``ActorModel`` or its bridge. This rank's engine on an engine's rank, ``None`` elsewhere."""
+        transport = ColocatedTransport(
+            engine, engine_rank=engine_rank, engine_ranks=engine_ranks, group=group, staging_device=staging_device
+        )
         return cls(getattr(model, "bridge", model), transport, bucket_bytes=bucket_bytes)
 
     @classmethod
-    def remote(cls, model: Any, group: SyncGroup, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> "WeightSync":
-        """``group``: the sync group whose last rank runs :class:`WeightReceiver`."""
-        return cls(getattr(model, "bridge", model), RemoteTransport(group), bucket_bytes=bucket_bytes)
+    def remote(
+        cls, model: Any, group: SyncGroup, *, num_engines: int = 1, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    ) -> "WeightSync":
+        """``group``: the sync group whose last ``num_engines`` ranks run :class:`WeightReceiver`."""
+        return cls(getattr(model, "bridge", model), RemoteTransport(group, num_engines), bucket_bytes=bucket_bytes)
 
     def push(self, model_chunks: Sequence[torch.nn.Module], version: int) -> SyncStats:
-        """Makes ``version`` the engine's weights: a collective over every rank of the transport's group."""
+        """Makes ``version`` every engine's weights: a collective over every rank of the transport's group."""
         shards, error = None, None
         try:
             shards = self.bridge.weight_shards(list(model_chunks))
@@ -724,8 +764,8 @@ class WeightSync:
             # Still take part, so that every rank raises the same error instead of the others hanging.
             shards, error = [], f"could not list its weight shards: {type(exc).__name__}: {exc}"
         transport = self.transport
-        exchange = _Exchange(transport.group, transport.engine_rank, transport.engine, self._schema,
-                             transport.staging_device, self._pack_buffers)
+        exchange = _Exchange(transport.group, transport.engine_ranks, transport.engine, transport.staging_device,
+                             self._pack_buffers)
         with torch.no_grad():
             return exchange.run(
                 shards, version=version, bucket_bytes=self.bucket_bytes, attention=self.bridge.attention_shape,
@@ -734,24 +774,27 @@ class WeightSync:
 
 
 class WeightReceiver:
-    """The engine's side of a remote push: the last rank of ``group``, in the engine's process."""
+    """An engine's side of a remote push: one of the last ``num_engines`` ranks of ``group``, in the engine's
+    process (for a ``vllm serve`` server, inside its worker: :mod:`sapo_megatron.rollout.weight_transfer`)."""
 
     def __init__(
-        self, engine: "RolloutEngine", group: SyncGroup, *, staging_device: str | torch.device | None = None
+        self, engine: WeightTarget, group: SyncGroup, *, num_engines: int = 1,
+        staging_device: str | torch.device | None = None,
     ) -> None:
-        if group.rank != group.size - 1:
+        first = group.size - num_engines
+        if not (1 <= num_engines < group.size and group.rank >= first):
             raise ValueError(
-                f"WeightReceiver: the engine must be the last rank of the sync group ({group.size - 1}), "
-                f"not rank {group.rank}"
+                f"WeightReceiver: the engines must be the last num_engines={num_engines} ranks of the sync group "
+                f"of {group.size}, not rank {group.rank}"
             )
         self.engine = engine
         self.group = group
+        self.engine_ranks = list(range(first, group.size))
         self.staging_device = torch.device(staging_device) if staging_device is not None else None
-        self._schema = _engine_schema(engine)
 
     def receive(self) -> SyncStats:
         """Takes part in one push of the trainer ranks; returns once the engine serves the pushed version."""
-        exchange = _Exchange(self.group, self.group.rank, self.engine, self._schema, self.staging_device)
+        exchange = _Exchange(self.group, self.engine_ranks, self.engine, self.staging_device)
         with torch.no_grad():
             return exchange.run(None)
 
@@ -766,4 +809,5 @@ __all__ = [
     "WeightReceiver",
     "WeightSync",
     "WeightSyncError",
+    "WeightTarget",
 ]

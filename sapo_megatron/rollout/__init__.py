@@ -3,6 +3,7 @@
 Importing this package does not import vLLM; the engine imports it when it is built.
 """
 
-from sapo_megatron.rollout.engine import RolloutBatch, RolloutEngine, checkpoint_schema
+from sapo_megatron.rollout.engine import RolloutBatch, RolloutEngine
+from sapo_megatron.rollout.weight_transfer import checkpoint_schema
 
 __all__ = ["RolloutBatch", "RolloutEngine", "checkpoint_schema"]

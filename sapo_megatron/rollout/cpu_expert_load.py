@@ -112,9 +112,9 @@ def _prepack_is_per_expert(isa: str, dtype: torch.dtype, shape: tuple[int, int])
     return torch.equal(whole, each)
 
 
-def direct_expert_load_blocker(worker) -> Optional[str]:
-    """Why the engine's experts cannot be loaded directly, or None when they can. Runs in the worker."""
-    layers = _expert_layers(worker.model_runner.get_model())
+def direct_expert_load_blocker(model: torch.nn.Module) -> Optional[str]:
+    """Why the engine's experts cannot be loaded directly, or None when they can. Runs where the model is."""
+    layers = _expert_layers(model)
     if not layers:
         return "the model has no MoE expert layers"
     for index, module in sorted(layers.items()):
@@ -130,22 +130,17 @@ def direct_expert_load_blocker(worker) -> Optional[str]:
     return None
 
 
-def expert_module_class(worker) -> str:
+def expert_module_class(model: torch.nn.Module) -> str:
     """The class name of the modules holding the expert kernels (vLLM's reload warns about them by it)."""
-    layers = _expert_layers(worker.model_runner.get_model())
+    layers = _expert_layers(model)
     return type(next(iter(layers.values()))).__name__ if layers else ""
 
 
-def reload_non_expert_weights(worker, named: list[tuple[str, torch.Tensor]]) -> None:
-    """vLLM's in-place reload of every tensor but the experts' (their layers keep their kernel tensors)."""
-    worker.model_runner.reload_weights(weights_iterator=named, is_checkpoint_format=True)
-
-
 @torch.no_grad()
-def load_experts_direct(worker, experts: ExpertWeights) -> int:
+def load_experts_direct(model: torch.nn.Module, experts: ExpertWeights) -> int:
     """Writes every expert of ``experts`` (complete, already checked) into the live prepacked kernel tensors;
-    returns the number of MoE layers loaded. Runs in the worker."""
-    layers = _expert_layers(worker.model_runner.get_model())
+    returns the number of MoE layers loaded. Runs where the model is (the engine's worker)."""
+    layers = _expert_layers(model)
     if sorted(layers) != sorted(experts):
         raise RuntimeError(f"direct expert load: weights for MoE layers {sorted(experts)}, engine has {sorted(layers)}")
     for index, module in layers.items():

@@ -33,6 +33,7 @@ import torch
 
 from sapo_megatron.config import RolloutConfig
 from sapo_megatron.rollout.cpu_expert_load import EXPERT_KERNEL_PARAMS
+from sapo_megatron.rollout.weight_transfer import BACKEND, check_update, checkpoint_schema, register
 
 logger = logging.getLogger(__name__)
 
@@ -82,24 +83,6 @@ class RolloutBatch:
             logprobs[i, : len(lps)] = torch.as_tensor(lps, dtype=torch.float32)
         mask = torch.arange(width)[None, :] < lengths[:, None]
         return {"response_ids": ids, "logprobs_rollout": logprobs, "response_mask": mask, "response_lengths": lengths}
-
-
-def checkpoint_schema(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape for every tensor of the model directory's safetensors files (headers only)."""
-    from safetensors import safe_open
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise ValueError(
-            f"model directory {str(model_dir)!r} holds no *.safetensors file; the rollout engine needs "
-            "safetensors weights (save the model with save_pretrained(..., safe_serialization=True))"
-        )
-    schema: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                schema[name] = tuple(f.get_slice(name).get_shape())
-    return schema
 
 
 def _is_list_like(value) -> bool:
@@ -204,7 +187,11 @@ class RolloutEngine:
             enable_sleep_mode=self.sleep_supported,
             # GPU only: vLLM's own routed-experts return needs Model Runner V2 (Triton).
             enable_return_routed_experts=collect_routed_experts and device == "cuda",
+            # Weight updates go through vLLM's RL interface with our backend; the engine lives in this
+            # process, so the tensors are handed over in place (rollout/weight_transfer.py).
+            weight_transfer_config={"backend": BACKEND},
         )
+        register()
         if _has_no_moe_layer(hf_config):
             # A Qwen3-MoE config whose every layer is dense (mlp_only_layers: the dense control) is, layer for
             # layer, a Qwen3 model; vLLM's Qwen3-MoE class refuses a model without any MoE layer.
@@ -215,17 +202,18 @@ class RolloutEngine:
         from sapo_megatron.rollout.vllm_cpu_fixes import cpu_moe_repack_needed
 
         self._repack_after_reload = cpu_moe_repack_needed(self._vllm_version, device)
-        self.num_moe_layers = self._llm.collective_rpc(_count_moe_layers)[0]
+        self._llm.init_weight_transfer_engine({"init_info": {"in_process": True, "expert_load": config.cpu_expert_load}})
+        self.num_moe_layers = self._llm.collective_rpc(_on_model(_count_moe_layers))[0]
         # "direct" or "reload": how update_weights loads the MoE experts (sapo_megatron/rollout/cpu_expert_load.py).
         self.expert_load = "reload"
         self._expert_class = ""
         if device == "cpu" and self.num_moe_layers and config.cpu_expert_load == "direct":
             from sapo_megatron.rollout.cpu_expert_load import direct_expert_load_blocker, expert_module_class
 
-            blocker = self._llm.collective_rpc(direct_expert_load_blocker)[0]
+            blocker = self._llm.collective_rpc(_on_model(direct_expert_load_blocker))[0]
             if blocker is None:
                 self.expert_load = "direct"
-                self._expert_class = self._llm.collective_rpc(expert_module_class)[0]
+                self._expert_class = self._llm.collective_rpc(_on_model(expert_module_class))[0]
             else:
                 logger.warning(
                     "rollout.cpu_expert_load=direct does not apply to this engine (%s); weight updates load the "
@@ -316,8 +304,13 @@ class RolloutEngine:
         top_p: float | None = None,
         seed: int | None = None,
         collect_routed_experts: bool | None = None,
+        prompt_index_offset: int = 0,
     ) -> RolloutBatch:
         """Samples ``n`` responses per prompt; unset arguments take their value from the rollout config.
+
+        ``prompt_index_offset``: the global index of the first prompt, when these prompts are one engine's
+        share of a larger batch. Seeds derive from the global index, so a prompt's samples do not depend on
+        which engine of a fleet, or how many, generated them; ``prompt_index`` holds global indices.
 
         Generation stops at an EOS token (``finish_reason="eos"``, the EOS token is the last response token
         and has its log-prob) or after ``max_new_tokens`` tokens (``"length"``).
@@ -342,7 +335,7 @@ class RolloutEngine:
                 max_tokens=max_new_tokens,
                 temperature=temperature,
                 top_p=top_p,
-                seed=_derive_prompt_seed(seed, i),
+                seed=_derive_prompt_seed(seed, prompt_index_offset + i),
                 logprobs=0,
                 detokenize=False,
             )
@@ -361,7 +354,7 @@ class RolloutEngine:
                 response_ids.append(tokens)
                 logprobs.append([float(step[tok].logprob) for step, tok in zip(completion.logprobs, tokens)])
                 finish.append(self._finish_reason(completion, tokens))
-                prompt_index.append(i)
+                prompt_index.append(prompt_index_offset + i)
                 if routed and self.device == "cuda":
                     if completion.routed_experts is None:
                         raise RuntimeError(f"prompt {i}: vLLM returned no routed experts although they were enabled")
@@ -478,20 +471,13 @@ class RolloutEngine:
         self.weight_version = version
 
     def _load(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
+        """vLLM's weight-update session with the in-process ``sapo_gloo`` backend (checked tensors in place)."""
+        update = {"version": version, "tensors": named, "expert_load": self.expert_load,
+                  "repack": self._repack_after_reload}
         try:
-            if self.expert_load == "direct":
-                from sapo_megatron.rollout.cpu_expert_load import (
-                    load_experts_direct,
-                    reload_non_expert_weights,
-                    split_expert_tensors,
-                )
-
-                rest, experts = split_expert_tensors(named)
-                self._llm.collective_rpc(reload_non_expert_weights, args=(rest,))
-                loaded = self._llm.collective_rpc(load_experts_direct, args=(experts,))[0]
-                assert loaded == self.num_moe_layers, f"loaded the experts of {loaded} of {self.num_moe_layers} MoE layers"
-            else:
-                self._reload_all(named)
+            self._llm.start_weight_update()
+            self._llm.update_weights({"update_info": update})
+            self._llm.finish_weight_update(weight_version=str(version))
         except BaseException as exc:
             self._broken = f"the update to weight_version {version} failed inside vLLM ({type(exc).__name__}: {exc})"
             raise RuntimeError(f"update_weights: {self._broken}; the engine's weights are now undefined") from exc
@@ -500,79 +486,13 @@ class RolloutEngine:
             self._broken = "the prefix cache could not be cleared after a weight update"
             raise RuntimeError(f"update_weights: {self._broken}")
 
-    def _reload_all(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        """vLLM's layer-wise in-place reload of every tensor, then (vLLM-CPU 0.32) the MoE expert re-pack."""
-        self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True})
-        if self._repack_after_reload:
-            from sapo_megatron.rollout.vllm_cpu_fixes import repack_cpu_moe_experts
-
-            repacked = self._llm.collective_rpc(repack_cpu_moe_experts)[0]
-            assert repacked == self.num_moe_layers, f"re-packed {repacked} of {self.num_moe_layers} MoE layers"
-
     def _check_update(self, named_tensors) -> list[tuple[str, torch.Tensor]]:
-        if isinstance(named_tensors, dict):
-            named_tensors = named_tensors.items()
-        named: list[tuple[str, torch.Tensor]] = []
-        seen: set[str] = set()
-        unknown, duplicates, bad_shape, bad_type = [], [], [], []
-        for item in named_tensors:
-            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-                raise ValueError(
-                    f"update_weights(named_tensors): expected (name, tensor) pairs, got {type(item).__name__}"
-                )
-            name, tensor = item
-            if name in seen:
-                duplicates.append(name)
-                continue
-            seen.add(name)
-            if name not in self._schema:
-                unknown.append(name)
-            elif not isinstance(tensor, torch.Tensor):
-                bad_type.append(f"{name} ({type(tensor).__name__})")
-            elif not tensor.is_floating_point():
-                bad_type.append(f"{name} ({tensor.dtype})")
-            elif tuple(tensor.shape) != self._schema[name]:
-                bad_shape.append(f"{name}: got {tuple(tensor.shape)}, expected {self._schema[name]}")
-            named.append((name, tensor))
-        missing = sorted(set(self._schema) - seen)
+        return check_update(self._schema, named_tensors, self.weight_version)
 
-        def few(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-
-        problems = []
-        if unknown:
-            problems.append(f"unknown tensor name(s) not in the engine's checkpoint: {few(sorted(unknown))}")
-        if duplicates:
-            problems.append(f"tensor name(s) given more than once: {few(sorted(duplicates))}")
-        if bad_type:
-            problems.append(f"not floating-point tensors: {few(bad_type)}")
-        if bad_shape:
-            problems.append(f"wrong shape(s): {few(bad_shape)}")
-        if missing:
-            problems.append(f"{len(missing)} missing tensor(s) (an update must be complete): {few(missing)}")
-        if problems:
-            raise ValueError(
-                "update_weights(named_tensors): " + "; ".join(problems) + ". Send every HF-named full tensor of "
-                "the model (names and shapes as in the model directory's safetensors files); nothing was loaded "
-                f"and the engine stays on weight_version {self.weight_version}"
-            )
-        # A sum is finite only if every element is (nan and inf propagate); it reads each tensor once without the
-        # temporary that a per-element isfinite allocates (about 10x faster on CPU). Only tensors whose sum is not
-        # finite, including finite ones whose sum overflows, get the exact check. One host sync per device.
-        per_device: dict[torch.device, list[int]] = {}
-        for i, (_, t) in enumerate(named):
-            per_device.setdefault(t.device, []).append(i)
-        suspects = []
-        for indices in per_device.values():
-            sums = torch.stack([named[i][1].sum().float() for i in indices])
-            suspects += [i for i, ok in zip(indices, torch.isfinite(sums).tolist()) if not ok]
-        bad = [named[i][0] for i in suspects if not bool(torch.isfinite(named[i][1]).all())]
-        if bad:
-            raise ValueError(
-                f"update_weights(named_tensors): non-finite values (nan/inf) in {few(bad)}; nothing was loaded and "
-                f"the engine stays on weight_version {self.weight_version}"
-            )
-        return named
+    @property
+    def schema(self) -> dict[str, tuple[int, ...]]:
+        """HF name -> shape of every tensor an update must provide (the model directory's checkpoint)."""
+        return self._schema
 
     # ------------------------------------------------------------------------------------------------------
     # Sleep / wake (colocated GPU engines)
@@ -673,10 +593,19 @@ def _quiet_weight_update_logs(expert_class: str | None):
 # Functions run inside the engine's worker through LLM.collective_rpc (in-process, so plain functions work).
 
 
-def _count_moe_layers(worker) -> int:
+def _on_model(fn):
+    """``fn(model, *args)`` as a worker RPC."""
+
+    def rpc(worker, *args):
+        return fn(worker.model_runner.get_model(), *args)
+
+    return rpc
+
+
+def _count_moe_layers(model) -> int:
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
-    return sum(isinstance(m, MoERunner) for m in worker.model_runner.get_model().modules())
+    return sum(isinstance(m, MoERunner) for m in model.modules())
 
 
 def _install_capture(worker, capture) -> int:

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 # vLLM releases whose CPU MoE reload path skips the expert prepack (checked in the installed 0.32.0 source).
@@ -52,13 +54,11 @@ def cpu_moe_repack_needed(vllm_version: str, device: str) -> bool:
     return False
 
 
-def repack_cpu_moe_experts(worker) -> int:
+def repack_cpu_moe_experts(model: torch.nn.Module) -> int:
     """Re-prepacks the expert weights of every MoE layer of the worker's model; returns how many layers.
 
-    Runs inside the engine's worker (pass it to ``LLM.collective_rpc``); call it once, right after a full
-    ``reload_weights``.
+    Runs where the model is (the engine's worker); call it once, right after a full ``reload_weights``.
     """
-    model = worker.model_runner.get_model()
     repacked = 0
     for module in model.modules():
         quant_method = getattr(module, "quant_method", None)

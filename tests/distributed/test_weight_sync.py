@@ -38,7 +38,8 @@ FAILURES = {
     "misshaped": ["refused before any transfer", "wrong shape", "model.norm.weight: sent (66,), engine expects (64,)"],
     "missing": ["refused before any transfer", "not sent", "lm_head.weight"],
     "fault-receiver": ["failed during the transfer", "could not rebuild bucket", "injected fault in unshard"],
-    "fault-sender": ["failed during the transfer", "could not pack bucket", "injected fault in _piece_view"],
+    # The faulty rank packs (and, as a colocated engine's rank, also rebuilds) through _piece_view.
+    "fault-sender": ["failed during the transfer", "could not", "bucket", "injected fault in _piece_view"],
     "nan": ["failed while loading", "non-finite", "model.norm.weight"],
     "stale": ["refused before any transfer", "must be an integer above the engine's weight_version 2"],
 }
@@ -165,6 +166,23 @@ def test_engine_logprobs_equal_megatron_after_each_sync(runs, job):
         assert (_engine(job, engine, a)[1] - _engine(job, engine, b)[1]).abs().max() > 0.05, (a, b)
 
 
+@pytest.mark.distributed
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_every_engine_of_a_colocated_fleet_receives_every_push(runs):
+    pytest.importorskip("vllm")
+    """TP2 x PP2 x EP2 over 4 ranks, one engine per rank: each push reaches all four engines (each rank owns
+    only some pieces and sends them to the other three), and a failed push leaves all four on version 2."""
+    ranks, _ = runs(SHARDED)
+    assert all(len(r["engine"]) > 0 for r in ranks), "every rank holds an engine"
+    for label in ["v1", "v2", "v3", "after-misshaped", "after-missing", "after-faults"]:
+        reference = _megatron(ranks, {"after-misshaped": "v2", "after-missing": "v2", "after-faults": "v2"}.get(label, label))
+        for r, result in enumerate(ranks):
+            version, logprobs = result["engine"][label]
+            assert version == (2 if label.startswith("after") else int(label[1:])), (r, label)
+            torch.testing.assert_close(logprobs, reference, rtol=0, atol=TOL, msg=f"engine of rank {r}, {label}")
+
+
 @pytest.mark.parametrize("job", [SINGLE, SHARDED])
 @pytest.mark.distributed
 @pytest.mark.vllm
@@ -232,11 +250,14 @@ def test_sync_stats_count_every_tensor_once(runs, job, tiny_model_dir):
         stats = result["stats"]["v1"]
         assert (stats["version"], stats["num_tensors"], stats["bytes"]) == (1, count, nbytes)
         assert stats["num_buckets"] > 10  # 64 KiB buckets for a 1.2 MB model
-    if job != SINGLE:
-        # Only the engine's rank receives; what the others send is what it receives.
-        engine_stats = (engine if job == REMOTE else ranks[0])["stats"]["v1"]
-        senders = ranks if job == REMOTE else ranks[1:]
-        assert engine_stats["received_bytes"] == sum(r["stats"]["v1"]["sent_bytes"] for r in senders) > 0
+    if job == REMOTE:
+        # Only the engine's rank receives; what the trainers send is what it receives.
+        assert engine["stats"]["v1"]["received_bytes"] == sum(r["stats"]["v1"]["sent_bytes"] for r in ranks) > 0
+    elif job == SHARDED:
+        # Four engines, one per rank: every rank receives what the other three own; what is sent is received.
+        sent = sum(r["stats"]["v1"]["sent_bytes"] for r in ranks)
+        assert sent == sum(r["stats"]["v1"]["received_bytes"] for r in ranks) > 0
+        assert all(r["stats"]["v1"]["received_bytes"] > 0 for r in ranks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -262,7 +283,7 @@ def test_plan_gathers_each_piece_from_its_owner_in_bounded_aligned_buckets():
     pieces0 += [(names, "row", 0, 1, (16, 5), "bfloat16") for names in experts]
     pieces1 = [(row, "row", 1, 2, (16, 4), "float32")]
     schema = {row[0]: (16, 8), norm[0]: (16,), **{n[0]: (16, 5) for n in experts}}
-    plan = _build_plan([_info(0, pieces0), _info(1, pieces1, engine=_engine_info(schema))], engine_rank=1)
+    plan = _build_plan([_info(0, pieces0), _info(1, pieces1, engine=_engine_info(schema))], engine_ranks=[1])
     assert plan.num_tensors == 5
     assert plan.nbytes == 16 * 8 * 4 + 16 * 4 + 3 * 16 * 5 * 2
     assert {p.hf_names: p.owners for p in plan.params}[row] == [0, 1]
@@ -304,10 +325,10 @@ def test_plan_refuses_an_inconsistent_sync_before_any_transfer(change, message):
         _info(1, [(row, "row", 1, 2, (16, 4), "float32")],
               engine=_engine_info({row[0]: (16, 8), norm[0]: (16,)})),
     ]
-    _build_plan(infos, engine_rank=1)
+    _build_plan(infos, engine_ranks=[1])
     change(infos)
     with pytest.raises(WeightSyncError, match="refused before any transfer") as raised:
-        _build_plan(infos, engine_rank=1)
+        _build_plan(infos, engine_ranks=[1])
     assert message in str(raised.value)
     assert "the engine stays on weight_version" in str(raised.value)
 
@@ -318,5 +339,33 @@ def test_plan_splits_qkv_into_the_hf_shapes():
     # 4 heads, 2 query groups, head_dim 8, hidden 16; TP2: each rank holds one query group (2 q + k + v heads).
     pieces = [[(qkv, Layout.QKV.value, r, 2, (32, 16), "float32")] for r in range(2)]
     schema = {qkv[0]: (32, 16), qkv[1]: (16, 16), qkv[2]: (16, 16)}
-    plan = _build_plan([_info(0, pieces[0]), _info(1, pieces[1], engine=_engine_info(schema))], engine_rank=1)
+    plan = _build_plan([_info(0, pieces[0]), _info(1, pieces[1], engine=_engine_info(schema))], engine_ranks=[1])
     assert plan.params[0].hf_shapes == [(32, 16), (16, 16), (16, 16)]
+
+
+def test_plan_for_a_fleet_sends_each_piece_to_every_other_engine():
+    # Two ranks, TP2, an engine on each: each rank packs its pieces once for the other engine, and reads its
+    # own in place.
+    row = ("model.layers.0.self_attn.o_proj.weight",)
+    norm = ("model.norm.weight",)
+    schema = {row[0]: (16, 8), norm[0]: (16,)}
+    pieces0 = [(row, "row", 0, 2, (16, 4), "float32"), (norm, "replicated", 0, 1, (16,), "float32")]
+    pieces1 = [(row, "row", 1, 2, (16, 4), "float32")]
+    infos = [_info(0, pieces0, engine=_engine_info(schema)), _info(1, pieces1, engine=_engine_info(schema))]
+    plan = _build_plan(infos, engine_ranks=[0, 1])
+    assert plan.engine_ranks == [0, 1]
+    packed = {src: [(plan.params[i].hf_names, piece) for b in plan.buckets for i, piece, _ in b.segments.get(src, [])]
+              for src in (0, 1)}
+    assert sorted(packed[0]) == sorted([(norm, 0), (row, 0)])
+    assert packed[1] == [(row, 1)]
+
+
+def test_plan_refuses_a_fleet_whose_engines_are_on_different_versions():
+    norm = ("model.norm.weight",)
+    schema = {norm[0]: (16,)}
+    infos = [
+        _info(0, [(norm, "replicated", 0, 1, (16,), "float32")], version=3, engine=_engine_info(schema, version=2)),
+        _info(1, [], version=3, engine=_engine_info(schema, version=1)),
+    ]
+    with pytest.raises(WeightSyncError, match="the engines are on different versions .rank 0: 2, rank 1: 1."):
+        _build_plan(infos, engine_ranks=[0, 1])

@@ -143,11 +143,9 @@ def main(out_dir: str, hf_dir: str, layout: str, mode: str, sync_port: str | Non
         model = build_model(hf_dir, parallel, device="cpu")
         engine = None
         if mode == "colocated":
-            # vLLM creates its process groups collectively over the whole torch.distributed job, so every rank
-            # of a multi-rank job must build an engine; only rank 0's takes part in the sync.
-            built = build_engine(hf_dir)
-            engine = built if rank == 0 else None
-            sync = WeightSync.colocated(model, engine=engine, bucket_bytes=BUCKET_BYTES)
+            # A colocated fleet: one engine per rank, every one of them receives every push.
+            engine = build_engine(hf_dir)
+            sync = WeightSync.colocated(model, engine=engine, engine_ranks=range(world), bucket_bytes=BUCKET_BYTES)
         else:
             group = SyncGroup.connect("127.0.0.1", int(sync_port), rank=rank, world_size=world + 1, timeout_s=240)
             sync = WeightSync.remote(model, group, bucket_bytes=BUCKET_BYTES)
@@ -170,7 +168,7 @@ def main(out_dir: str, hf_dir: str, layout: str, mode: str, sync_port: str | Non
         def generate_and_score(label: str) -> None:
             """Rank 0's engine samples from long prompts; every rank scores the samples with megatron."""
             batch = None
-            if engine is not None:
+            if engine is not None and rank == 0:
                 b = engine.generate(long_prompts(), n=2, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, top_p=1.0,
                                     seed=7)
                 batch = {"sequences": [p + r for p, r in zip(b.prompt_ids, b.response_ids)],

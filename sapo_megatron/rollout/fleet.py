@@ -1,0 +1,180 @@
+"""The rollout seam: one interface through which the trainer generates and moves weights, whatever the engines.
+
+:class:`RolloutFleet` is what the RL step calls; two implementations stand behind it:
+
+* :class:`ColocatedFleet`: one vLLM engine in every trainer rank (in-process, tensor parallel 1, on the rank's
+  own device). Each rollout's prompts are split into contiguous blocks, one per engine; every engine generates
+  its block, and the blocks are gathered.
+* :class:`ServerFleet` (:mod:`sapo_megatron.rollout.server_fleet`): ``vllm serve`` servers on rollout nodes,
+  reached over HTTP; the driver rank spreads prompts over them.
+
+Invariants, for both:
+
+* ``generate`` is a collective over the trainer ranks; every rank returns the same prompt-major
+  :class:`~sapo_megatron.rollout.engine.RolloutBatch` (``n`` consecutive rows per prompt, in prompt order).
+* A prompt's samples depend only on the prompt, its global index in the batch, the seed and the weights: not
+  on which engine, or how many engines, generated it (per-prompt seeds derive from the global index).
+* ``push(model_chunks, version)`` is a collective; it returns once every engine serves ``version``, or raises
+  :class:`~sapo_megatron.bridge.sync.WeightSyncError` on every rank. Problems found before any byte moves
+  (names, shapes, versions, non-finite values) leave every engine on its previous version.
+* ``samples_per_engine`` counts the rows each engine produced in the last ``generate``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from sapo_megatron.rollout.engine import RolloutBatch
+
+Phase = Literal["rollout", "train", "sync"]
+
+
+def engine_shares(num_prompts: int, num_engines: int) -> list[range]:
+    """Contiguous blocks of prompt indices, one per engine, sizes differing by at most one (the first engines
+    take the extra prompts). A prompt's samples stay on one engine, so a GRPO group is never split."""
+    if num_engines < 1:
+        raise ValueError(f"engine_shares(num_engines={num_engines}): need at least one engine")
+    base, extra = divmod(num_prompts, num_engines)
+    shares, start = [], 0
+    for e in range(num_engines):
+        size = base + (e < extra)
+        shares.append(range(start, start + size))
+        start += size
+    return shares
+
+
+def concat_batches(parts: Sequence[RolloutBatch], weight_version: int | None = None) -> RolloutBatch:
+    """The rows of ``parts`` in order, as one batch (every part must carry the same weight version)."""
+    parts = [p for p in parts if len(p)]
+    versions = {p.weight_version for p in parts}
+    if len(versions) > 1:
+        raise RuntimeError(f"the engines generated with different weight versions {sorted(versions)}")
+    version = versions.pop() if versions else (weight_version if weight_version is not None else 0)
+    routed = [p.routed_experts for p in parts]
+    if any(r is None for r in routed) and not all(r is None for r in routed):
+        raise RuntimeError("some engines returned routed experts and others did not")
+    return RolloutBatch(
+        prompt_ids=[row for p in parts for row in p.prompt_ids],
+        response_ids=[row for p in parts for row in p.response_ids],
+        logprobs_rollout=[row for p in parts for row in p.logprobs_rollout],
+        finish_reasons=[row for p in parts for row in p.finish_reasons],
+        prompt_index=[row for p in parts for row in p.prompt_index],
+        weight_version=version,
+        routed_experts=None if not parts or routed[0] is None else [row for r in routed for row in r],
+    )
+
+
+class RolloutFleet(abc.ABC):
+    """What the trainer needs from its engines (see the module docstring for the invariants)."""
+
+    num_engines: int
+    samples_per_engine: list[int]
+
+    @abc.abstractmethod
+    def generate(self, prompt_ids: Sequence[Sequence[int]], *, n: int, seed: int, **sampling: Any) -> RolloutBatch:
+        """``n`` samples per prompt from the whole fleet; ``sampling`` overrides the rollout config's
+        ``max_new_tokens``, ``temperature``, ``top_p``."""
+
+    @abc.abstractmethod
+    def push(self, model_chunks: Sequence[torch.nn.Module], version: int):
+        """Makes ``version`` (the actor's current weights) every engine's weights; returns the ``SyncStats``."""
+
+    def enter_phase(self, phase: Phase) -> None:
+        """Hands the device memory to whoever needs it next (colocated GPU engines sleep and wake)."""
+
+    def pause(self, mode: Literal["abort", "wait", "keep"] = "wait") -> None:
+        """Stops taking new work (remote servers); in-process engines only generate inside ``generate``."""
+
+    def resume(self) -> None:
+        """Undoes :meth:`pause`."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stops the engines this fleet started (never the trainer's process group)."""
+
+
+class ColocatedFleet(RolloutFleet):
+    """One in-process engine per trainer rank (see the module docstring).
+
+    Args:
+        engine: this rank's :class:`~sapo_megatron.rollout.engine.RolloutEngine`.
+        weight_sync: a :class:`~sapo_megatron.bridge.sync.WeightSync` whose engines are every rank's engine.
+        group: the torch.distributed group of the trainer ranks (default: the whole job).
+    """
+
+    def __init__(self, engine, weight_sync, *, group: Any = None) -> None:
+        import torch.distributed as dist
+
+        self.engine = engine
+        self.weight_sync = weight_sync
+        self.group = group
+        initialized = dist.is_initialized()
+        self.rank = dist.get_rank(group) if initialized else 0
+        self.num_engines = dist.get_world_size(group) if initialized else 1
+        self.samples_per_engine = [0] * self.num_engines
+
+    @classmethod
+    def build(cls, model, hf_dir, rollout_config, *, device: str, dtype: str, collect_routed_experts: bool,
+              bucket_bytes: int | None = None) -> "ColocatedFleet":
+        """This rank's engine (on its own device) and the weight sync into every rank's engine."""
+        import torch.distributed as dist
+
+        from sapo_megatron.bridge.sync import DEFAULT_BUCKET_BYTES, WeightSync
+        from sapo_megatron.rollout.engine import RolloutEngine
+
+        engine = RolloutEngine(hf_dir, rollout_config, device=device, dtype=dtype,
+                               collect_routed_experts=collect_routed_experts)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        sync = WeightSync.colocated(model, engine=engine, engine_ranks=range(world),
+                                    bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES)
+        return cls(engine, sync)
+
+    def generate(self, prompt_ids, *, n: int, seed: int, **sampling: Any) -> RolloutBatch:
+        prompts = [list(p) for p in prompt_ids]
+        share = engine_shares(len(prompts), self.num_engines)[self.rank]
+        if len(share):
+            local = self.engine.generate(prompts[share.start : share.stop], n=n, seed=seed,
+                                         prompt_index_offset=share.start, **sampling)
+        else:
+            local = concat_batches([], weight_version=self.engine.weight_version)
+        parts = self._all_gather(local)
+        self.samples_per_engine = [len(p) for p in parts]
+        batch = concat_batches(parts, weight_version=self.engine.weight_version)
+        assert len(batch) == len(prompts) * n, f"the fleet returned {len(batch)} samples, expected {len(prompts) * n}"
+        return batch
+
+    def _all_gather(self, obj: Any) -> list:
+        import torch.distributed as dist
+
+        if self.num_engines == 1:
+            return [obj]
+        parts: list = [None] * self.num_engines
+        dist.all_gather_object(parts, obj, group=self.group)
+        return parts
+
+    def push(self, model_chunks, version: int):
+        return self.weight_sync.push(model_chunks, version)
+
+    def enter_phase(self, phase: Phase) -> None:
+        engine = self.engine
+        if not engine.sleep_supported:
+            return
+        if phase == "train":
+            # Level 1 keeps the weights in host memory: a rollout right after the train phase (validation,
+            # or a step whose push failed) still has them. The push overwrites them anyway.
+            engine.sleep(level=1)
+        elif phase == "sync":
+            engine.wake_up(["weights"])
+        else:
+            engine.wake_up(None)
+
+    @property
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def close(self) -> None:
+        self.engine.close()

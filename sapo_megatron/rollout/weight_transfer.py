@@ -1,0 +1,306 @@
+"""``sapo_gloo``: our weight-transfer backend inside vLLM's own RL interface, for CPU engines.
+
+vLLM 0.32 defines the weight-update contract (``init_weight_transfer_engine`` / ``start_weight_update`` /
+``update_weights`` / ``finish_weight_update``, offline on ``LLM`` and online under ``vllm serve`` with
+``VLLM_SERVER_DEV_MODE=1``) and ships GPU transports for it (``ipc``, ``nccl``, ``nccl_m2n``). This module adds
+the CPU transport as a backend registered in ``WeightTransferEngineFactory``. :func:`register` is the vLLM
+plugin (entry point ``vllm.general_plugins`` in ``pyproject.toml``), so vLLM loads it in every process that
+builds a worker: an in-process ``LLM`` and each ``vllm serve`` server alike.
+
+Two ways in, one load path:
+
+* **in process** (engines colocated in the trainer's ranks): ``init_info={"in_process": True}``; each update's
+  ``update_info`` carries the HF-named tensors themselves (``tensors``), already gathered by the trainer's
+  :class:`~sapo_megatron.bridge.sync.WeightSync`. In-process ``collective_rpc`` passes them without copying.
+* **over gloo** (``vllm serve`` servers on other processes or nodes): ``init_info={"host", "port", "rank",
+  "world_size", "num_engines"}`` joins the trainer ranks' standalone gloo group as one of its last
+  ``num_engines`` ranks; ``update_info={"version": v}`` runs the receiving side of one
+  :meth:`WeightSync.push` (metadata, bounded buckets from each owner, outcome, load outcome) while the
+  trainer ranks send. The HTTP ``/update_weights`` call returns when the load is done (or failed).
+
+The load (:func:`load_named_tensors`): every tensor's name, shape and finiteness are checked first, so a bad
+update changes nothing; then the non-expert tensors go through vLLM's in-place layer-wise reload, and the MoE
+experts are written straight into vLLM-CPU's prepacked kernel tensors (:mod:`.cpu_expert_load`), or reloaded
+and re-packed (:mod:`.vllm_cpu_fixes`) where the direct path does not apply.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKEND = "sapo_gloo"
+ExpertLoad = Literal["direct", "reload"]
+
+
+def register() -> None:
+    """The vLLM plugin: registers :class:`SapoGlooWeightTransferEngine` as ``sapo_gloo`` (idempotent; vLLM calls
+    plugins in every engine and worker process, and an in-process engine may call it again)."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    if BACKEND not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(BACKEND, __name__, "SapoGlooWeightTransferEngine")
+
+
+def checkpoint_schema(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape for every tensor of the model directory's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(
+            f"model directory {str(model_dir)!r} holds no *.safetensors file; the rollout engine needs "
+            "safetensors weights (save the model with save_pretrained(..., safe_serialization=True))"
+        )
+    schema: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                schema[name] = tuple(f.get_slice(name).get_shape())
+    return schema
+
+
+def _few(items: list[str]) -> str:
+    return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+
+def check_update(
+    schema: dict[str, tuple[int, ...]], named_tensors, current_version: int
+) -> list[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs of a complete, well-formed update, or ``ValueError`` naming every problem:
+    unknown, repeated or missing names, non-float tensors, wrong shapes, non-finite values."""
+    if isinstance(named_tensors, dict):
+        named_tensors = named_tensors.items()
+    named: list[tuple[str, torch.Tensor]] = []
+    seen: set[str] = set()
+    unknown, duplicates, bad_shape, bad_type = [], [], [], []
+    for item in named_tensors:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise ValueError(f"update_weights(named_tensors): expected (name, tensor) pairs, got {type(item).__name__}")
+        name, tensor = item
+        if name in seen:
+            duplicates.append(name)
+            continue
+        seen.add(name)
+        if name not in schema:
+            unknown.append(name)
+        elif not isinstance(tensor, torch.Tensor):
+            bad_type.append(f"{name} ({type(tensor).__name__})")
+        elif not tensor.is_floating_point():
+            bad_type.append(f"{name} ({tensor.dtype})")
+        elif tuple(tensor.shape) != schema[name]:
+            bad_shape.append(f"{name}: got {tuple(tensor.shape)}, expected {schema[name]}")
+        named.append((name, tensor))
+    missing = sorted(set(schema) - seen)
+    problems = []
+    if unknown:
+        problems.append(f"unknown tensor name(s) not in the engine's checkpoint: {_few(sorted(unknown))}")
+    if duplicates:
+        problems.append(f"tensor name(s) given more than once: {_few(sorted(duplicates))}")
+    if bad_type:
+        problems.append(f"not floating-point tensors: {_few(bad_type)}")
+    if bad_shape:
+        problems.append(f"wrong shape(s): {_few(bad_shape)}")
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s) (an update must be complete): {_few(missing)}")
+    if problems:
+        raise ValueError(
+            "update_weights(named_tensors): " + "; ".join(problems) + ". Send every HF-named full tensor of "
+            "the model (names and shapes as in the model directory's safetensors files); nothing was loaded "
+            f"and the engine stays on weight_version {current_version}"
+        )
+    # A sum is finite only if every element is (nan and inf propagate); it reads each tensor once without the
+    # temporary that a per-element isfinite allocates (about 10x faster on CPU). Only tensors whose sum is not
+    # finite, including finite ones whose sum overflows, get the exact check. One host sync per device.
+    per_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(named):
+        per_device.setdefault(t.device, []).append(i)
+    suspects = []
+    for indices in per_device.values():
+        sums = torch.stack([named[i][1].sum().float() for i in indices])
+        suspects += [i for i, ok in zip(indices, torch.isfinite(sums).tolist()) if not ok]
+    bad = [named[i][0] for i in suspects if not bool(torch.isfinite(named[i][1]).all())]
+    if bad:
+        raise ValueError(
+            f"update_weights(named_tensors): non-finite values (nan/inf) in {_few(bad)}; nothing was loaded and "
+            f"the engine stays on weight_version {current_version}"
+        )
+    return named
+
+
+def load_named_tensors(
+    model: torch.nn.Module, vllm_config: Any, named: list[tuple[str, torch.Tensor]], *, expert_load: ExpertLoad,
+    repack: bool,
+) -> None:
+    """Loads a checked, complete update into ``model`` in place (see the module docstring)."""
+    from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+    if expert_load == "direct":
+        from sapo_megatron.rollout.cpu_expert_load import load_experts_direct, split_expert_tensors
+
+        rest, experts = split_expert_tensors(named)
+        reload_weights(vllm_config, model, weights_iterator=rest, weights_path=None, is_checkpoint_format=True)
+        load_experts_direct(model, experts)
+        return
+    reload_weights(vllm_config, model, weights_iterator=named, weights_path=None, is_checkpoint_format=True)
+    if repack:
+        from sapo_megatron.rollout.vllm_cpu_fixes import repack_cpu_moe_experts
+
+        repack_cpu_moe_experts(model)
+
+
+@dataclass
+class SapoGlooInitInfo:
+    """``in_process=True`` for an engine in the trainer's process; otherwise the gloo rendezvous of the trainer
+    ranks' sync group (``host``/``port`` of trainer rank 0's store) and this engine's rank in it (engines are
+    the group's last ``num_engines`` ranks). ``expert_load``: the preferred MoE expert load."""
+
+    in_process: bool = False
+    host: str = ""
+    port: int = 0
+    rank: int = -1
+    world_size: int = 0
+    num_engines: int = 1
+    timeout_s: float = 1800.0
+    expert_load: ExpertLoad = "direct"
+
+
+@dataclass
+class SapoGlooUpdateInfo:
+    """One update: the version it makes current, and (in process only) the tensors themselves."""
+
+    version: int
+    tensors: list = field(default_factory=list)
+    # In process, the engine wrapper may choose the expert load per update (its fallback and its tests).
+    expert_load: ExpertLoad | None = None
+    repack: bool | None = None
+
+
+class _ModelTarget:
+    """What :class:`~sapo_megatron.bridge.sync.WeightSync`'s receiving side needs from an engine: the checkpoint
+    schema, the current version, and a checked load."""
+
+    def __init__(self, engine: "SapoGlooWeightTransferEngine") -> None:
+        self._engine = engine
+
+    @property
+    def schema(self) -> dict[str, tuple[int, ...]]:
+        return self._engine.schema
+
+    @property
+    def weight_version(self) -> int:
+        return self._engine.weight_version
+
+    def update_weights(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
+        self._engine.load(named, version)
+
+
+def _make_engine_class():
+    """The backend class, built on vLLM's base class (imported only where vLLM is)."""
+    from vllm.distributed.weight_transfer.base import WeightTransferEngine
+
+    class SapoGlooWeightTransferEngine(WeightTransferEngine):
+        init_info_cls = SapoGlooInitInfo
+        update_info_cls = SapoGlooUpdateInfo
+        supports_draft_weight_update = False
+
+        def __init__(self, config, vllm_config, device, model) -> None:
+            super().__init__(config, vllm_config, device, model)
+            self.schema = checkpoint_schema(vllm_config.model_config.model)
+            self.weight_version = 0
+            self.group = None
+            self.num_engines = 1
+            self.expert_load: ExpertLoad = "reload"
+            self.repack = False
+            self.broken: str | None = None
+
+        def init_transfer_engine(self, init_info: SapoGlooInitInfo) -> None:
+            from sapo_megatron.rollout.vllm_cpu_fixes import cpu_moe_repack_needed
+
+            import vllm
+
+            self.expert_load = "reload"
+            self.repack = cpu_moe_repack_needed(vllm.__version__, self.device.type)
+            if init_info.expert_load == "direct" and self.device.type == "cpu":
+                from sapo_megatron.rollout.cpu_expert_load import direct_expert_load_blocker
+
+                blocker = direct_expert_load_blocker(self.model)
+                if blocker is None:
+                    self.expert_load = "direct"
+                elif "no MoE expert layers" not in blocker:
+                    logger.warning("direct expert load does not apply (%s); loading experts through reload", blocker)
+            if init_info.in_process:
+                return
+            from sapo_megatron.bridge.sync import SyncGroup
+
+            if not init_info.world_size - init_info.num_engines <= init_info.rank < init_info.world_size:
+                raise ValueError(
+                    f"sapo_gloo init_info: rank {init_info.rank} is not among the last num_engines="
+                    f"{init_info.num_engines} ranks of a group of {init_info.world_size}"
+                )
+            self.num_engines = init_info.num_engines
+            self.group = SyncGroup.connect(
+                init_info.host, init_info.port, rank=init_info.rank, world_size=init_info.world_size,
+                timeout_s=init_info.timeout_s,
+            )
+
+        def start_weight_update(self) -> None:
+            if self.broken is not None:
+                raise RuntimeError(f"the engine is unusable because {self.broken}; restart it")
+
+        def finish_weight_update(self) -> None:
+            pass
+
+        def receive_weights(self, update_info: SapoGlooUpdateInfo) -> None:
+            if update_info.tensors:
+                named = check_update(self.schema, update_info.tensors, self.weight_version)
+                if isinstance(update_info.version, bool) or update_info.version <= self.weight_version:
+                    raise ValueError(
+                        f"update_weights(version={update_info.version!r}): must be above the current "
+                        f"weight_version {self.weight_version}"
+                    )
+                self.load(named, update_info.version, update_info.expert_load, update_info.repack)
+                return
+            if self.group is None:
+                raise RuntimeError(
+                    "sapo_gloo: no tensors in update_info and no sync group; call init_weight_transfer_engine "
+                    "with the trainer's rendezvous first"
+                )
+            from sapo_megatron.bridge.sync import WeightReceiver
+
+            with torch.no_grad():
+                WeightReceiver(_ModelTarget(self), self.group, num_engines=self.num_engines).receive()
+
+        def load(self, named, version: int, expert_load: ExpertLoad | None = None, repack: bool | None = None) -> None:
+            """A checked update (``named`` complete); the version becomes current only if every layer loaded."""
+            if self.group is not None:
+                named = check_update(self.schema, named, self.weight_version)
+            try:
+                load_named_tensors(
+                    self.model, self.vllm_config, named,
+                    expert_load=expert_load or self.expert_load, repack=self.repack if repack is None else repack,
+                )
+            except BaseException as exc:
+                self.broken = f"the update to weight_version {version} failed inside vLLM ({type(exc).__name__}: {exc})"
+                raise
+            self.weight_version = version
+
+        def shutdown(self) -> None:
+            self.group = None
+
+    return SapoGlooWeightTransferEngine
+
+
+def __getattr__(name: str):
+    # vLLM's factory resolves the class by name at engine creation, where vLLM is importable.
+    if name == "SapoGlooWeightTransferEngine":
+        cls = _make_engine_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)

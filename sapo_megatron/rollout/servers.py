@@ -36,7 +36,9 @@ server is never used again by this pool, even if it comes back: a restarted serv
 weights, not the trainer's current version. When no server survives, :class:`ServerError` names every server
 with its last error. A request the server rejects (4xx, e.g. a token id outside the vocabulary) or a sample
 that ends for another reason than EOS/length (``pause(mode="abort")`` during a rollout) fails the rollout at
-once: sending it elsewhere could not succeed.
+once: sending it elsewhere could not succeed. A failed rollout aborts its requests still running on the live
+servers (``/inference/v1/abort_requests`` with the rollout's request ids), so that no server keeps generating,
+and no thread of this process keeps waiting, for a batch nobody will read.
 
 Dispatch: one request per prompt, run concurrently from a thread pool; the next prompt goes to the live
 server with the fewest outstanding expected tokens (``len(prompt) + n * max_new_tokens`` per unfinished
@@ -68,6 +70,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -101,6 +104,7 @@ class ServerError(RuntimeError):
     def __init__(self, url: str, endpoint: str, message: str, *, status: int | None = None, reply: str = "") -> None:
         self.url = url
         self.endpoint = endpoint
+        self.message = message
         self.status = status
         self.reply = reply
         text = f"vLLM server {url}{endpoint}: {message}"
@@ -125,7 +129,8 @@ class NoServerLeft(ServerError):
         self.status = None
         self.reply = ""
         lines = "\n".join(f"  {url}: {error}" for url, error in self.errors.items())
-        RuntimeError.__init__(self, f"no rollout server is left; each one's last error:\n{lines}")
+        self.message = f"no rollout server is left; each one's last error:\n{lines}"
+        RuntimeError.__init__(self, self.message)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -529,8 +534,10 @@ class ServerClient:
         temperature: float,
         top_p: float,
         seed: int,
+        request_id: str | None = None,
     ) -> list[Sample]:
         """``n`` samples for one prompt, in sample order; vLLM seeds sample ``j`` with ``seed + j``.
+        ``request_id`` names the request for :meth:`abort` (vLLM picks a random one otherwise).
 
         Request body (``POST /inference/v1/generate``)::
 
@@ -552,6 +559,8 @@ class ServerClient:
                 "detokenize": False,
             },
         }
+        if request_id is not None:
+            body["request_id"] = request_id
         reply = self._call("POST", GENERATE_ENDPOINT, body=body, timeout_s=self.generate_timeout_s)
         return self._samples(reply, n)
 
@@ -596,6 +605,13 @@ class ServerClient:
             f"a sample finished with finish_reason={reason!r}, stop_reason={stop_reason!r} after {len(tokens)} "
             "tokens; a rollout only stops at EOS or the length limit",
         )
+
+    def abort(self, request_ids: Collection[str]) -> None:
+        """``POST /inference/v1/abort_requests {"request_ids": [...]}``: ends these :meth:`generate` requests (their
+        callers get a "aborted" :class:`ServerError`). Unknown or finished ids are ignored by the server."""
+        # vLLM 0.32's generate endpoint registers a request under "generate-tokens-<request_id>" (ServingTokens).
+        ids = [f"generate-tokens-{r}" for r in request_ids]
+        self._http.post("/inference/v1/abort_requests", json={"request_ids": ids}, timeout=self.timeout_s)
 
     # -- vLLM's RL control endpoints (VLLM_SERVER_DEV_MODE=1) ------------------------------------------------
 
@@ -823,6 +839,8 @@ class ServerPool:
         outstanding_tokens = [0] * len(self.urls)
         inflight_count = [0] * len(self.urls)
         inflight: dict[Future, tuple[int, int, int]] = {}  # future -> (server, prompt, expected tokens)
+        # Request ids name this rollout's requests, so that a failed rollout can end the ones still running.
+        rollout_id = uuid.uuid4().hex[:12]
         executor = ThreadPoolExecutor(
             max_workers=min(len(prompts), len(self.urls) * self.max_inflight_per_server),
             thread_name_prefix="rollout-server",
@@ -839,6 +857,7 @@ class ServerPool:
                     future = executor.submit(
                         self.clients[server].generate, prompts[p], n=n, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, seed=_derive_prompt_seed(seed, p),
+                        request_id=f"rollout-{rollout_id}-prompt-{p}",
                     )
                     inflight[future] = (server, p, cost)
                     outstanding_tokens[server] += cost
@@ -854,7 +873,8 @@ class ServerPool:
                         samples = future.result()
                     except ServerError as exc:
                         if not self._is_down(server, exc):
-                            raise ServerError(exc.url, exc.endpoint, f"prompt {p}: {exc}") from exc
+                            raise type(exc)(exc.url, exc.endpoint, f"prompt {p}: {exc.message}", status=exc.status,
+                                            reply=exc.reply) from exc
                         self._mark_dead(server, exc)
                         # Re-sent first: its seed is fixed, so any server produces the same samples.
                         pending.appendleft(p)
@@ -862,10 +882,27 @@ class ServerPool:
                     # A late answer from a server already marked dead is still a correct answer.
                     results[p] = samples
                     self.samples_per_server[server] += len(samples)
+        except BaseException:
+            self._abort(inflight.values(), rollout_id)
+            raise
         finally:
-            # On an error, requests still running are abandoned (their threads end with their HTTP call).
             executor.shutdown(wait=False, cancel_futures=True)
         return self._batch(prompts, results, n, version)
+
+    def _abort(self, inflight: Collection[tuple[int, int, int]], rollout_id: str) -> None:
+        """Ends a failed rollout's requests on the live servers, so that neither the servers nor this process's
+        threads keep working for a batch nobody will read (best effort: the rollout's own error is what matters)."""
+        per_server: dict[int, list[str]] = collections.defaultdict(list)
+        for server, p, _ in inflight:
+            per_server[server].append(f"rollout-{rollout_id}-prompt-{p}")
+        for server, ids in per_server.items():
+            if self.urls[server] in self._dead:
+                continue
+            try:
+                self.clients[server].abort(ids)
+            except httpx.HTTPError as exc:
+                logger.warning("could not abort %d requests of a failed rollout on %s: %s", len(ids),
+                               self.urls[server], exc)
 
     def _batch(
         self, prompts: list[list[int]], results: list[list[Sample] | None], n: int, version: int

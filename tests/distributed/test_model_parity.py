@@ -91,8 +91,9 @@ def test_single_process_matches_transformers(reference, megatron_runs, layout):
     assert logits.shape == ref["logits"].shape and logits.dtype == torch.float32
     logprobs = _next_token_logprobs(logits, ref["input_ids"])
     logprobs_hf = _next_token_logprobs(ref["logits"], ref["input_ids"])
-    torch.testing.assert_close(logprobs, logprobs_hf, rtol=0, atol=1e-4)
-    torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=1e-4)
+    # Measured: log-probs 1.3e-7, logits 2.4e-7 (logits up to 0.6, fp32 spacing 6e-8).
+    torch.testing.assert_close(logprobs, logprobs_hf, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.distributed
@@ -105,9 +106,14 @@ def test_parallel_layout_matches_single_process(reference, megatron_runs, layout
     dispatcher = layout.rsplit("-", 1)[1]
     (single,) = _last_stage_logits(megatron_runs(1), f"tp1-pp1-ep1-etp1-{dispatcher}")
     for logits in _last_stage_logits(megatron_runs(_nproc_of(layout)), layout):
-        torch.testing.assert_close(logits, single, rtol=0, atol=1e-5)
+        if layout.startswith("tp1-pp2-ep1-"):
+            # Pipeline stages alone change no reduction: the same operations in the same order.
+            assert torch.equal(logits, single)
+        # Measured: logits 2.7e-7 (TP changes the order of the attention / MLP reductions; PP alone is
+        # bit-identical), log-probs 1.2e-7.
+        torch.testing.assert_close(logits, single, rtol=0, atol=1e-6)
         torch.testing.assert_close(
-            _next_token_logprobs(logits, input_ids), _next_token_logprobs(single, input_ids), rtol=0, atol=1e-5
+            _next_token_logprobs(logits, input_ids), _next_token_logprobs(single, input_ids), rtol=0, atol=1e-6
         )
 
 

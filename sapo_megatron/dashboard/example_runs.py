@@ -143,6 +143,10 @@ def write_example_run(
                         {key: v for key, v in attribution.items() if v.dim() == 0}, f"attribution/old_vs_mb{k}/"
                     )
             metrics["loss/pg_loss"] = sum(pg_losses) / len(pg_losses)
+            metrics["loss/loss"] = metrics["loss/pg_loss"]  # no KL or entropy term, as in the demo recipes
+            # The trainer's gradient norm before clipping: ~1, two orders above the loss (no random draw, so
+            # the other series do not depend on it).
+            metrics["loss/grad_norm"] = 1.6 - 0.8 * progress + 5.0 * abs(metrics["loss/pg_loss"])
             metrics |= {"time/rollout": 4.0 + randn(1).abs().item(), "time/old_logprob": 0.8, "time/update": 2.5,
                         "time/sync": 0.4}
             metrics["time/step"] = sum(metrics[f"time/{p}"] for p in ("rollout", "old_logprob", "update", "sync"))

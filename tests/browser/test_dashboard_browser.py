@@ -169,6 +169,81 @@ def test_screenshot_is_a_real_png_of_the_page(page):
     assert colors is None or len(colors) > 200, "the screenshot is (nearly) blank"
 
 
+def _chart(dom: str, chart_id: str) -> str:
+    """The DOM of one chart's div (up to the next chart's div)."""
+    start = dom.index(f'id="{chart_id}"')
+    end = dom.find(' id="chart-', start + 1)
+    return dom[start : end if end > 0 else len(dom)]
+
+
+def _line_colors(chart: str) -> list[str]:
+    """The stroke colour of every line trace drawn in the chart, in drawing order (legend samples excluded:
+    only the traces' paths keep their stroke width when zoomed)."""
+    return re.findall(r'class="js-line"[^>]*?style="vector-effect: non-scaling-stroke;[^"]*?stroke: (rgb\([^)]*\))', chart)
+
+
+def _tick_values(chart: str, axis_class: str) -> list[float]:
+    pattern = rf'class="{axis_class}"><text[^>]*data-unformatted="([^"]+)"'
+    return [float(v.replace("\u2212", "-").replace("−", "-")) for v in re.findall(pattern, chart)]
+
+
+RUN_COLORS = {"rgb(31, 119, 180)", "rgb(214, 39, 40)"}  # page.html's COLORS[0], COLORS[1]
+
+
+@pytest.fixture(scope="module")
+def single_run_page(tmp_path_factory):
+    require_chromium()
+    root = tmp_path_factory.mktemp("browser-single")
+    sapo = write_example_run(root / "sapo", num_steps=6, seed=0)
+    with DashboardServer([sapo], port=0, poll_seconds=3) as server:
+        dump = chromium("--dump-dom", server.url, profile=root / "profile-dom")
+        screenshot = root / "dashboard-one-run.png"
+        shot = chromium(f"--screenshot={screenshot}", server.url, profile=root / "profile-shot")
+    assert dump.returncode == 0 and shot.returncode == 0, dump.stderr[-3000:] + shot.stderr[-3000:]
+    return {"dom": dump.stdout, "screenshot": screenshot}
+
+
+def test_one_run_draws_each_series_in_its_own_colour(single_run_page):
+    dom = single_run_page["dom"]
+    for chart_id, series in (("chart-loss", 3), ("chart-ratio-var", 4), ("chart-mismatch", 2), ("chart-time", 5)):
+        colors = _line_colors(_chart(dom, chart_id))
+        assert len(colors) == series, f"{chart_id}: {colors}"
+        assert len(set(colors)) == series, f"{chart_id}: series share a colour: {colors}"
+
+
+def test_several_runs_are_told_apart_by_colour(page):
+    for chart_id in ("chart-loss", "chart-mismatch", "chart-time"):
+        colors = _line_colors(_chart(page["dom"], chart_id))
+        # Each trace has its run's colour (sapo, grpo), the series of one run differ by dash.
+        assert set(colors) == RUN_COLORS, f"{chart_id}: {colors}"
+
+
+def test_loss_and_grad_norm_have_their_own_axes(single_run_page):
+    loss = _chart(single_run_page["dom"], "chart-loss")
+    assert 'class="ytitle"' in loss and ">loss</text>" in loss
+    assert 'class="y2title"' in loss and ">grad norm</text>" in loss
+    left, right = _tick_values(loss, "ytick"), _tick_values(loss, "y2tick")
+    # The example run's loss is within +-1 and its gradient norm ~1-5: each axis spans its own series.
+    assert min(left) < 0 < max(left) <= 1
+    assert min(right) == 0 and max(right) > 2
+    gate = _chart(single_run_page["dom"], "chart-gate-activity")
+    assert ">mean gate weight</text>" in gate and ">fraction of tokens</text>" in gate
+    assert min(_tick_values(gate, "y2tick")) == 0
+
+
+def test_fraction_scales_start_at_zero(single_run_page):
+    dom = single_run_page["dom"]
+    heatmap = _chart(dom, "chart-heatmap-0")
+    colorbar_ticks = [float(v) for v in re.findall(r'class="ycb\w*tick"><text[^>]*data-unformatted="([^"]+)"', heatmap)]
+    assert colorbar_ticks and min(colorbar_ticks) == 0
+    assert min(_tick_values(_chart(dom, "chart-routing-summary"), "ytick")) == 0
+
+
+def test_one_run_screenshot_is_a_real_png(single_run_page):
+    data = single_run_page["screenshot"].read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == WINDOW
+
+
 def test_page_follows_a_run_that_is_being_written(tmp_path):
     require_chromium()
     logger = RunLogger(tmp_path / "live")

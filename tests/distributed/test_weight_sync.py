@@ -25,7 +25,9 @@ from sapo_megatron.launch import free_port, run_torchrun
 
 HERE = Path(__file__).parent
 JOB_TIMEOUT_S = 360
-TOL = 1e-4
+# Engine vs megatron log-probs (~-6, fp32 spacing 4.8e-7) after a push: measured 6.6e-7 at most (prompt and
+# generation log-probs, every layout); 4 spacings allowed.
+TOL = 2e-6
 
 SINGLE = "colocated-tp1-pp1-ep1-etp1-alltoall"
 SHARDED = "colocated-tp2-pp2-ep2-etp1-alltoall"

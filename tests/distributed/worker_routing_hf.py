@@ -1,8 +1,11 @@
 """Reference routing from transformers' Qwen3-MoE router, in a process that never touches megatron.
 
 Usage: worker_routing_hf.py OUT_FILE HF_DIR
-Writes, for fixed tokens [B, S], two passes of the HF model: ``natural`` (the routers choose) and
-``forced`` (every router takes the experts of ``forced_routing``, where that holds -1 it chooses itself).
+Writes, for fixed tokens [B, S], four passes of the HF model: ``natural`` (the routers choose), ``forced``
+(every router takes the experts of ``forced_routing``, where that holds -1 it chooses itself), then, with
+every router weight perturbed as worker_routing_replay.perturb_routers does it, ``perturbed`` (the routers
+choose) and ``replayed`` (every router takes the experts the ``natural`` pass recorded: what the actor's
+routing replay must reproduce after the router weights changed).
 Per pass: ``routing`` [B, S, layers, topk] (the experts used, in the router's order), ``logits``
 [B, S, layers, experts] (router logits, to tell near-ties apart) and ``logprobs`` [B, S] (position t:
 log p(tokens[t + 1]); the last position 0).
@@ -11,6 +14,8 @@ log p(tokens[t + 1]); the last position 0).
 import sys
 
 import torch
+
+from worker_routing_replay import PERTURBATION
 
 BATCH, SEQ = 5, 11  # 5 rows: the actor pads the batch; 11 tokens: sequence parallelism pads the sequence
 FORCED_FROM = 8  # positions >= this are -1 in the forced routing: the routers choose there
@@ -66,8 +71,23 @@ def main(out_file: str, hf_dir: str) -> None:
             "logprobs": torch.nn.functional.pad(logprobs, (0, 1)),
         }
 
+    natural = run(None)
+    forced_pass = run(forced)
+    # The actor's perturbation (worker_routing_replay.perturb_routers): megatron numbers layers from 1.
+    with torch.no_grad():
+        for index, gate in enumerate(gates):
+            generator = torch.Generator().manual_seed(1000 + index + 1)
+            gate.weight.add_(PERTURBATION * torch.randn(gate.weight.shape, generator=generator).to(gate.weight.dtype))
     torch.save(
-        {"input_ids": input_ids, "forced_routing": forced, "natural": run(None), "forced": run(forced)}, out_file
+        {
+            "input_ids": input_ids,
+            "forced_routing": forced,
+            "natural": natural,
+            "forced": forced_pass,
+            "perturbed": run(None),
+            "replayed": run(natural["routing"]),
+        },
+        out_file,
     )
 
 

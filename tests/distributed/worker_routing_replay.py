@@ -9,6 +9,7 @@ routings [B, S, layers, topk], ``ent_*`` router entropies [B, S, layers], all as
   forced     compute_logprobs replaying the reference's forced routing -> lp_forced, r_forced
   -- every router's weight is perturbed --
   perturbed  compute_logprobs, recorded                           -> lp_perturbed, r_perturbed
+  replayed 0 compute_logprobs replaying r_natural (same weights)  -> lp_replayed_0, r_replayed_0
   train 1    train_mini_batch, recorded                           -> metrics_1, r_train_1
   free       compute_logprobs, recorded (weights after step 1)    -> lp_free, r_free
   replayed   compute_logprobs replaying r_natural                 -> lp_replayed, r_replayed
@@ -91,6 +92,9 @@ def main(out_dir: str, hf_dir: str, reference_file: str, *layouts: str) -> None:
             )
             perturb_routers(actor.ddp_chunks)
             out["lp_perturbed"], out["r_perturbed"] = policy.compute_logprobs(data, record_routing=True)
+            out["lp_replayed_0"], out["r_replayed_0"] = policy.compute_logprobs(
+                data, record_routing=True, replay_routing=out["r_natural"]
+            )
             # Off-policy against the natural routing's log-probs, so the SAPO gate is away from r = 1.
             train = data.with_(logprobs_old=out["lp_natural"])
             out["metrics_1"], out["r_train_1"] = policy.train_mini_batch(train, record_routing=True)

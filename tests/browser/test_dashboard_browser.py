@@ -179,7 +179,8 @@ def _chart(dom: str, chart_id: str) -> str:
 def _line_colors(chart: str) -> list[str]:
     """The stroke colour of every line trace drawn in the chart, in drawing order (legend samples excluded:
     only the traces' paths keep their stroke width when zoomed)."""
-    return re.findall(r'class="js-line"[^>]*?style="vector-effect: non-scaling-stroke;[^"]*?stroke: (rgb\([^)]*\))', chart)
+    trace_path = r'class="js-line"[^>]*?style="vector-effect: non-scaling-stroke;[^"]*?stroke: (rgb\([^)]*\))'
+    return re.findall(trace_path, chart)
 
 
 def _tick_values(chart: str, axis_class: str) -> list[float]:

@@ -3,11 +3,13 @@
 Usage:
   worker_convert_independent.py write OUT_DIR
       transformers builds a randomly initialised Qwen3-MoE from CONFIG and writes it with ``save_pretrained``
-      (one process, never imports megatron). No other test uses this shape.
+      (one process, never imports megatron). No other test uses this shape. Also writes OUT_DIR.logits.pt:
+      {"input_ids", "logits"} of transformers' model on fixed tokens.
   worker_convert_independent.py save HF_DIR CKPT_ROOT LAYOUT
       The actor loads HF_DIR under LAYOUT (e.g. ``tp2-pp2-ep2-etp1-alltoall``), takes one optimizer step with
       an exactly zero gradient (every advantage 0: the trainer saves only after a step, when the optimizer
-      state exists) and saves the checkpoint of step 1 into CKPT_ROOT.
+      state exists) and saves the checkpoint of step 1 into CKPT_ROOT. Also writes CKPT_ROOT.logits.pt: the
+      logits of the loaded model (last pipeline stage) on the tokens of HF_DIR.logits.pt.
 """
 
 import sys
@@ -51,6 +53,10 @@ def write(out_dir: str) -> None:
     torch.manual_seed(20261207)
     model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**CONFIG)).to(torch.float32)
     model.save_pretrained(out_dir)
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (4, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits = model.eval()(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+    torch.save({"input_ids": input_ids, "logits": logits.float()}, f"{out_dir}.logits.pt")
 
 
 def save(hf_dir: str, ckpt_root: str, layout: str) -> None:
@@ -62,7 +68,10 @@ def save(hf_dir: str, ckpt_root: str, layout: str) -> None:
     from sapo_megatron.actor.batch import TrainBatch
     from sapo_megatron.actor.checkpoint import save_checkpoint
     from sapo_megatron.actor.cpu_compat import MegatronCpuCompat
+    from megatron.core import parallel_state
+
     from sapo_megatron.actor.factory import build_actor
+    from sapo_megatron.actor.model import forward_logits
     from sapo_megatron.actor.parallel import destroy_distributed, init_distributed
     from sapo_megatron.config import load_config
 
@@ -72,6 +81,10 @@ def save(hf_dir: str, ckpt_root: str, layout: str) -> None:
     with MegatronCpuCompat("cpu"):
         init_distributed(cfg.parallel, "cpu", seed=1)
         actor = build_actor(cfg, hf_dir, device=torch.device("cpu"), total_steps=1)
+        input_ids = torch.load(f"{hf_dir}.logits.pt")["input_ids"]
+        logits = forward_logits(actor.model, input_ids, micro_batch_size=2)
+        if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+            torch.save({"logits": logits}, f"{ckpt_root}.logits.pt")
         tokens = torch.randint(0, CONFIG["vocab_size"], (4, 9), generator=torch.Generator().manual_seed(3))
         loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
         loss_mask[:, 3:] = True

@@ -1,7 +1,8 @@
 """The Megatron-core actor: forward-only log-probs and policy-loss updates through Megatron's schedules.
 
 Every rank holds the whole rollout batch (it is small next to the model); each data-parallel rank takes its
-contiguous slice, splits it into micro-batches of ``trainer.micro_batch_size`` and hands them to
+contiguous slice, splits it into micro-batches (``trainer.micro_batch_size`` rows each, or by the token budget
+``trainer.max_tokens_per_micro_batch``: :mod:`sapo_megatron.actor.micro_batching`) and hands them to
 ``get_forward_backward_func()``. The policy loss runs inside the schedule's loss function on the last
 pipeline stage, on the vocab-parallel logits (the full vocabulary is never gathered). Losses are normalised
 by the global token / sequence counts of the mini-batch, and :mod:`sapo_megatron.actor.loss_adapter` undoes
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from sapo_megatron.actor.batch import TrainBatch
 from sapo_megatron.actor.loss_adapter import MegatronLossScale
+from sapo_megatron.actor.micro_batching import MicroBatchLayout, group_by_token_budget, round_up, row_lengths
 
 
 def causal_attention_mask(seq_len: int) -> torch.Tensor:
@@ -31,6 +33,12 @@ class MegatronPolicy:
     It owns no model construction: ``model`` is the list of (DDP-wrapped) model chunks of this rank,
     ``optimizer`` / ``scheduler`` are megatron-core's. ``policy_loss`` is a callable with the algorithm core's
     contract ``(logprobs, logprobs_old, advantages, mask, *, num_global_tokens, num_global_seqs) -> (loss, metrics)``.
+
+    ``max_tokens_per_micro_batch > 0`` forms micro-batches by padded tokens instead of ``micro_batch_size``
+    rows (first-fit decreasing, each padded only to its own longest row); losses, gradients and metrics are
+    those of the fixed split up to fp32 summation order. Per-position outputs then hold 0 (log-probs,
+    entropy, router entropy) or -1 (routing) after each row's last loss position: those positions predict
+    right padding, and no loss, metric or diagnostic reads them.
     """
 
     def __init__(
@@ -48,14 +56,20 @@ class MegatronPolicy:
         reduction: str = "seq_mean_token_mean",
         device: torch.device | str = "cpu",
         sequence_multiple: int = 1,
+        max_tokens_per_micro_batch: int = 0,
     ):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size}: must be >= 1")
+        if max_tokens_per_micro_batch < 0:
+            raise ValueError(
+                f"max_tokens_per_micro_batch={max_tokens_per_micro_batch}: must be >= 0 (0 = micro_batch_size rows)"
+            )
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.policy_loss = policy_loss
         self.micro_batch_size = micro_batch_size
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.temperature = temperature
         self.kl_coef = kl_coef
         self.kl_estimator = kl_estimator
@@ -78,17 +92,68 @@ class MegatronPolicy:
         mpu = self._mpu()
         return mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
 
-    def _local_micro_batches(self, batch: TrainBatch) -> tuple[list[TrainBatch], int]:
+    def _local_micro_batches(self, batch: TrainBatch) -> tuple[list[TrainBatch], MicroBatchLayout]:
+        """This data-parallel rank's micro-batches of ``batch`` and where their rows and positions come from."""
         dp_rank, dp_size = self._dp()
-        padded = batch.padded_to_multiple(dp_size * self.micro_batch_size).with_seq_len_multiple(
-            self.sequence_multiple
-        )
+        budget = self.max_tokens_per_micro_batch
+        rows_multiple = dp_size if budget else dp_size * self.micro_batch_size
+        padded = batch.padded_to_multiple(rows_multiple).with_seq_len_multiple(self.sequence_multiple)
         per_rank = padded.size // dp_size
         local = padded.select(slice(dp_rank * per_rank, (dp_rank + 1) * per_rank))
-        micro = [
-            local.select(slice(i, i + self.micro_batch_size)) for i in range(0, per_rank, self.micro_batch_size)
-        ]
-        return micro, padded.size
+        if not budget:
+            starts = range(0, per_rank, self.micro_batch_size)
+            rows = [torch.arange(i, i + self.micro_batch_size) for i in starts]
+            micro = [local.select(slice(i, i + self.micro_batch_size)) for i in starts]
+            widths = [padded.seq_len] * len(micro)
+        else:
+            self._check_token_budget_layout()
+            lengths = row_lengths(local.loss_mask).tolist()
+            groups = group_by_token_budget(lengths, budget, multiple=self.sequence_multiple)
+            count = self._max_over_data_parallel(len(groups))
+            if count != len(groups):
+                groups = group_by_token_budget(lengths, budget, multiple=self.sequence_multiple, num_groups=count)
+            rows = [torch.tensor(group, dtype=torch.int64) for group in groups]
+            widths = [round_up(max(lengths[i] for i in group), self.sequence_multiple) for group in groups]
+            micro = [local.select(index).narrowed(width) for index, width in zip(rows, widths)]
+        layout = MicroBatchLayout(
+            rows=tuple(rows), widths=tuple(widths), padded_size=padded.size, num_local=per_rank, width=padded.seq_len
+        )
+        return micro, layout
+
+    def _max_over_data_parallel(self, value: int) -> int:
+        # Every rank of a schedule runs the same number of micro-batches; the pipeline and tensor-parallel
+        # peers of a rank hold the same rows, so agreeing over the data-parallel group is enough.
+        _, dp_size = self._dp()
+        if dp_size == 1:
+            return value
+        count = torch.tensor([value], dtype=torch.int64, device=self._collective_device())
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self._mpu().get_data_parallel_group())
+        return int(count.item())
+
+    def _collective_device(self) -> torch.device:
+        # NCCL groups take CUDA tensors; gloo takes CPU tensors.
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _check_token_budget_layout(self) -> None:
+        from megatron.core.utils import get_model_config
+
+        mpu = self._mpu()
+        config = get_model_config(self.model[0])
+        dispatcher = getattr(config, "moe_token_dispatcher_type", None)
+        # The expert groups span data-parallel ranks when they are larger than the tensor-parallel group.
+        experts_span_data = (
+            mpu.get_expert_tensor_and_model_parallel_world_size() > mpu.get_tensor_model_parallel_world_size()
+        )
+        if config.num_moe_experts and dispatcher == "allgather" and experts_span_data:
+            # Those ranks hold different rows, so with a token budget their micro-batches differ in size, and
+            # the allgather dispatcher gathers equal-sized blocks (megatron rejects the combination).
+            raise ValueError(
+                "trainer.max_tokens_per_micro_batch > 0 with experts split over data-parallel ranks (parallel.expert "
+                "x parallel.expert_tensor > parallel.tensor) needs parallel.moe_token_dispatcher=alltoall: the "
+                "allgather dispatcher cannot take micro-batches of different sizes on those ranks"
+            )
+        if getattr(config, "context_parallel_size", 1) > 1:
+            raise ValueError("trainer.max_tokens_per_micro_batch > 0 with parallel.context > 1 is not supported")
 
     def _data_iterators(self, micro: list[TrainBatch]):
         # Interleaved pipelines take one iterator per model chunk, each yielding the same micro-batches.
@@ -96,19 +161,32 @@ class MegatronPolicy:
             return [iter(micro) for _ in self.model]
         return iter(micro)
 
-    def _run_schedule(self, micro: list[TrainBatch], forward_step, *, forward_only: bool) -> list:
+    def _run_schedule(
+        self, micro: list[TrainBatch], layout: MicroBatchLayout, forward_step, *, forward_only: bool
+    ) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.utils import get_model_config
 
         fb = get_forward_backward_func()
-        return fb(
-            forward_step_func=forward_step,
-            data_iterator=self._data_iterators(micro),
-            model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=len(micro),
-            seq_length=micro[0].seq_len,
-            micro_batch_size=self.micro_batch_size,
-            forward_only=forward_only,
-        )
+        config = get_model_config(self.model[0])
+        # Pipeline stages post receive buffers of shape [seq_length, micro_batch_size, hidden] unless megatron
+        # exchanges each activation's shape first (variable_seq_lengths), which token-budget micro-batches need.
+        # Set for every token-budget run (not only non-uniform ones) so that all stages agree without a collective.
+        variable = bool(self.max_tokens_per_micro_batch) and self._mpu().get_pipeline_model_parallel_world_size() > 1
+        saved = config.variable_seq_lengths
+        config.variable_seq_lengths = saved or variable
+        try:
+            return fb(
+                forward_step_func=forward_step,
+                data_iterator=self._data_iterators(micro),
+                model=self.model if len(self.model) > 1 else self.model[0],
+                num_microbatches=len(micro),
+                seq_length=layout.widths[0],
+                micro_batch_size=len(layout.rows[0]),
+                forward_only=forward_only,
+            )
+        finally:
+            config.variable_seq_lengths = saved
 
     # -- the model call ------------------------------------------------------------------------------------
     def _logits(self, model, mb: TrainBatch) -> torch.Tensor:
@@ -157,12 +235,12 @@ class MegatronPolicy:
         """
         from sapo_megatron.actor.routing import open_routing_pass
 
-        micro, padded_size = self._local_micro_batches(batch)
+        micro, layout = self._local_micro_batches(batch)
         routing = open_routing_pass(
             self,
             batch,
             micro,
-            padded_size,
+            layout,
             training=False,
             record=record_routing,
             replay=replay_routing,
@@ -186,33 +264,46 @@ class MegatronPolicy:
         for m in self.model:
             m.eval()
         with routing:
-            outputs = self._run_schedule(micro, forward_step, forward_only=True)
+            outputs = self._run_schedule(micro, layout, forward_step, forward_only=True)
         for m in self.model:
             m.train()
         keys = ["logprobs"] + (["entropy"] if with_entropy else [])
-        result = {key: self._gather_token_outputs(outputs, key, micro, batch) for key in keys}
+        result = {key: self._gather_token_outputs(outputs, key, layout, batch) for key in keys}
         if record_routing:
-            result["routing"] = routing.gather(batch.size, batch.seq_len)
+            result["routing"] = self._beyond_loss_filled(routing.gather(batch.size, batch.seq_len), batch, -1)
             keys.append("routing")
         if record_router_entropy:
-            result["router_entropy"] = routing.gather_entropy(batch.size, batch.seq_len)
+            result["router_entropy"] = self._beyond_loss_filled(
+                routing.gather_entropy(batch.size, batch.seq_len), batch, 0.0
+            )
             keys.append("router_entropy")
         if len(keys) > 1:
             return tuple(result[key] for key in keys)
         return result["logprobs"]
 
-    def _gather_token_outputs(self, outputs: list, key: str, micro: list[TrainBatch], batch: TrainBatch) -> torch.Tensor:
+    def _beyond_loss_filled(self, values: torch.Tensor, batch: TrainBatch, fill) -> torch.Tensor:
+        """``values`` [B, S, ...] with ``fill`` after each row's last loss position, under a token budget:
+        there the positions were cut from the micro-batch, or predict padding with a truncated label."""
+        if not self.max_tokens_per_micro_batch:
+            return values
+        # row_lengths is the last loss position + 2; positions up to the last loss position are kept.
+        keep = torch.arange(batch.seq_len)[None, :] < (row_lengths(batch.loss_mask) - 1)[:, None]
+        keep = keep.reshape(*keep.shape, *([1] * (values.dim() - 2)))
+        return torch.where(keep, values, torch.full((), fill, dtype=values.dtype))
+
+    def _gather_token_outputs(
+        self, outputs: list, key: str, layout: MicroBatchLayout, batch: TrainBatch
+    ) -> torch.Tensor:
         """``[B, S]`` values that the last pipeline stage's loss function returned per micro-batch, on every
-        rank: broadcast over the pipeline group, gathered over data-parallel ranks, padding cut off."""
+        rank, in the batch's row order: broadcast over the pipeline group, gathered over data-parallel ranks,
+        padding cut off."""
         mpu = self._mpu()
-        n_local = sum(mb.size for mb in micro)
-        # The micro-batches' length, which sequence parallelism may have padded beyond batch.seq_len:
-        # every rank of the broadcast below must post a buffer of the last stage's shape.
-        padded_len = micro[0].seq_len
+        # The full width, which sequence parallelism may have padded beyond batch.seq_len: every rank of the
+        # broadcast below must post a buffer of the last stage's shape.
         if mpu.is_pipeline_last_stage(ignore_virtual=True):
-            local = torch.cat([o[key] for o in outputs], dim=0)
+            local = layout.assemble([o[key] for o in outputs]).float()
         else:
-            local = torch.empty(n_local, padded_len, dtype=torch.float32)
+            local = torch.empty(layout.num_local, layout.width, dtype=torch.float32)
         if mpu.get_pipeline_model_parallel_world_size() > 1:
             src = mpu.get_pipeline_model_parallel_last_rank()
             dist.broadcast(local, src=src, group=mpu.get_pipeline_model_parallel_group())
@@ -221,7 +312,7 @@ class MegatronPolicy:
             parts = [torch.empty_like(local) for _ in range(dp_size)]
             dist.all_gather(parts, local, group=mpu.get_data_parallel_group())
             local = torch.cat(parts, dim=0)
-        return local[: batch.size, : batch.seq_len]
+        return self._beyond_loss_filled(local[: batch.size, : batch.seq_len], batch, 0.0)
 
     # -- one optimizer step on a mini-batch ---------------------------------------------------------------
     def train_mini_batch(
@@ -251,9 +342,9 @@ class MegatronPolicy:
         num_global_seqs = batch.num_valid_sequences()
         if num_global_tokens == 0:
             raise ValueError("the mini-batch has no response tokens (all-zero loss mask); nothing to train on")
-        micro, padded_size = self._local_micro_batches(batch)
+        micro, layout = self._local_micro_batches(batch)
         routing = open_routing_pass(
-            self, batch, micro, padded_size, training=True, record=record_routing, replay=replay_routing
+            self, batch, micro, layout, training=True, record=record_routing, replay=replay_routing
         )
         _, dp_size = self._dp()
         scale = MegatronLossScale(num_microbatches=len(micro), data_parallel_size=dp_size)
@@ -270,7 +361,7 @@ class MegatronPolicy:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         with routing:
-            outputs = self._run_schedule(micro, forward_step, forward_only=False)
+            outputs = self._run_schedule(micro, layout, forward_step, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
         if self.scheduler is not None and update_ok:
             self.scheduler.step(increment=1)
@@ -279,9 +370,9 @@ class MegatronPolicy:
         metrics["update_skipped"] = 0.0 if update_ok else 1.0
         extras = []
         if record_routing:
-            extras.append(routing.gather(batch.size, batch.seq_len))
+            extras.append(self._beyond_loss_filled(routing.gather(batch.size, batch.seq_len), batch, -1))
         if return_logprobs:
-            extras.append(self._gather_token_outputs(outputs, "logprobs", micro, batch))
+            extras.append(self._gather_token_outputs(outputs, "logprobs", layout, batch))
         return (metrics, *extras) if extras else metrics
 
     def _loss_func(

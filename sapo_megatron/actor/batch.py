@@ -86,6 +86,18 @@ class TrainBatch:
             kwargs[f.name] = torch.cat([value, pad], dim=0)
         return TrainBatch(**kwargs)
 
+    def narrowed(self, width: int) -> "TrainBatch":
+        """The first ``width`` positions of every [B, S] tensor (a token-budget micro-batch drops the right
+        padding it does not need; causal attention leaves the kept positions' logits unchanged)."""
+        if not 1 <= width <= self.seq_len:
+            raise ValueError(f"width={width}: must be in [1, {self.seq_len}]")
+        if width == self.seq_len:
+            return self
+        kwargs = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kwargs[f.name] = value if value is None or f.name == "advantages" else value[:, :width]
+        return TrainBatch(**kwargs)
 
     def with_seq_len_multiple(self, multiple: int) -> "TrainBatch":
         """Right-pads every [B, S] tensor so S divides ``multiple``; padded positions are masked out."""

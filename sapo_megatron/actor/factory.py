@@ -136,6 +136,7 @@ def build_actor(
         scheduler=scheduler,
         policy_loss=policy_loss_from_config(cfg.algorithm, max_response_length=cfg.rollout.max_new_tokens),
         micro_batch_size=cfg.trainer.micro_batch_size,
+        max_tokens_per_micro_batch=cfg.trainer.max_tokens_per_micro_batch,
         temperature=cfg.rollout.temperature,
         kl_coef=alg.kl_coef,
         kl_estimator=alg.kl_estimator,

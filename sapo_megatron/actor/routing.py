@@ -15,10 +15,12 @@ replayed top-k takes the router's scores at the given experts (``scores.gather``
 ``REPLAY_FORWARD`` does, so the gate weights still follow the current router weights and get gradients.
 
 Where the tokens of a pass live: each data-parallel rank holds a contiguous slice of the (padded) batch,
-split into micro-batches; with sequence parallelism each tensor-parallel rank routes one contiguous slice
-of the sequence (megatron's hidden states are ``[seq, batch, hidden]``, routed as ``seq * batch`` rows);
-each pipeline stage holds some of the MoE layers. :meth:`RoutingPass.gather` reassembles the full routing on
-every rank over those three groups; a replay routing is cut the same way before each micro-batch's forward.
+split into micro-batches (consecutive rows of the full width, or, under a token budget, any rows cut to the
+micro-batch's own width: :class:`~sapo_megatron.actor.micro_batching.MicroBatchLayout`); with sequence
+parallelism each tensor-parallel rank routes one contiguous slice of the micro-batch's sequence (megatron's
+hidden states are ``[seq, batch, hidden]``, routed as ``seq * batch`` rows); each pipeline stage holds some of
+the MoE layers. :meth:`RoutingPass.gather` reassembles the full routing on every rank over those three groups;
+a replay routing is cut the same way before each micro-batch's forward.
 
 A pass can also record each router's entropy per token (:data:`ENTROPY_DTYPE` ``[batch, seq, num_moe_layers]``,
 nats, 0 where nothing was recorded): the entropy of the softmax over *all* routed experts, before the top-k,
@@ -187,7 +189,7 @@ class RoutingPass:
         self,
         owner: "RoutingReplay",
         micro: list,
-        padded_size: int,
+        layout,
         *,
         training: bool,
         record: bool,
@@ -198,20 +200,19 @@ class RoutingPass:
         self.training = training
         self.record = record
         self.record_entropy = record_entropy
+        assert len(micro) == layout.num_microbatches
         self._micro_index = {id(mb): i for i, mb in enumerate(micro)}
-        self._micro_offset = []
-        offset = 0
-        for mb in micro:
-            self._micro_offset.append(offset)
-            offset += mb.size
-        self._num_local = offset
-        self._seq_len = micro[0].seq_len if micro else 0
+        # Local rows and width of each micro-batch (a MicroBatchLayout).
+        self._rows = layout.rows
+        self._widths = layout.widths
+        self._num_local = layout.num_local
+        self._seq_len = layout.width
         self._records: dict[tuple[int, int], torch.Tensor] = {}
         self._entropies: dict[tuple[int, int], torch.Tensor] = {}
-        self._replay_local = None if replay is None else self._local_replay(replay, padded_size)
+        self._replay_local = None if replay is None else self._local_replay(replay, layout.padded_size)
 
     def _local_replay(self, routing: torch.Tensor, padded_size: int) -> torch.Tensor:
-        """This data-parallel rank's rows of the padded batch, as the actor pads and slices the batch."""
+        """This data-parallel rank's rows of the padded batch (full width), as the actor pads and slices it."""
         from megatron.core import parallel_state as mpu
 
         extra_rows = padded_size - routing.shape[0]
@@ -232,8 +233,7 @@ class RoutingPass:
         index = self._micro_index[id(mb)]
         replay = None
         if self._replay_local is not None:
-            offset = self._micro_offset[index]
-            replay = self._replay_local[offset : offset + mb.size]
+            replay = self._replay_local[self._rows[index], : self._widths[index]]
             start, stop = self.owner.sequence_slice(replay.shape[1])
             replay = replay[:, start:stop]
         for layer in self.owner.layers_of(chunk):
@@ -267,7 +267,8 @@ class RoutingPass:
         """The recorded routing of the whole batch, ``[batch_size, seq_len, layers, topk]`` int32 on the CPU,
         on every rank. Collective over the tensor-, pipeline- and data-parallel groups: all ranks call it."""
         assert self.record, "gather() needs a pass with record=True"
-        # Each MoE layer lives on exactly one pipeline stage; the others hold -1 there.
+        # Each (token, MoE layer) is routed on exactly one tensor-parallel rank and pipeline stage; the other
+        # ranks hold -1 there, below every expert id.
         tail = (self.owner.topk,)
         return self._gather(self._records, tail, UNRECORDED, ROUTING_DTYPE, dist.ReduceOp.MAX, batch_size, seq_len)
 
@@ -275,29 +276,30 @@ class RoutingPass:
         """The recorded router entropy of the whole batch, float32 ``[batch_size, seq_len, layers]`` (nats) on
         the CPU, on every rank; collective like :meth:`gather`."""
         assert self.record_entropy, "gather_entropy() needs a pass with record_entropy=True"
-        # Other pipeline stages hold 0 at a layer: the sum is the owning stage's value, bit for bit.
+        # The other tensor-parallel ranks and pipeline stages hold 0: the sum is the owner's value, bit for bit.
         entropy = self._gather(self._entropies, (1,), 0.0, ENTROPY_DTYPE, dist.ReduceOp.SUM, batch_size, seq_len)
         return entropy[..., 0]
 
-    def _gather(self, records: dict, tail: tuple, fill, dtype, pp_op, batch_size: int, seq_len: int) -> torch.Tensor:
+    def _gather(self, records: dict, tail: tuple, fill, dtype, op, batch_size: int, seq_len: int) -> torch.Tensor:
         """``records[(moe_index, micro_index)]`` (megatron's token order ``[s_local * b, *tail]``) assembled
-        into ``[batch_size, seq_len, layers, *tail]`` over the tensor-, pipeline- and data-parallel groups."""
+        into ``[batch_size, seq_len, layers, *tail]`` over the tensor-, pipeline- and data-parallel groups.
+        ``op`` combines a value with ``fill`` (held by every rank that did not route the token) into the value."""
         from megatron.core import parallel_state as mpu
 
         owner = self.owner
-        s_local = owner.sequence_slice(self._seq_len)
-        s_local = s_local[1] - s_local[0]
         local = torch.full(
-            (self._num_local, s_local, owner.num_moe_layers, *tail), fill, dtype=dtype, device=owner.device
+            (self._num_local, self._seq_len, owner.num_moe_layers, *tail), fill, dtype=dtype, device=owner.device
         )
         for (moe_index, micro_index), values in records.items():
-            offset = self._micro_offset[micro_index]
-            rows = values.reshape(s_local, -1, *tail).transpose(0, 1)
-            local[offset : offset + rows.shape[0], :, moe_index] = rows
+            # Under sequence parallelism this rank routed its slice of the micro-batch's own width.
+            start, stop = owner.sequence_slice(self._widths[micro_index])
+            rows = values.reshape(stop - start, -1, *tail).transpose(0, 1)
+            local[self._rows[micro_index].to(local.device), start:stop, moe_index] = rows
         if owner.sequence_parallel and mpu.get_tensor_model_parallel_world_size() > 1:
-            local = _all_gather_cat(local, dim=1, group=mpu.get_tensor_model_parallel_group())
+            # Micro-batches of different widths split at different positions: combine whole-width tensors.
+            dist.all_reduce(local, op=op, group=mpu.get_tensor_model_parallel_group())
         if mpu.get_pipeline_model_parallel_world_size() > 1:
-            dist.all_reduce(local, op=pp_op, group=mpu.get_pipeline_model_parallel_group())
+            dist.all_reduce(local, op=op, group=mpu.get_pipeline_model_parallel_group())
         if mpu.get_data_parallel_world_size() > 1:
             local = _all_gather_cat(local, dim=0, group=mpu.get_data_parallel_group())
         return local[:batch_size, :seq_len].cpu()
@@ -433,22 +435,23 @@ class RoutingReplay:
     def pass_(
         self,
         micro: list,
-        padded_size: int,
+        layout,
         *,
         training: bool,
         record: bool,
         replay: Optional[torch.Tensor] = None,
         record_entropy: bool = False,
     ) -> RoutingPass:
-        """A context for one schedule run over ``micro`` (this rank's micro-batches of a batch padded to
-        ``padded_size`` rows). ``replay`` is the full batch's routing, already checked (:meth:`check`);
+        """A context for one schedule run over ``micro`` (this rank's micro-batches, laid out as ``layout``, a
+        :class:`~sapo_megatron.actor.micro_batching.MicroBatchLayout`). ``replay`` is the full batch's routing,
+        already checked (:meth:`check`);
         ``record_entropy`` also records each router's entropy per token (:meth:`RoutingPass.gather_entropy`)."""
         if not self.installed:
             raise RuntimeError("RoutingReplay: install() before running a routing pass")
         if record_entropy:
             self.check_entropy_supported()
         return RoutingPass(
-            self, micro, padded_size, training=training, record=record, replay=replay, record_entropy=record_entropy
+            self, micro, layout, training=training, record=record, replay=replay, record_entropy=record_entropy
         )
 
     def check(self, routing: torch.Tensor, batch_size: int, seq_len: int, name: str = "replay_routing") -> torch.Tensor:
@@ -476,7 +479,7 @@ def open_routing_pass(
     policy,
     batch,
     micro: list,
-    padded_size: int,
+    layout,
     *,
     training: bool,
     record: bool,
@@ -496,5 +499,5 @@ def open_routing_pass(
     if replay is not None:
         replay = routing.check(replay, batch.size, batch.seq_len)
     return routing.pass_(
-        micro, padded_size, training=training, record=record, replay=replay, record_entropy=record_entropy
+        micro, layout, training=training, record=record, replay=replay, record_entropy=record_entropy
     )

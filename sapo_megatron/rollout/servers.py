@@ -66,6 +66,7 @@ import logging
 import math
 import numbers
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -263,13 +264,14 @@ class ServerProcess:
         return env
 
     def start(self) -> "ServerProcess":
-        """Starts the server process (returns at once; :meth:`wait_ready` waits for it)."""
+        """Starts the server process (returns at once; :meth:`wait_ready` waits for it). The server is killed when
+        the calling thread ends (see :func:`_parent_death_signal`): call it from the main thread."""
         if self._proc is not None and self._proc.poll() is None:
             raise RuntimeError(f"ServerProcess {self.url}: already running (pid {self._proc.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self._log_file is None:
             self._log_file = open(self.log_path, "ab")
-        self._log_file.write(f"\n===== sapo_megatron: starting {' '.join(self.command())}\n".encode())
+        self._log_file.write(f"\n===== sapo_megatron: starting {shlex.join(self.command())}\n".encode())
         self._log_file.flush()
         self._proc = subprocess.Popen(
             self.command(),
@@ -280,7 +282,7 @@ class ServerProcess:
             # Its own process group, so stop() reaches the engine core and worker processes too.
             start_new_session=True,
             # SIGKILL when this process dies, so a killed trainer or test run leaves no server behind.
-            preexec_fn=_die_with_parent,
+            preexec_fn=_parent_death_signal(),
         )
         return self
 
@@ -364,14 +366,22 @@ class ServerProcess:
         return f"ServerProcess({self.url}, model_dir={str(self.model_dir)!r}, pid={self.pid})"
 
 
-def _die_with_parent() -> None:
-    """In the child between fork and exec: SIGKILL when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+def _parent_death_signal():
+    """A ``preexec_fn`` that makes the child receive SIGKILL when its parent dies (Linux ``PR_SET_PDEATHSIG``),
+    or ``None`` where libc has no ``prctl`` (then only :meth:`ServerProcess.stop` ends the server).
+
+    libc is resolved here, in the parent: between fork and exec the child must not import or take locks that
+    another thread of the parent may have held at the fork. Linux sends the signal when the *thread* that
+    started the child exits, so start servers from a thread that lives as long as they should (the main one).
+    """
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass  # not Linux: stop() and the caller's clean-up still apply
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigkill = 1, int(signal.SIGKILL)
+    return lambda: prctl(pr_set_pdeathsig, sigkill)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -482,7 +492,10 @@ class ServerClient:
         self._http = httpx.Client(
             base_url=self.url,
             timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            # The server closes a connection idle for 5 s (uvicorn's keep-alive); a request sent on it just then
+            # fails with a reset. Connections idle for more than a second are not reused.
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                                keepalive_expiry=1.0),
         )
 
     # -- transport ------------------------------------------------------------------------------------------
@@ -717,6 +730,7 @@ class ServerPool:
             server's scheduler full (about ``max_num_seqs / n``); beyond that, prompts wait here, where a
             faster server can take them and a dead server cannot strand them.
         timeout_s, generate_timeout_s, eos_token_ids: as in :class:`ServerClient`.
+        abort_wait_s: how long a failed rollout waits for its aborted requests to end before it raises.
     """
 
     def __init__(
@@ -727,6 +741,7 @@ class ServerPool:
         timeout_s: float = 30.0,
         generate_timeout_s: float = 600.0,
         eos_token_ids: Collection[int] | None = None,
+        abort_wait_s: float = 30.0,
     ) -> None:
         if isinstance(urls, str):
             raise ValueError("ServerPool(urls=...): give a list of base URLs, not one string")
@@ -739,6 +754,7 @@ class ServerPool:
             raise ValueError(f"ServerPool(max_inflight_per_server={max_inflight_per_server}): must be >= 1")
         self.urls = urls
         self.max_inflight_per_server = max_inflight_per_server
+        self.abort_wait_s = abort_wait_s
         self.clients = [
             ServerClient(u, timeout_s=timeout_s, generate_timeout_s=generate_timeout_s, eos_token_ids=eos_token_ids,
                          max_connections=max_inflight_per_server + 8)
@@ -883,26 +899,38 @@ class ServerPool:
                     results[p] = samples
                     self.samples_per_server[server] += len(samples)
         except BaseException:
-            self._abort(inflight.values(), rollout_id)
+            self._abort(inflight, rollout_id)
             raise
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
         return self._batch(prompts, results, n, version)
 
-    def _abort(self, inflight: Collection[tuple[int, int, int]], rollout_id: str) -> None:
+    def _abort(self, inflight: dict[Future, tuple[int, int, int]], rollout_id: str) -> None:
         """Ends a failed rollout's requests on the live servers, so that neither the servers nor this process's
-        threads keep working for a batch nobody will read (best effort: the rollout's own error is what matters)."""
-        per_server: dict[int, list[str]] = collections.defaultdict(list)
-        for server, p, _ in inflight:
-            per_server[server].append(f"rollout-{rollout_id}-prompt-{p}")
-        for server, ids in per_server.items():
-            if self.urls[server] in self._dead:
-                continue
-            try:
-                self.clients[server].abort(ids)
-            except httpx.HTTPError as exc:
-                logger.warning("could not abort %d requests of a failed rollout on %s: %s", len(ids),
-                               self.urls[server], exc)
+        threads keep working for a batch nobody will read. The abort is repeated for requests still running: it
+        can reach a server before the request it names has been registered there. Best effort, bounded by
+        ``abort_wait_s``: the rollout's own error is what the caller gets."""
+        running = dict(inflight)
+        deadline = time.monotonic() + self.abort_wait_s
+        while running:
+            per_server: dict[int, list[str]] = collections.defaultdict(list)
+            for server, p, _ in running.values():
+                if self.urls[server] not in self._dead:
+                    per_server[server].append(f"rollout-{rollout_id}-prompt-{p}")
+            for server, ids in per_server.items():
+                try:
+                    self.clients[server].abort(ids)
+                except httpx.HTTPError as exc:
+                    logger.warning("could not abort %d requests of a failed rollout on %s: %s", len(ids),
+                                   self.urls[server], exc)
+            done, _ = wait(list(running), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            for future in done:
+                running.pop(future)
+            if time.monotonic() >= deadline:
+                break
+        if running:
+            logger.warning("%d requests of a failed rollout were still running %.0f s after their abort",
+                           len(running), self.abort_wait_s)
 
     def _batch(
         self, prompts: list[list[int]], results: list[list[Sample] | None], n: int, version: int

@@ -55,6 +55,7 @@ def _run(args: list, nproc: int = 1) -> None:
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
 def runs(request, tiny_model_dir, tmp_path_factory):
+    pytest.importorskip("vllm")
     name = request.param
     out = tmp_path_factory.mktemp(f"bf16-{name}")
     model_dir = tiny_model_dir

@@ -56,6 +56,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary is not None else 130
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _resolve(args)
+    from sapo_megatron.rollout.serve_node import serve_node
+
+    return serve_node(cfg, host=args.host, base_port=args.base_port)
+
+
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     from sapo_megatron.dashboard.server import DashboardServer
 
@@ -113,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_train = sub.add_parser("train", help="run SAPO (or another policy loss) RL training from a recipe")
     _add_recipe_args(p_train)
     p_train.set_defaults(func=_cmd_train)
+    p_serve = sub.add_parser(
+        "serve",
+        help="start this rollout node's vLLM servers for a disaggregated run (rollout.mode=remote) and keep them up",
+        description="Starts launch.nproc_per_node / rollout.engine_tensor_parallel vLLM servers on this node, bound "
+        "to --host at --base-port, --base-port + 1, ...; runs until stopped. Documentation: docs/rollout.md.",
+    )
+    _add_recipe_args(p_serve)
+    p_serve.add_argument("--host", default=None, help="routable name or address to bind (default: this host's name)")
+    p_serve.add_argument("--base-port", type=int, default=8000, help="port of the first server (default: 8000)")
+    p_serve.set_defaults(func=_cmd_serve)
     p_config = sub.add_parser("config", help="print the resolved config of a recipe + overrides")
     _add_recipe_args(p_config)
     p_config.set_defaults(func=_cmd_config)

@@ -258,9 +258,6 @@ class RolloutConfig:
     # rollout.mode=remote: the `vllm serve` servers, as comma-separated base URLs at routable addresses
     # ("http://node7:8000,http://node8:8000"); empty = start num_engines servers on this node (CPU demo, tests).
     server_urls: str = ""
-    # How weights reach the engines (vLLM's weight-transfer backends): "auto" = "sapo_gloo" on CPU (our
-    # backend, registered through a vLLM plugin), "ipc" for colocated GPU engines, "nccl" for remote GPU servers.
-    weight_transfer: Literal["auto", "sapo_gloo", "ipc", "nccl"] = "auto"
     # The address the engines reach trainer rank 0 at for the weight-transfer rendezvous (remote mode);
     # empty = this host's name. Never a loopback address on a cluster.
     sync_host: str = ""
@@ -475,6 +472,13 @@ class Config:
                     "in the trainer's ranks"
                 )
             return
+        if r.collect_routed_experts and not self.model.dense:
+            raise ConfigError(
+                "rollout.collect_routed_experts=true with rollout.mode=remote: routed experts are not read back from "
+                "the servers (on CPU vLLM cannot return them; on GPU the server flag --enable-return-routed-experts "
+                "is not wired in yet), so the routing diagnostics and routing_replay=rollout need colocated engines; "
+                "set rollout.collect_routed_experts=false"
+            )
         if r.urls and r.num_engines and r.num_engines != len(r.urls):
             raise ConfigError(
                 f"rollout.num_engines={r.num_engines} but rollout.server_urls names {len(r.urls)} server(s); give one "

@@ -642,6 +642,7 @@ def train(cfg: Config) -> Optional[dict]:
     cfg.validate()
     if cfg.launch.world_size > 1 and "RANK" not in os.environ:
         return launch_ranks(cfg)
+    check_launch(cfg, os.environ)
     ctx = setup(cfg)
     try:
         return run(ctx)
@@ -794,6 +795,23 @@ def shutdown(ctx: RunContext) -> None:
             except Exception as exc:  # shutting down: report, keep closing the rest
                 print(f"[shutdown] {type(closer).__name__}.close(): {exc}", file=sys.stderr)
     destroy_distributed()
+
+
+def check_launch(cfg: Config, env) -> None:
+    """Refuses a trainer rank that the launch put in the wrong place: a rollout node (which serves vLLM), or a
+    torchrun world that is not the actor's (launch.nnodes x launch.nproc_per_node ranks)."""
+    role = env.get("SAPO_NODE_ROLE", "actor")
+    if role != "actor":
+        raise ConfigError(
+            f"SAPO_NODE_ROLE={role}: this node runs the rollout servers (`sapo-megatron serve`), not trainer ranks; "
+            "start the trainer's torchrun on the actor nodes only"
+        )
+    if "WORLD_SIZE" in env and int(env["WORLD_SIZE"]) != cfg.launch.world_size:
+        raise ConfigError(
+            f"torchrun started WORLD_SIZE={env['WORLD_SIZE']} ranks, but launch.nnodes={cfg.launch.nnodes} x "
+            f"launch.nproc_per_node={cfg.launch.nproc_per_node} = {cfg.launch.world_size}: the trainer's torchrun "
+            "must span exactly the actor's nodes (rollout nodes run `sapo-megatron serve`)"
+        )
 
 
 def launch_ranks(cfg: Config) -> Optional[dict]:

@@ -21,6 +21,7 @@
 #   SAPO_GPUS_PER_NODE GPUs (= ranks) per node [$SLURM_GPUS_ON_NODE, else 8]
 #   SAPO_TRAIN_NODES   nodes that run the actor; the job's other nodes run only engines [all of them]
 #   SAPO_MASTER_PORT   rendezvous port on the first node [20000 + SLURM_JOB_ID % 20000]
+#   SAPO_SERVE_PORT    first port of the vLLM servers on rollout nodes [8000]
 #   SAPO_RDZV_BACKEND  c10d (node ranks assigned at rendezvous) or static (node rank = SLURM_NODEID) [c10d]
 #   SAPO_MAX_REQUEUES  stop requeueing after this many restarts [20]
 #   SAPO_SKIP_PLAN=1   do not run `sapo-megatron plan` before the launch [0]
@@ -128,6 +129,8 @@ sapo_setup() {
         export SAPO_MASTER_PORT=${SAPO_MASTER_PORT:-29500}
     fi
     export SAPO_GPUS_PER_NODE=${SAPO_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+    # First port of the vLLM servers on rollout nodes (disaggregated jobs).
+    export SAPO_SERVE_PORT=${SAPO_SERVE_PORT:-8000}
     export SAPO_RDZV_BACKEND=${SAPO_RDZV_BACKEND:-c10d}
     [[ $SAPO_RDZV_BACKEND == c10d || $SAPO_RDZV_BACKEND == static ]] ||
         sapo_die "SAPO_RDZV_BACKEND=$SAPO_RDZV_BACKEND: use c10d or static"
@@ -189,13 +192,17 @@ sapo_node_role() {
 }
 
 sapo_print_layout() {
-    local g=$SAPO_GPUS_PER_NODE i first
-    echo "rank layout: ${SAPO_NNODES} node(s) x ${g} GPU(s) = $((SAPO_NNODES * g)) ranks;" \
+    local g=$SAPO_GPUS_PER_NODE i first train_nodes=${SAPO_TRAIN_NODES:-$SAPO_NNODES}
+    echo "rank layout: ${train_nodes} actor node(s) x ${g} GPU(s) = $((train_nodes * g)) trainer ranks;" \
         "rendezvous ${SAPO_RDZV_BACKEND} at ${SAPO_MASTER_ADDR}:${SAPO_MASTER_PORT} (id ${SAPO_JOB_ID})"
     for ((i = 0; i < SAPO_NNODES; i++)); do
         first=$((i * g))
-        echo "  node_rank=$i host=${SAPO_NODES[i]} role=$(sapo_node_role "$i")" \
-            "ranks=${first}-$((first + g - 1)) gpus=0-$((g - 1))"
+        if ((i < train_nodes)); then
+            echo "  node_rank=$i host=${SAPO_NODES[i]} role=actor ranks=${first}-$((first + g - 1)) gpus=0-$((g - 1))"
+        else
+            echo "  node_rank=$i host=${SAPO_NODES[i]} role=rollout (vLLM servers from port ${SAPO_SERVE_PORT})" \
+                "gpus=0-$((g - 1))"
+        fi
     done
     if [[ $SAPO_RDZV_BACKEND == c10d ]]; then
         echo "  (c10d numbers the nodes at rendezvous: a node's role comes from SAPO_NODE_ROLE, not from its ranks)"
@@ -206,14 +213,58 @@ sapo_print_layout() {
 sapo_torchrun_command() {
     local node_rank=$1
     shift
+    # The trainer's world is the actor's nodes only: rollout nodes run `sapo-megatron serve` instead.
     printf '%s\n' "$SAPO_PYTHON" -m torch.distributed.run \
-        "--nnodes=$SAPO_NNODES" "--nproc-per-node=$SAPO_GPUS_PER_NODE" --max-restarts=0
+        "--nnodes=${SAPO_TRAIN_NODES:-$SAPO_NNODES}" "--nproc-per-node=$SAPO_GPUS_PER_NODE" --max-restarts=0
     if [[ $SAPO_RDZV_BACKEND == c10d ]]; then
         printf '%s\n' --rdzv-backend=c10d "--rdzv-endpoint=$SAPO_MASTER_ADDR:$SAPO_MASTER_PORT" "--rdzv-id=$SAPO_JOB_ID"
     else
         printf '%s\n' "--node-rank=$node_rank" "--master-addr=$SAPO_MASTER_ADDR" "--master-port=$SAPO_MASTER_PORT"
     fi
     printf '%s\n' "$@"
+}
+
+# The rollout nodes' server URLs (one per engine), comma separated, as `sapo-megatron serve` binds them.
+# Usage: sapo_server_urls ENGINE_TP
+sapo_server_urls() {
+    local tp=$1 i j urls=""
+    local per_node=$((SAPO_GPUS_PER_NODE / tp))
+    for ((i = ${SAPO_TRAIN_NODES:-$SAPO_NNODES}; i < SAPO_NNODES; i++)); do
+        for ((j = 0; j < per_node; j++)); do
+            urls+="${urls:+,}http://${SAPO_NODES[i]}:$((SAPO_SERVE_PORT + j))"
+        done
+    done
+    echo "$urls"
+}
+
+# Runs on each rollout node (srun task): this node's vLLM servers until the job stops them.
+sapo_serve_main() {
+    sapo_setup
+    local node_rank=${SLURM_NODEID:?sapo_serve_main runs under srun (SLURM_NODEID unset)}
+    export SAPO_NODE_ROLE=rollout
+    local -a command=("$SAPO_PYTHON" -m sapo_megatron.cli serve "$@" --host "$(hostname)" --base-port "$SAPO_SERVE_PORT")
+    sapo_log "node_rank=$node_rank ($(hostname)) role=rollout: ${command[*]}"
+    exec "${command[@]}"
+}
+
+# Starts the rollout servers on the rollout nodes (a background job step) and stops them when the job's shell
+# exits. Usage: sapo_launch_servers RECIPE OVERRIDES...
+sapo_launch_servers() {
+    local first=${SAPO_TRAIN_NODES:-$SAPO_NNODES} i
+    if sapo_dry_run; then
+        for ((i = first; i < SAPO_NNODES; i++)); do
+            echo "[dry-run] node_rank=$i host=${SAPO_NODES[i]}: SAPO_NODE_RANK=$i SAPO_NODE_ROLE=rollout $SAPO_PYTHON -m" \
+                "sapo_megatron.cli serve $* --host ${SAPO_NODES[i]} --base-port $SAPO_SERVE_PORT"
+        done
+        return 0
+    fi
+    local hosts
+    hosts=$(IFS=,; echo "${SAPO_NODES[*]:first}")
+    srun --nodes=$((SAPO_NNODES - first)) --nodelist="$hosts" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        --cpu-bind=none bash "$SAPO_ROOT/slurm/common.sh" serve -- "$@" &
+    SAPO_SERVERS_PID=$!
+    trap 'kill "$SAPO_SERVERS_PID" 2>/dev/null || true' EXIT
+    sapo_log "rollout servers starting on $hosts (job step pid $SAPO_SERVERS_PID); the trainer waits for them"
 }
 
 # Runs on each node (srun task): exports the node's identity and execs its torchrun.
@@ -302,18 +353,21 @@ sapo_check_plan() {
 sapo_launch_torchrun() {
     [[ ${1:-} == -- ]] && shift
     sapo_print_layout
+    local train_nodes=${SAPO_TRAIN_NODES:-$SAPO_NNODES}
     if sapo_dry_run; then
         local i
         local -a command
-        for ((i = 0; i < SAPO_NNODES; i++)); do
+        for ((i = 0; i < train_nodes; i++)); do
             mapfile -t command < <(sapo_torchrun_command "$i" "$@")
             echo "[dry-run] node_rank=$i host=${SAPO_NODES[i]}:" \
                 "SAPO_NODE_RANK=$i SAPO_NODE_ROLE=$(sapo_node_role "$i") ${command[*]}"
         done
         return 0
     fi
-    sapo_run_interruptible srun --nodes="$SAPO_NNODES" --ntasks="$SAPO_NNODES" --ntasks-per-node=1 \
-        --kill-on-bad-exit=1 --cpu-bind=none bash "$SAPO_ROOT/slurm/common.sh" node -- "$@"
+    local hosts
+    hosts=$(IFS=,; echo "${SAPO_NODES[*]:0:train_nodes}")
+    sapo_run_interruptible srun --nodes="$train_nodes" --ntasks="$train_nodes" --ntasks-per-node=1 \
+        --nodelist="$hosts" --kill-on-bad-exit=1 --cpu-bind=none bash "$SAPO_ROOT/slurm/common.sh" node -- "$@"
 }
 
 # Runs one command as a job step (or prints it in a dry run), interruptible by the requeue signal.
@@ -335,8 +389,13 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
             [[ ${1:-} == -- ]] && shift
             sapo_node_main "$@"
             ;;
+        serve)
+            shift
+            [[ ${1:-} == -- ]] && shift
+            sapo_serve_main "$@"
+            ;;
         *)
-            echo "usage: bash slurm/common.sh node -- PROGRAM ARGS... (srun runs this on every node)" >&2
+            echo "usage: bash slurm/common.sh node -- PROGRAM ARGS... | serve -- RECIPE OVERRIDES... (srun runs these)" >&2
             exit 2
             ;;
     esac

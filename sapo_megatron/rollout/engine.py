@@ -471,7 +471,7 @@ class RolloutEngine:
         self.weight_version = version
 
     def _load(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
-        """vLLM's weight-update session with the in-process ``sapo_gloo`` backend (checked tensors in place)."""
+        """vLLM's weight-update session with the in-process ``sapo_reshard`` backend (checked tensors in place)."""
         update = {"version": version, "tensors": named, "expert_load": self.expert_load,
                   "repack": self._repack_after_reload}
         try:

@@ -511,10 +511,19 @@ class ServerClient:
     ) -> Any:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            reply = self._http.request(
-                method, endpoint, params=params, json=body,
-                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            )
+            try:
+                reply = self._http.request(
+                    method, endpoint, params=params, json=body,
+                    timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                )
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                # A kept-alive connection the server closed meanwhile (after a failed request vLLM's server
+                # drops the connection): httpx discards it, so one retry goes out on a fresh one. A dead server
+                # fails again, at connect.
+                reply = self._http.request(
+                    method, endpoint, params=params, json=body,
+                    timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                )
         except httpx.TimeoutException as exc:
             raise ServerUnreachable(
                 self.url, endpoint, f"no answer within {timeout:g} s ({type(exc).__name__})"

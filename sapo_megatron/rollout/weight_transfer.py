@@ -1,9 +1,13 @@
-"""``sapo_gloo``: our weight-transfer backend inside vLLM's own RL interface, for CPU engines.
+"""``sapo_reshard``: our weight-transfer backend inside vLLM's own RL interface.
 
 vLLM 0.32 defines the weight-update contract (``init_weight_transfer_engine`` / ``start_weight_update`` /
 ``update_weights`` / ``finish_weight_update``, offline on ``LLM`` and online under ``vllm serve`` with
 ``VLLM_SERVER_DEV_MODE=1``) and ships GPU transports for it (``ipc``, ``nccl``, ``nccl_m2n``). This module adds
-the CPU transport as a backend registered in ``WeightTransferEngineFactory``. :func:`register` is the vLLM
+a backend registered in ``WeightTransferEngineFactory`` that carries
+:class:`~sapo_megatron.bridge.sync.WeightSync`'s resharding transfer: every trainer rank sends the Megatron
+pieces it owns straight to every engine (gloo on CPU, NCCL on GPU), each engine rebuilds the HF tensors, and
+nothing is gathered on a trainer rank. vLLM's ``nccl`` backend instead broadcasts from one trainer rank, which
+would first gather the whole model there; its CPU counterpart does not exist. :func:`register` is the vLLM
 plugin (entry point ``vllm.general_plugins`` in ``pyproject.toml``), so vLLM loads it in every process that
 builds a worker: an in-process ``LLM`` and each ``vllm serve`` server alike.
 
@@ -35,17 +39,17 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BACKEND = "sapo_gloo"
+BACKEND = "sapo_reshard"
 ExpertLoad = Literal["direct", "reload"]
 
 
 def register() -> None:
-    """The vLLM plugin: registers :class:`SapoGlooWeightTransferEngine` as ``sapo_gloo`` (idempotent; vLLM calls
+    """The vLLM plugin: registers :class:`SapoReshardWeightTransferEngine` as ``sapo_reshard`` (idempotent; vLLM calls
     plugins in every engine and worker process, and an in-process engine may call it again)."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
     if BACKEND not in WeightTransferEngineFactory._registry:
-        WeightTransferEngineFactory.register_engine(BACKEND, __name__, "SapoGlooWeightTransferEngine")
+        WeightTransferEngineFactory.register_engine(BACKEND, __name__, "SapoReshardWeightTransferEngine")
 
 
 def checkpoint_schema(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
@@ -156,12 +160,14 @@ def load_named_tensors(
 
 
 @dataclass
-class SapoGlooInitInfo:
+class SapoReshardInitInfo:
     """``in_process=True`` for an engine in the trainer's process; otherwise the gloo rendezvous of the trainer
     ranks' sync group (``host``/``port`` of trainer rank 0's store) and this engine's rank in it (engines are
     the group's last ``num_engines`` ranks). ``expert_load``: the preferred MoE expert load."""
 
     in_process: bool = False
+    # The sync group's transport: "gloo" (CPU tensors) or "nccl" (GPU engines and trainers).
+    backend: Literal["gloo", "nccl"] = "gloo"
     host: str = ""
     port: int = 0
     rank: int = -1
@@ -172,7 +178,7 @@ class SapoGlooInitInfo:
 
 
 @dataclass
-class SapoGlooUpdateInfo:
+class SapoReshardUpdateInfo:
     """One update: the version it makes current, and (in process only) the tensors themselves."""
 
     version: int
@@ -186,7 +192,7 @@ class _ModelTarget:
     """What :class:`~sapo_megatron.bridge.sync.WeightSync`'s receiving side needs from an engine: the checkpoint
     schema, the current version, and a checked load."""
 
-    def __init__(self, engine: "SapoGlooWeightTransferEngine") -> None:
+    def __init__(self, engine: "SapoReshardWeightTransferEngine") -> None:
         self._engine = engine
 
     @property
@@ -205,9 +211,9 @@ def _make_engine_class():
     """The backend class, built on vLLM's base class (imported only where vLLM is)."""
     from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
-    class SapoGlooWeightTransferEngine(WeightTransferEngine):
-        init_info_cls = SapoGlooInitInfo
-        update_info_cls = SapoGlooUpdateInfo
+    class SapoReshardWeightTransferEngine(WeightTransferEngine):
+        init_info_cls = SapoReshardInitInfo
+        update_info_cls = SapoReshardUpdateInfo
         supports_draft_weight_update = False
 
         def __init__(self, config, vllm_config, device, model) -> None:
@@ -220,7 +226,7 @@ def _make_engine_class():
             self.repack = False
             self.broken: str | None = None
 
-        def init_transfer_engine(self, init_info: SapoGlooInitInfo) -> None:
+        def init_transfer_engine(self, init_info: SapoReshardInitInfo) -> None:
             from sapo_megatron.rollout.vllm_cpu_fixes import cpu_moe_repack_needed
 
             import vllm
@@ -241,13 +247,13 @@ def _make_engine_class():
 
             if not init_info.world_size - init_info.num_engines <= init_info.rank < init_info.world_size:
                 raise ValueError(
-                    f"sapo_gloo init_info: rank {init_info.rank} is not among the last num_engines="
+                    f"sapo_reshard init_info: rank {init_info.rank} is not among the last num_engines="
                     f"{init_info.num_engines} ranks of a group of {init_info.world_size}"
                 )
             self.num_engines = init_info.num_engines
             self.group = SyncGroup.connect(
                 init_info.host, init_info.port, rank=init_info.rank, world_size=init_info.world_size,
-                timeout_s=init_info.timeout_s,
+                backend=init_info.backend, timeout_s=init_info.timeout_s,
             )
 
         def start_weight_update(self) -> None:
@@ -257,7 +263,7 @@ def _make_engine_class():
         def finish_weight_update(self) -> None:
             pass
 
-        def receive_weights(self, update_info: SapoGlooUpdateInfo) -> None:
+        def receive_weights(self, update_info: SapoReshardUpdateInfo) -> None:
             if update_info.tensors:
                 named = check_update(self.schema, update_info.tensors, self.weight_version)
                 if isinstance(update_info.version, bool) or update_info.version <= self.weight_version:
@@ -269,7 +275,7 @@ def _make_engine_class():
                 return
             if self.group is None:
                 raise RuntimeError(
-                    "sapo_gloo: no tensors in update_info and no sync group; call init_weight_transfer_engine "
+                    "sapo_reshard: no tensors in update_info and no sync group; call init_weight_transfer_engine "
                     "with the trainer's rendezvous first"
                 )
             from sapo_megatron.bridge.sync import WeightReceiver
@@ -294,12 +300,12 @@ def _make_engine_class():
         def shutdown(self) -> None:
             self.group = None
 
-    return SapoGlooWeightTransferEngine
+    return SapoReshardWeightTransferEngine
 
 
 def __getattr__(name: str):
     # vLLM's factory resolves the class by name at engine creation, where vLLM is importable.
-    if name == "SapoGlooWeightTransferEngine":
+    if name == "SapoReshardWeightTransferEngine":
         cls = _make_engine_class()
         globals()[name] = cls
         return cls

@@ -119,6 +119,10 @@ def test_a_run_writes_its_record_changes_the_weights_and_feeds_them_to_the_engin
         assert metrics[step]["sync/tensors"] > 0 and metrics[step]["loss/grad_norm"] > 0
         # The update moved the policy: the second mini-batch is off-policy (its ratios are not all 1).
         assert metrics[step]["ratio/mb1/ratio_std"] > 0
+        # One engine per rank, both generating: 4 prompts x 4 samples, two prompts each.
+        assert (metrics[step]["rollout/engine0/samples"], metrics[step]["rollout/engine1/samples"]) == (8.0, 8.0)
+        # Both engines sample with the weights the actor recomputes log-probs with (fp32).
+        assert metrics[step]["mismatch/mismatch_abs_max"] < 1e-5
     assert {"reward/val_mean"} <= set(metrics[0]) and "reward/val_mean" in metrics[2]
     assert (run_dir / "config.yaml").is_file()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -158,18 +162,23 @@ def test_sigkill_after_a_checkpoint_then_the_same_command_resumes_identically(un
         assert _deterministic(resumed[step]) == _deterministic(reference[step]), f"step {step} differs after resume"
 
 
-def test_remote_engine_mode_trains_and_the_engine_process_serves_each_pushed_version(tmp_path):
-    """rollout.mode=remote: vLLM in its own process, weights pushed over a gloo sync group after each step."""
+def test_remote_mode_trains_on_two_vllm_servers_that_serve_each_pushed_version(tmp_path):
+    """rollout.mode=remote with two trainer ranks (EP2): the driver starts two real `vllm serve` servers on this
+    machine; both generate every step, and every push goes through vLLM's HTTP weight-update API into both."""
     run_dir = tmp_path / "remote"
-    overrides = [o for o in OVERRIDES if not o.startswith(("launch.", "parallel."))] + ["rollout.mode=remote"]
+    overrides = OVERRIDES + ["rollout.mode=remote", "rollout.num_engines=2", "rollout.collect_routed_experts=false"]
     proc = subprocess.run(
         [*_command(run_dir, steps=3)[:5], *overrides, "trainer.steps=3", f"trainer.run_dir={run_dir}"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     metrics = _metrics(run_dir)
+    # The warm-up's push is version 1; each step pushes the next.
     assert [metrics[s]["weights/rollout_version"] for s in (1, 2, 3)] == [1.0, 2.0, 3.0]
     for step in (1, 2, 3):
-        # The engine process samples with exactly the weights the actor recomputes log-probs with.
-        assert metrics[step]["mismatch/mismatch_abs_max"] < 1e-4
+        # 4 prompts x 4 samples, two prompts per server.
+        assert (metrics[step]["rollout/engine0/samples"], metrics[step]["rollout/engine1/samples"]) == (8.0, 8.0)
+        # The servers sample with exactly the weights the actor recomputes log-probs with (fp32).
+        assert metrics[step]["mismatch/mismatch_abs_max"] < 1e-5
         assert metrics[step]["sync/tensors"] > 0
+    assert sorted(p.name for p in (run_dir / "servers").iterdir()) == ["server0.log", "server1.log"]

@@ -114,7 +114,7 @@ def test_colocated_dry_run(tmp_path, capsys):
     run_dir = tmp_path / "shared" / "runs" / "qwen3_30b_a3b_sapo"
     assert f"run directory (logs, checkpoints): {run_dir}" in out
     assert not (tmp_path / "shared").exists()  # a dry run writes nothing
-    assert "rank layout: 4 node(s) x 8 GPU(s) = 32 ranks; rendezvous c10d at gpu-01:24242 (id 4242)" in out
+    assert "rank layout: 4 actor node(s) x 8 GPU(s) = 32 trainer ranks; rendezvous c10d at gpu-01:24242 (id 4242)" in out
     for node in range(4):
         assert f"node_rank={node} host=gpu-0{node + 1} role=actor ranks={8 * node}-{8 * node + 7} gpus=0-7" in out
     commands = _node_commands(out)
@@ -161,22 +161,45 @@ def test_disaggregated_dry_run(tmp_path, capsys):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     hosts = ["a1", "a2", "a3", "b07", "b08", "b09"]
-    for node, host in enumerate(hosts):
-        role = "actor" if node < 4 else "rollout"
-        assert f"node_rank={node} host={host} role={role} ranks={8 * node}-{8 * node + 7}" in out
-    commands = _node_commands(out)
-    assert [c[1] for c in commands] == ["SAPO_NODE_ROLE=actor"] * 4 + ["SAPO_NODE_ROLE=rollout"] * 2
-    for command in commands:
-        assert "--nnodes=6" in command and "--rdzv-endpoint=a1:20077" in command  # one world over all nodes
+    for node, host in enumerate(hosts[:4]):
+        assert f"node_rank={node} host={host} role=actor ranks={8 * node}-{8 * node + 7}" in out
+    for node, host in enumerate(hosts[4:], start=4):
+        assert f"node_rank={node} host={host} role=rollout (vLLM servers from port 8000)" in out
+    commands = {int(c[0].split("=")[1]): c for c in _node_commands(out)}
+    assert sorted(commands) == list(range(6))
+    urls = ",".join(f"http://{h}:{8000 + i}" for h in ("b08", "b09") for i in range(8))
+    for node in range(4):
+        command = commands[node]
+        assert command[1] == "SAPO_NODE_ROLE=actor"
+        # The trainer's world is the 4 actor nodes, not the job's 6.
+        assert "--nnodes=4" in command and "--rdzv-endpoint=a1:20077" in command
         args = _trainer_args(command)
         for override in ("launch.nnodes=4", "launch.rollout_nnodes=2", "rollout.mode=remote",
-                         "rollout.num_engines=16", "optimizer.offload_params=false"):  # fmt: skip
+                         "rollout.num_engines=16", f"rollout.server_urls={urls}", "rollout.sync_host=a1",
+                         "optimizer.offload_params=false"):  # fmt: skip
             assert override in args
+    for node, host in ((4, "b08"), (5, "b09")):
+        command = commands[node]
+        assert command[1] == "SAPO_NODE_ROLE=rollout"
+        assert command[2:6] == ["python", "-m", "sapo_megatron.cli", "serve"]
+        assert command[-4:] == ["--host", host, "--base-port", "8000"]
     plan_args = _plan_args(out)
     assert cli_main(["plan", str(ROOT / plan_args[0]), *plan_args[1:]]) == 0
     capsys.readouterr()
     too_few = _run("train_disaggregated.sbatch", {**env, "SAPO_TRAIN_NODES": "6"})
     assert too_few.returncode != 0 and "SAPO_TRAIN_NODES=6" in too_few.stderr
+
+
+def test_the_trainer_refuses_a_world_or_node_role_that_is_not_the_actors():
+    from sapo_megatron.config import ConfigError, load_config
+    from sapo_megatron.trainer import check_launch
+
+    cfg = load_config(ROOT / "recipes" / "qwen3_30b_a3b_sapo.yaml", []).validate()
+    check_launch(cfg, {"WORLD_SIZE": "32", "SAPO_NODE_ROLE": "actor"})
+    with pytest.raises(ConfigError, match="WORLD_SIZE=48 ranks, but launch.nnodes=4 x launch.nproc_per_node=8 = 32"):
+        check_launch(cfg, {"WORLD_SIZE": "48"})
+    with pytest.raises(ConfigError, match="SAPO_NODE_ROLE=rollout: this node runs the rollout servers"):
+        check_launch(cfg, {"WORLD_SIZE": "32", "SAPO_NODE_ROLE": "rollout"})
 
 
 def test_node_count_must_match_the_node_list(tmp_path):

@@ -555,9 +555,18 @@ def setup(cfg: Config) -> RunContext:
     hf_dir = resolve_model_dir(cfg) if rank() == DRIVER_RANK else None
     hf_dir = Path(broadcast_from_driver(str(hf_dir) if hf_dir else None))
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    collect = cfg.rollout.collect_routed_experts and not cfg.model.dense
+    if cfg.rollout.mode == "colocated":
+        from sapo_megatron.rollout.fleet import ColocatedFleet
+
+        # Every rank builds its engine here, at the same point (vLLM creates its process groups collectively
+        # over the whole torch.distributed job), and before the actor, so that a GPU engine starts on an empty
+        # device (ColocatedFleet.start).
+        fleet = ColocatedFleet.start(
+            hf_dir, cfg.rollout, device=device.type, dtype=cfg.model.params_dtype, collect_routed_experts=collect
+        )
     actor = build_actor(cfg, hf_dir, device=device, total_steps=cfg.trainer.steps)
     train_stream, val_examples = build_prompt_streams(cfg, tokenizer)
-    collect = cfg.rollout.collect_routed_experts and not cfg.model.dense
     sandbox = None
     if rank() == DRIVER_RANK:
         from sapo_megatron.rewards.sandbox import RewardSandbox
@@ -571,14 +580,7 @@ def setup(cfg: Config) -> RunContext:
             collect_routed_experts=collect,
         )
     else:
-        from sapo_megatron.rollout.fleet import ColocatedFleet
-
-        # vLLM creates its process groups collectively over the whole torch.distributed job, so every rank
-        # builds its engine here, at the same point.
-        fleet = ColocatedFleet.build(
-            actor.model, hf_dir, cfg.rollout, device=device.type, dtype=cfg.model.params_dtype,
-            collect_routed_experts=collect,
-        )
+        fleet.connect(actor.model)
     from sapo_megatron.actor.offload import ActorOffloader
 
     return RunContext(
@@ -610,6 +612,9 @@ def resume_or_start(ctx: RunContext) -> None:
         # record reads as if the run had never stopped.
         sync_weights(ctx, version=ctx.weight_version)
         return
+    if ctx.fleet.needs_initial_push:
+        # The engines started with dummy weights: give them the actor's initial ones as version 0.
+        sync_weights(ctx, version=0)
     if ctx.cfg.trainer.sft_warmup_steps:
         supervised_warmup(ctx)
         sync_weights(ctx)

@@ -111,6 +111,10 @@ class RolloutEngine:
         collect_routed_experts: return the experts each token was routed to with every batch (GPU: vLLM's
             ``enable_return_routed_experts``; CPU: prefill re-scoring, see :mod:`sapo_megatron.rollout.routing`).
         weight_version: the version of the weights in ``model_dir``.
+        dummy_weights: build the engine with vLLM's dummy (random) weights instead of reading ``model_dir``'s:
+            colocated GPU engines, whose first :meth:`update_weights` (version 0 or later) brings the actor's
+            weights, so the checkpoint is never read twice per GPU. Until then the engine reports
+            ``weight_version == -1`` and refuses to generate.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class RolloutEngine:
         max_model_len: int | None = None,
         collect_routed_experts: bool = False,
         weight_version: int = 0,
+        dummy_weights: bool = False,
     ) -> None:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"RolloutEngine(device={device!r}): use 'cpu' or 'cuda'")
@@ -158,7 +163,10 @@ class RolloutEngine:
         # Set when a weight update failed after vLLM had started loading: the weights are then mixed.
         self._broken: str | None = None
         self._sleeping: set[str] = set()
-        self._weights_discarded = False
+        # Dummy weights are no weights: the first update must bring real ones before any generation.
+        self._weights_discarded = dummy_weights
+        if dummy_weights:
+            self.weight_version = -1
 
         llm_cls, self._vllm_version = self._import_vllm(device)
         if device == "cpu":
@@ -190,6 +198,7 @@ class RolloutEngine:
             # Weight updates go through vLLM's RL interface with our backend; the engine lives in this
             # process, so the tensors are handed over in place (rollout/weight_transfer.py).
             weight_transfer_config={"backend": BACKEND},
+            load_format="dummy" if dummy_weights else "auto",
         )
         register()
         if _has_no_moe_layer(hf_config):
@@ -202,7 +211,8 @@ class RolloutEngine:
         from sapo_megatron.rollout.vllm_cpu_fixes import cpu_moe_repack_needed
 
         self._repack_after_reload = cpu_moe_repack_needed(self._vllm_version, device)
-        self._llm.init_weight_transfer_engine({"init_info": {"in_process": True, "expert_load": config.cpu_expert_load}})
+        self._llm.init_weight_transfer_engine({"init_info": {
+            "in_process": True, "expert_load": config.cpu_expert_load, "weight_version": self.weight_version}})
         self.num_moe_layers = self._llm.collective_rpc(_on_model(_count_moe_layers))[0]
         # "direct" or "reload": how update_weights loads the MoE experts (sapo_megatron/rollout/cpu_expert_load.py).
         self.expert_load = "reload"
@@ -510,7 +520,7 @@ class RolloutEngine:
             return
         self._llm.sleep(level=level)
         self._sleeping = {"weights", "kv_cache"}
-        self._weights_discarded = level == 2
+        self._weights_discarded = self._weights_discarded or level == 2
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Re-allocates what :meth:`sleep` freed: ``tags=None`` for everything, or ``["weights"]`` first (to
@@ -525,6 +535,11 @@ class RolloutEngine:
         self._llm.wake_up(list(tags) if tags is not None else None)
         self._sleeping -= set(tags) if tags is not None else {"weights", "kv_cache"}
 
+    @property
+    def asleep(self) -> frozenset[str]:
+        """What :meth:`sleep` freed and :meth:`wake_up` has not restored: ``"weights"``, ``"kv_cache"``."""
+        return frozenset(self._sleeping)
+
     def _check_usable(self, what: str) -> None:
         if self._broken is not None:
             raise RuntimeError(f"{what}: the engine is unusable because {self._broken}; rebuild it")
@@ -533,7 +548,10 @@ class RolloutEngine:
                 asleep = ", ".join(sorted(self._sleeping))
                 raise RuntimeError(f"generate: the engine is asleep ({asleep}); call wake_up()")
             if self._weights_discarded:
-                raise RuntimeError("generate: the weights were discarded by sleep(level=2); call update_weights first")
+                raise RuntimeError(
+                    "generate: the engine holds no weights (dummy weights, or discarded by sleep(level=2)); call "
+                    "update_weights first"
+                )
 
     def close(self) -> None:
         """Stops the engine core. torch.distributed state is left alone: it may belong to the trainer."""

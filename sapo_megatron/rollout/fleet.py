@@ -73,6 +73,8 @@ class RolloutFleet(abc.ABC):
 
     num_engines: int
     samples_per_engine: list[int]
+    # True while the engines hold no real weights (colocated GPU engines start with dummy ones).
+    needs_initial_push: bool = False
 
     @abc.abstractmethod
     def generate(self, prompt_ids: Sequence[Sequence[int]], *, n: int, seed: int, **sampling: Any) -> RolloutBatch:
@@ -118,20 +120,44 @@ class ColocatedFleet(RolloutFleet):
         self.samples_per_engine = [0] * self.num_engines
 
     @classmethod
-    def build(cls, model, hf_dir, rollout_config, *, device: str, dtype: str, collect_routed_experts: bool,
-              bucket_bytes: int | None = None) -> "ColocatedFleet":
-        """This rank's engine (on its own device) and the weight sync into every rank's engine."""
+    def start(cls, hf_dir, rollout_config, *, device: str, dtype: str, collect_routed_experts: bool) -> "ColocatedFleet":
+        """This rank's engine, on its own device, before the actor exists.
+
+        On GPU the engine is built first, with dummy weights (the first push brings the actor's), while the
+        device is still empty, so vLLM's start-up memory check sees the whole device; it then sleeps at level 2
+        (weights and KV cache freed) before the actor takes its memory. :meth:`connect` adds the weight sync."""
+        from sapo_megatron.rollout.engine import RolloutEngine
+
+        on_gpu = device == "cuda"
+        engine = RolloutEngine(hf_dir, rollout_config, device=device, dtype=dtype,
+                               collect_routed_experts=collect_routed_experts, dummy_weights=on_gpu)
+        if engine.sleep_supported:
+            engine.sleep(level=2)
+        return cls(engine, None)
+
+    def connect(self, model, *, bucket_bytes: int | None = None) -> "ColocatedFleet":
+        """The weight sync from ``model`` (this rank's actor shards) into every rank's engine."""
         import torch.distributed as dist
 
         from sapo_megatron.bridge.sync import DEFAULT_BUCKET_BYTES, WeightSync
-        from sapo_megatron.rollout.engine import RolloutEngine
 
-        engine = RolloutEngine(hf_dir, rollout_config, device=device, dtype=dtype,
-                               collect_routed_experts=collect_routed_experts)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        sync = WeightSync.colocated(model, engine=engine, engine_ranks=range(world),
-                                    bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES)
-        return cls(engine, sync)
+        self.weight_sync = WeightSync.colocated(model, engine=self.engine, engine_ranks=range(world),
+                                                bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES)
+        return self
+
+    @classmethod
+    def build(cls, model, hf_dir, rollout_config, *, device: str, dtype: str, collect_routed_experts: bool,
+              bucket_bytes: int | None = None) -> "ColocatedFleet":
+        """:meth:`start` and :meth:`connect` at once (the actor already exists)."""
+        fleet = cls.start(hf_dir, rollout_config, device=device, dtype=dtype,
+                          collect_routed_experts=collect_routed_experts)
+        return fleet.connect(model, bucket_bytes=bucket_bytes)
+
+    @property
+    def needs_initial_push(self) -> bool:
+        """Whether the engines hold no real weights yet (dummy weights): the trainer pushes version 0 first."""
+        return self.engine.weight_version < 0
 
     def generate(self, prompt_ids, *, n: int, seed: int, **sampling: Any) -> RolloutBatch:
         prompts = [list(p) for p in prompt_ids]
@@ -160,17 +186,20 @@ class ColocatedFleet(RolloutFleet):
         return self.weight_sync.push(model_chunks, version)
 
     def enter_phase(self, phase: Phase) -> None:
+        """GPU engines: asleep at level 2 while the actor trains (every train phase is followed by a push, which
+        brings the weights back), the weights woken alone for the push (no KV cache beside the actor's
+        parameters), and the KV cache last, for the rollout."""
         engine = self.engine
         if not engine.sleep_supported:
             return
         if phase == "train":
-            # Level 1 keeps the weights in host memory: a rollout right after the train phase (validation,
-            # or a step whose push failed) still has them. The push overwrites them anyway.
-            engine.sleep(level=1)
+            if engine.asleep != {"weights", "kv_cache"}:
+                engine.sleep(level=2)
         elif phase == "sync":
-            engine.wake_up(["weights"])
-        else:
-            engine.wake_up(None)
+            if "weights" in engine.asleep:
+                engine.wake_up(["weights"])
+        elif engine.asleep:
+            engine.wake_up(sorted(engine.asleep))
 
     @property
     def weight_version(self) -> int:

@@ -230,7 +230,7 @@ class ServerFleet(RolloutFleet):
                 if error is None:
                     for client in self.pool.clients:
                         client.finish_weight_update(version)
-                        client._call("POST", "/reset_prefix_cache")
+                        client.reset_prefix_cache()
                     versions = self.pool.versions()
                     wrong = {u: v for u, v in versions.items() if v != version}
                     if wrong:

@@ -508,6 +508,7 @@ class ServerClient:
         params: dict[str, Any] | None = None,
         body: dict[str, Any] | None = None,
         timeout_s: float | None = None,
+        retry: bool = True,
     ) -> Any:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
@@ -519,7 +520,10 @@ class ServerClient:
             except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
                 # A kept-alive connection the server closed meanwhile (after a failed request vLLM's server
                 # drops the connection): httpx discards it, so one retry goes out on a fresh one. A dead server
-                # fails again, at connect.
+                # fails again, at connect. Calls that join a weight transfer are never repeated (retry=False):
+                # a second one would wait for a transfer the trainers will not start again.
+                if not retry:
+                    raise
                 reply = self._http.request(
                     method, endpoint, params=params, json=body,
                     timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
@@ -669,16 +673,16 @@ class ServerClient:
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         """``POST /init_weight_transfer_engine {"init_info": {...}}`` (the backend's init fields)."""
-        self._call("POST", "/init_weight_transfer_engine", body={"init_info": init_info},
+        self._call("POST", "/init_weight_transfer_engine", body={"init_info": init_info}, retry=False,
                    timeout_s=self.weight_update_timeout_s)
 
     def start_weight_update(self) -> None:
         """``POST /start_weight_update``."""
-        self._call("POST", "/start_weight_update", timeout_s=self.weight_update_timeout_s)
+        self._call("POST", "/start_weight_update", timeout_s=self.weight_update_timeout_s, retry=False)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         """``POST /update_weights {"update_info": {...}}``; returns when the server has received and loaded them."""
-        self._call("POST", "/update_weights", body={"update_info": update_info},
+        self._call("POST", "/update_weights", body={"update_info": update_info}, retry=False,
                    timeout_s=self.weight_update_timeout_s)
 
     def finish_weight_update(self, weight_version: int | None) -> None:

@@ -175,6 +175,8 @@ class SapoReshardInitInfo:
     num_engines: int = 1
     timeout_s: float = 1800.0
     expert_load: ExpertLoad = "direct"
+    # The version of the weights the engine holds now (-1: dummy weights, nothing real yet).
+    weight_version: int = 0
 
 
 @dataclass
@@ -232,6 +234,7 @@ def _make_engine_class():
             import vllm
 
             self.expert_load = "reload"
+            self.weight_version = init_info.weight_version
             self.repack = cpu_moe_repack_needed(vllm.__version__, self.device.type)
             if init_info.expert_load == "direct" and self.device.type == "cpu":
                 from sapo_megatron.rollout.cpu_expert_load import direct_expert_load_blocker

@@ -529,3 +529,22 @@ def test_gpu_engine_returns_decode_time_routed_experts(model_dir):
         assert_same_samples(batch, eng.generate(PROMPTS[:2], seed=1))
     finally:
         eng.close()
+
+
+def test_an_engine_with_dummy_weights_refuses_to_generate_until_version_0_brings_real_ones(engine, weights, model_dir):
+    """Colocated GPU engines start this way (ColocatedFleet.start): nothing read from the checkpoint, and the
+    trainer's first push (version 0) makes them serve the actor's weights; here on CPU, the same code path."""
+    weights.use("base")
+    reference = engine.generate(PROMPTS, n=2, seed=3, collect_routed_experts=False)
+    cfg = RolloutConfig(n_samples=2, max_new_tokens=MAX_NEW, seed=0, kv_cache_memory_bytes=32 << 20)
+    dummy = RolloutEngine(model_dir, cfg, device="cpu", dtype="float32", dummy_weights=True)
+    try:
+        assert dummy.weight_version == -1
+        with pytest.raises(RuntimeError, match="the engine holds no weights .dummy weights"):
+            dummy.generate(PROMPTS, n=2, seed=3)
+        dummy.update_weights(weights.states["base"].items(), 0)
+        batch = dummy.generate(PROMPTS, n=2, seed=3)
+        assert batch.weight_version == 0
+        assert_same_samples(reference, batch)
+    finally:
+        dummy.close()

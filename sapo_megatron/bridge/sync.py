@@ -58,6 +58,17 @@ Protocol (one push)
    the vLLM-CPU MoE re-pack, prefix-cache reset, new version).
 4. Result, one ``all_gather_object``: the load's outcome, so that all ranks return, or raise, together.
 
+Shared memory
+-------------
+Colocated ranks on one host (every rank of the group reports the same machine, CPU tensors) skip the
+sockets in step 2: each sender packs every bucket's pieces into one shared-memory segment of its own
+(``/dev/shm``), and after one small all-gather (every segment complete) each engine's rank rebuilds the HF
+tensors as views of the senders' segments. A byte is then copied once, by its sender, however many engines
+read it, instead of through the kernel's socket buffers once per engine. A sender holds its whole outgoing
+share in the segment (instead of two buckets); the engines' ranks hold no receive buffers. Segments and
+their mappings are kept by the ``WeightSync`` for the next push (pages are faulted in once), and each file
+is unlinked at the end of the push that created it.
+
 Memory
 ------
 A trainer rank holds, beyond its parameters, two packing buffers of at most one bucket each, allocated at its
@@ -78,7 +89,10 @@ receives fail with the group's transport error (or its timeout); nothing was loa
 from __future__ import annotations
 
 import collections
+import itertools
+import os
 import pickle
+import socket
 import re
 import time
 from dataclasses import dataclass, field
@@ -499,6 +513,64 @@ def _piece_view(buffer: torch.Tensor, offset: int, param: _Param) -> torch.Tenso
     return buffer[offset : offset + param.piece_bytes].view(param.dtype).view(param.shard_shape)
 
 
+class _SharedMemory:
+    """A rank's shared-memory segments (module docstring, "Shared memory"): the one it packs into and the mapped
+    segments of the other senders, kept across pushes by its ``WeightSync``."""
+
+    DIRECTORY = "/dev/shm"
+    _ids = itertools.count()
+
+    def __init__(self) -> None:
+        self.own: tuple[str, torch.Tensor] | None = None
+        self.peers: dict[int, tuple[str, torch.Tensor]] = {}
+        self._unlink: list[str] = []
+
+    @classmethod
+    def host(cls) -> str | None:
+        """This machine's identity (host name and boot id), or None where there is no shared-memory directory."""
+        if not os.path.isdir(cls.DIRECTORY):
+            return None
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                boot = f.read().strip()
+        except OSError:
+            return None
+        return f"{socket.gethostname()}/{boot}"
+
+    def segment(self, size: int) -> tuple[str, torch.Tensor]:
+        """This rank's segment of at least ``size`` bytes (reused while large enough)."""
+        if self.own is None or self.own[1].numel() < size:
+            self.own = None  # drop the old mapping before the new one exists
+            path = os.path.join(self.DIRECTORY, f"sapo_megatron-weight-sync-{os.getpid()}-{next(self._ids)}")
+            self._unlink.append(path)
+            self.own = (path, torch.from_file(path, shared=True, size=size, dtype=torch.uint8))
+        return self.own[0], self.own[1][:size]
+
+    def peer(self, rank: int, path: str | None, size: int) -> torch.Tensor:
+        """Sender ``rank``'s segment, mapped once per file."""
+        if path is None:
+            raise RuntimeError(f"rank {rank} has no shared-memory segment")
+        held = self.peers.get(rank)
+        if held is None or held[0] != path or held[1].numel() < size:
+            self.peers.pop(rank, None)
+            self.peers[rank] = (path, torch.from_file(path, shared=True, size=size, dtype=torch.uint8))
+        return self.peers[rank][1]
+
+    def unlink_new_files(self) -> None:
+        """Removes the names of the segments created in this push (every peer has mapped them by now); the
+        memory lives on in the mappings."""
+        while self._unlink:
+            try:
+                os.unlink(self._unlink.pop())
+            except FileNotFoundError:
+                pass
+
+    def release(self) -> None:
+        self.unlink_new_files()
+        self.own = None
+        self.peers.clear()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # One push, on one rank
 # ----------------------------------------------------------------------------------------------------------
@@ -517,6 +589,7 @@ class _Exchange:
         target: "WeightTarget | None",
         staging_device: torch.device | None,
         pack_buffers: list[torch.Tensor | None] | None = None,
+        shared: _SharedMemory | None = None,
     ) -> None:
         self.group = group
         self.engine_ranks = list(engine_ranks)
@@ -524,6 +597,8 @@ class _Exchange:
         self.staging_device = staging_device
         # A sender's packing buffers, owned by its WeightSync so that later pushes reuse them.
         self.pack_buffers = pack_buffers if pack_buffers is not None else [None] * _MAX_IN_FLIGHT
+        # Offered by a colocated WeightSync on CPU; used when every rank of the group is on this machine.
+        self.shared = shared if group.device.type == "cpu" else None
         self.times = collections.Counter()
         self.sent_bytes = 0
         self.received_bytes = 0
@@ -559,10 +634,22 @@ class _Exchange:
         if me in self.engine_ranks:
             assert self.target is not None
             info["engine"] = {"schema": self.target.schema, "version": self.target.weight_version}
-        plan = _build_plan(self.group.all_gather_object(info), self.engine_ranks)
+        info["shared_memory"] = _SharedMemory.host() if self.shared is not None else None
+        infos = self.group.all_gather_object(info)
+        plan = _build_plan(infos, self.engine_ranks)
+        hosts = {i.get("shared_memory") for i in infos}
+        shared = self.group.size > 1 and len(hosts) == 1 and None not in hosts
         self.times["metadata"] += time.perf_counter() - start
 
-        staged, error = self._transfer(plan, local)
+        try:
+            return self._push(plan, local, shared, start)
+        finally:
+            if self.shared is not None:
+                self.shared.unlink_new_files()
+
+    def _push(self, plan: _Plan, local: dict, shared: bool, start: float) -> SyncStats:
+        me = self.group.rank
+        staged, error = self._transfer_shared(plan, local) if shared else self._transfer(plan, local)
 
         # Waiting here is waiting for the other ranks to finish their part of the transfer.
         tick = time.perf_counter()
@@ -687,6 +774,65 @@ class _Exchange:
         self.times["transfer"] += time.perf_counter() - tick
         return staged, send_error or receive_error
 
+    def _transfer_shared(self, plan: _Plan, local: dict) -> tuple[list[tuple[str, torch.Tensor]], str | None]:
+        """What :meth:`_transfer` does, through shared memory (module docstring, "Shared memory"): pack every
+        bucket into this rank's segment, one all-gather of the segments' names, then rebuild from views."""
+        me = self.group.rank
+        destinations = [e for e in plan.engine_ranks if e != me]
+        # Where each bucket's message from each sender starts in that sender's segment.
+        bases: list[dict[int, int]] = []
+        totals: collections.Counter = collections.Counter()
+        for bucket in plan.buckets:
+            bases.append(dict(totals))
+            totals.update(bucket.sizes)
+        send_error = receive_error = path = None
+        tick = time.perf_counter()
+        if destinations and totals[me]:
+            b = -1
+            try:
+                path, segment = self.shared.segment(totals[me])
+                for b, bucket in enumerate(plan.buckets):
+                    for index, piece, offset in bucket.segments.get(me, []):
+                        param = plan.params[index]
+                        _piece_view(segment, bases[b].get(me, 0) + offset, param).copy_(local[(param.hf_names, piece)])
+                    self.sent_bytes += bucket.sizes.get(me, 0) * len(destinations)
+            except Exception as exc:
+                send_error = f"rank {me} could not pack bucket {b}: {type(exc).__name__}: {exc}"
+        tock = time.perf_counter()
+        self.times["export"] += tock - tick
+        # Every segment is complete once every rank has sent its name.
+        paths = self.group.all_gather_object(path)
+        tick = time.perf_counter()
+        self.times["transfer"] += tick - tock
+        staged: list[tuple[str, torch.Tensor]] = []
+        if me not in plan.engine_ranks:
+            return staged, send_error
+        b = -1
+        try:
+            segments = {src: self.shared.peer(src, paths[src], size) for src, size in totals.items() if src != me and size}
+            for b, bucket in enumerate(plan.buckets):
+                where = {(index, piece): bases[b].get(src, 0) + offset
+                         for src, entries in bucket.segments.items() if src != me for index, piece, offset in entries}
+                self.received_bytes += sum(size for src, size in bucket.sizes.items() if src != me)
+                for index in bucket.params:
+                    param = plan.params[index]
+                    pieces = [
+                        local[(param.hf_names, piece)]
+                        if owner == me
+                        else _piece_view(segments[owner], where[(index, piece)], param)
+                        for piece, owner in enumerate(param.owners)
+                    ]
+                    full = unshard(param.layout, pieces)
+                    for name, tensor in zip(param.hf_names, megatron_to_hf(param.layout, full, plan.attention)):
+                        if self.staging_device is not None:
+                            tensor = tensor.to(self.staging_device)
+                        staged.append((name, tensor))
+        except Exception as exc:
+            receive_error = f"rank {me} could not rebuild bucket {b}: {type(exc).__name__}: {exc}"
+            staged = []
+        self.times["export"] += time.perf_counter() - tick
+        return staged, send_error or receive_error
+
     def _pack_buffer(self, slot: int, size: int) -> torch.Tensor:
         """``size`` bytes of packing buffer ``slot``; reused across buckets and pushes because fresh CPU memory
         costs a page fault per page on first touch, about as much as the copy into it."""
@@ -725,10 +871,14 @@ class WeightSync:
         self.transport = transport
         self.bucket_bytes = bucket_bytes
         self._pack_buffers: list[torch.Tensor | None] = [None] * _MAX_IN_FLIGHT
+        self._shared = _SharedMemory()
 
     def release_buffers(self) -> None:
-        """Frees this rank's packing buffers (the next push allocates them again)."""
+        """Frees this rank's packing buffers and shared-memory segments (the next push allocates them again).
+        Call it on every rank of the group: a segment's name is gone after its first push, so the others must
+        drop their mappings of it too."""
         self._pack_buffers[:] = [None] * _MAX_IN_FLIGHT
+        self._shared.release()
 
     @classmethod
     def colocated(
@@ -765,7 +915,8 @@ class WeightSync:
             shards, error = [], f"could not list its weight shards: {type(exc).__name__}: {exc}"
         transport = self.transport
         exchange = _Exchange(transport.group, transport.engine_ranks, transport.engine, transport.staging_device,
-                             self._pack_buffers)
+                             self._pack_buffers,
+                             shared=self._shared if isinstance(transport, ColocatedTransport) else None)
         with torch.no_grad():
             return exchange.run(
                 shards, version=version, bucket_bytes=self.bucket_bytes, attention=self.bridge.attention_shape,

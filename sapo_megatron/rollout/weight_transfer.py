@@ -74,9 +74,20 @@ def _few(items: list[str]) -> str:
     return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
 
 
+class CheckedUpdate(list):
+    """The (name, tensor) pairs :func:`check_update` found complete and well-formed for ``schema``. The check
+    reads every byte (about a sixth of a 1B model's push on CPU), so the in-process backend loads a
+    ``CheckedUpdate`` of its own checkpoint as it is: ``RolloutEngine`` checks before it opens vLLM's update
+    session (a bad update is refused with the engine untouched) and hands over this very list."""
+
+    def __init__(self, pairs, schema: dict[str, tuple[int, ...]]) -> None:
+        super().__init__(pairs)
+        self.schema = schema
+
+
 def check_update(
     schema: dict[str, tuple[int, ...]], named_tensors, current_version: int
-) -> list[tuple[str, torch.Tensor]]:
+) -> CheckedUpdate:
     """The (name, tensor) pairs of a complete, well-formed update, or ``ValueError`` naming every problem:
     unknown, repeated or missing names, non-float tensors, wrong shapes, non-finite values."""
     if isinstance(named_tensors, dict):
@@ -135,7 +146,7 @@ def check_update(
             f"update_weights(named_tensors): non-finite values (nan/inf) in {_few(bad)}; nothing was loaded and "
             f"the engine stays on weight_version {current_version}"
         )
-    return named
+    return CheckedUpdate(named, schema)
 
 
 def load_named_tensors(
@@ -268,7 +279,9 @@ def _make_engine_class():
 
         def receive_weights(self, update_info: SapoReshardUpdateInfo) -> None:
             if update_info.tensors:
-                named = check_update(self.schema, update_info.tensors, self.weight_version)
+                named = update_info.tensors
+                if not (isinstance(named, CheckedUpdate) and named.schema == self.schema):
+                    named = check_update(self.schema, named, self.weight_version)
                 if isinstance(update_info.version, bool) or update_info.version <= self.weight_version:
                     raise ValueError(
                         f"update_weights(version={update_info.version!r}): must be above the current "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -428,34 +429,41 @@ class Qwen3MoeBridge(_MbridgeQwen3MoEBridge):
     def weight_shards(self, models: list[torch.nn.Module], *, owned_only: bool = True) -> list[WeightShard]:
         """This rank's pieces of every parameter of ``models`` (chunks, wrapped or not); no communication.
 
-        With ``owned_only`` a rank keeps only the pieces it is responsible for: those of the first data-parallel
-        replica (the first expert-data-parallel replica for experts) and, for a replicated layout, of the first
-        rank of the tensor-parallel group. Over all ranks every piece of every parameter is then listed exactly
-        once, which is what a weight sync sends.
+        With ``owned_only`` a rank keeps only the pieces it is responsible for, so that over all ranks every
+        piece of every parameter is listed exactly once, which is what a weight sync sends. The owner of a piece
+        among its copies (data-parallel replicas, expert-data-parallel replicas for experts, and the ranks of
+        the tensor-parallel group for a replicated layout) is chosen by a hash of its name, the same on every
+        rank: the sending spreads over all replicas instead of resting on the first one, whose network links
+        would otherwise carry the whole model to every engine (docs/benchmarks.md, the 30B push on paper).
         """
         from megatron.core import parallel_state
 
         if owned_only and torch.distributed.is_initialized():
             replica = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+            replicas = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
             expert_replica = parallel_state.get_expert_data_parallel_rank()
+            expert_replicas = parallel_state.get_expert_data_parallel_world_size()
         else:
             replica = expert_replica = 0
+            replicas = expert_replicas = 1
         shards = []
         for chunk in models:
             for entry, param in self._entries(unwrap_model(chunk)):
                 rule = self.rules[entry.rule_index]
                 rank, size, _ = self._group_of(rule)
-                if rule.layout is Layout.REPLICATED:
-                    # Every rank of the group holds the whole tensor: one piece, the group's first rank sends it.
-                    if owned_only and rank != 0:
-                        continue
-                    rank, size = 0, 1
-                if owned_only and (expert_replica if rule.expert else replica) != 0:
-                    continue
                 expert = None
                 if rule.expert:
                     expert = self.mpu.ep_rank * self._experts_per_rank() + entry.local_expert
                 names = tuple(self._hf_names(rule, entry.layer, expert))
+                if rule.layout is Layout.REPLICATED:
+                    # Every rank of the group holds the whole tensor: one piece, sent by one rank of the group.
+                    if owned_only and rank != _owner(names, size, "tp"):
+                        continue
+                    rank, size = 0, 1
+                if owned_only:
+                    copies, mine = (expert_replicas, expert_replica) if rule.expert else (replicas, replica)
+                    if mine != _owner(names + (str(rank),), copies, "dp"):
+                        continue
                 shards.append(WeightShard(names, rule.layout, rank, size, param.detach()))
         return shards
 
@@ -607,3 +615,10 @@ class Qwen3MoeBridge(_MbridgeQwen3MoEBridge):
         pieces = [torch.empty_like(tensor) for _ in range(size)]
         torch.distributed.all_gather(pieces, tensor.contiguous(), group=group)
         return pieces
+
+
+def _owner(key: tuple[str, ...], copies: int, salt: str) -> int:
+    """Which of ``copies`` identical copies of a piece sends it: a hash of its names, equal on every rank."""
+    if copies == 1:
+        return 0
+    return zlib.crc32("|".join((salt, *key)).encode()) % copies

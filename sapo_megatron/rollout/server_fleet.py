@@ -128,25 +128,29 @@ class ServerFleet(RolloutFleet):
             urls.raise_()
         host = rollout.sync_host or ("127.0.0.1" if local else socket.getfqdn())
         port = _broadcast(free_port() if rank == 0 else None)
-        size = world + len(urls)
         backend = "nccl" if device == "cuda" else "gloo"
         init = {}
-        pool = failure = None
+        pool = failure = workers = None
         if rank == 0:
             try:
                 pool = ServerPool(urls, eos_token_ids=_eos_token_ids(hf_dir))
                 if not local:
                     _wait_for_servers(pool, SERVER_WAIT_S)
+                # Every worker of a server (tensor parallel > 1) is a rank of the weight-transfer group.
+                workers = [c.get_world_size(include_dp=False) for c in pool.clients]
             except Exception as exc:
                 failure = _Failure(RuntimeError, str(exc))
-        failure = _broadcast(failure)
-        if failure is not None:
-            failure.raise_()
+        workers = _broadcast(failure if failure is not None else workers)
+        if isinstance(workers, _Failure):
+            workers.raise_()
+        size = world + sum(workers)
         if rank == 0:
-            for i, (url, client) in enumerate(zip(urls, pool.clients)):
-                info = {"host": host, "port": port, "rank": world + i, "world_size": size, "num_engines": len(urls),
+            first = world
+            for url, client, count in zip(urls, pool.clients, workers):
+                info = {"host": host, "port": port, "rank": first, "world_size": size, "num_engines": sum(workers),
                         "expert_load": rollout.cpu_expert_load, "backend": backend}
                 init[url] = (lambda c=client, info=info: c.init_weight_transfer_engine(info))
+                first += count
             # The servers join the group from inside their HTTP call; run them while this rank joins too.
             holder: dict = {}
             waiter = threading.Thread(target=lambda: holder.update(errors=_threads(init)), daemon=True)
@@ -162,7 +166,7 @@ class ServerFleet(RolloutFleet):
         failure = _broadcast(failure)
         if failure is not None:
             failure.raise_()
-        sync = WeightSync.remote(model, group, num_engines=len(urls))
+        sync = WeightSync.remote(model, group, num_engines=sum(workers))
         return cls(urls=urls, weight_sync=sync, pool=pool, processes=processes, config=rollout)
 
     # -- generation -------------------------------------------------------------------------------------------

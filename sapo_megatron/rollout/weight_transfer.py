@@ -172,9 +172,9 @@ def load_named_tensors(
 
 @dataclass
 class SapoReshardInitInfo:
-    """``in_process=True`` for an engine in the trainer's process; otherwise the gloo rendezvous of the trainer
-    ranks' sync group (``host``/``port`` of trainer rank 0's store) and this engine's rank in it (engines are
-    the group's last ``num_engines`` ranks). ``expert_load``: the preferred MoE expert load."""
+    """``in_process=True`` for an engine in the trainer's process; otherwise the rendezvous of the trainer ranks'
+    sync group (``host``/``port`` of trainer rank 0's store) and the rank of this server's first worker in it
+    (engine workers are the group's last ``num_engines`` ranks). ``expert_load``: the preferred MoE expert load."""
 
     in_process: bool = False
     # The sync group's transport: "gloo" (CPU tensors) or "nccl" (GPU engines and trainers).
@@ -257,16 +257,22 @@ def _make_engine_class():
                     logger.warning("direct expert load does not apply (%s); loading experts through reload", blocker)
             if init_info.in_process:
                 return
+            from vllm.distributed.parallel_state import get_world_group
+
             from sapo_megatron.bridge.sync import SyncGroup
 
-            if not init_info.world_size - init_info.num_engines <= init_info.rank < init_info.world_size:
+            # vLLM sends one init dict to every worker of a server: a server of tensor (and pipeline) parallel
+            # size k takes ranks rank .. rank + k - 1, one per worker, and each worker receives the full tensors
+            # (vLLM's loaders keep the worker's shard).
+            rank = init_info.rank + get_world_group().rank_in_group
+            if not init_info.world_size - init_info.num_engines <= rank < init_info.world_size:
                 raise ValueError(
-                    f"sapo_reshard init_info: rank {init_info.rank} is not among the last num_engines="
+                    f"sapo_reshard init_info: rank {rank} is not among the last num_engines="
                     f"{init_info.num_engines} ranks of a group of {init_info.world_size}"
                 )
             self.num_engines = init_info.num_engines
             self.group = SyncGroup.connect(
-                init_info.host, init_info.port, rank=init_info.rank, world_size=init_info.world_size,
+                init_info.host, init_info.port, rank=rank, world_size=init_info.world_size,
                 backend=init_info.backend, timeout_s=init_info.timeout_s,
             )
 

@@ -735,8 +735,10 @@ def _scenario(
             + (optimizer if offload_optimizer and colocated else 0)
             + state.optimizer_host_bytes
         )
-        # Sleep level 1 keeps the engine's weights in host memory while the actor trains; pinned host memory
-        # stays cached by torch, so both stores count at once.
+        # The engine sleeps at level 2 (nothing kept on the host), but a colocated push stages the received
+        # full tensors in host memory until every engine has them (rollout.fleet: staging_device="cpu"), then
+        # loads them one tensor at a time (the largest_tensor_bytes of the sync phase); pinned host memory stays
+        # cached by torch, so the offloaded state and the staging count at once.
         host = max(host, offloaded + (engine.weight_bytes if colocated else 0))
     rollout_gpu = 0 if colocated else engine.weight_bytes + engine.kv_cache_bytes
     return Scenario(

@@ -142,8 +142,12 @@ class ColocatedFleet(RolloutFleet):
         from sapo_megatron.bridge.sync import DEFAULT_BUCKET_BYTES, WeightSync
 
         world = dist.get_world_size() if dist.is_initialized() else 1
+        # A GPU engine's device holds its own weights and the actor's parameters during a push; the received
+        # full tensors wait in host memory until every engine has them (sapo-megatron plan counts them).
+        staging = "cpu" if self.engine.device == "cuda" else None
         self.weight_sync = WeightSync.colocated(model, engine=self.engine, engine_ranks=range(world),
-                                                bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES)
+                                                bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES,
+                                                staging_device=staging)
         return self
 
     @classmethod

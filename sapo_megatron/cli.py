@@ -52,7 +52,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sapo_megatron.trainer import train
 
     # The run writes its resolved config.yaml itself; None means interrupted (Ctrl-C), like a shell's 130.
-    summary = train(cfg)
+    summary = train(cfg, verbose=args.verbose)
     return 0 if summary is not None else 130
 
 
@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="run SAPO (or another policy loss) RL training from a recipe")
     _add_recipe_args(p_train)
+    p_train.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show library output on the terminal as well (logging, warnings, C++ messages); by default it goes "
+        "to <run_dir>/logs/train.log (rank r > 0: train.rank<r>.log) and the terminal shows the run's own output",
+    )
     p_train.set_defaults(func=_cmd_train)
     p_serve = sub.add_parser(
         "serve",

@@ -639,29 +639,36 @@ def due(step: int, interval: int, last: int) -> bool:
     return interval > 0 and (step % interval == 0 or step == last)
 
 
-def train(cfg: Config) -> Optional[dict]:
+def train(cfg: Config, *, verbose: bool = False) -> Optional[dict]:
     """Runs (or resumes) the training run of ``cfg``; returns the summary, or None when interrupted.
 
-    With ``launch.nproc_per_node > 1`` and not already inside torchrun, starts the ranks itself.
+    With ``launch.nproc_per_node > 1`` and not already inside torchrun, starts the ranks itself. Library output
+    (logging, warnings, C++ and child processes) goes to ``<run_dir>/logs/`` and the terminal shows ours, unless
+    ``verbose`` (:mod:`sapo_megatron.console`).
     """
+    from sapo_megatron.console import run_console
+
     cfg.validate()
     if cfg.launch.world_size > 1 and "RANK" not in os.environ:
-        return launch_ranks(cfg)
+        return launch_ranks(cfg, verbose=verbose)
     check_launch(cfg, os.environ)
-    ctx = setup(cfg)
-    try:
-        return run(ctx)
-    except KeyboardInterrupt:
-        if ctx.is_driver:
-            print(
-                f"\n[interrupted] at step {ctx.step + 1}; nothing half-written was kept. "
-                "Rerun the same command to resume from the last checkpoint.",
-                file=sys.stderr,
-                flush=True,
-            )
-        return None
-    finally:
-        shutdown(ctx)
+    # torch.distributed is not up yet: the rank torchrun gave this process names its log file.
+    rank_ = int(os.environ.get("RANK", "0"))
+    with run_console(cfg.trainer.run_dir, rank=rank_, world_size=cfg.launch.world_size, verbose=verbose):
+        ctx = setup(cfg)
+        try:
+            return run(ctx)
+        except KeyboardInterrupt:
+            if ctx.is_driver:
+                print(
+                    f"\n[interrupted] at step {ctx.step + 1}; nothing half-written was kept. "
+                    "Rerun the same command to resume from the last checkpoint.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return None
+        finally:
+            shutdown(ctx)
 
 
 def run(ctx: RunContext) -> dict:
@@ -704,14 +711,22 @@ class Progress:
     """One line per step on the driver: step, reward, loss and the step-time breakdown."""
 
     def __init__(self, total: int, done: int, *, enabled: bool):
+        from sapo_megatron.console import terminal
+
         self.enabled = enabled
+        self.total = total
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=done, desc="sapo", unit="step", dynamic_ncols=True, file=sys.stdout)
+            # The bar's redraws go to the terminal only; the log gets one plain line per step instead.
+            self.bar = tqdm(
+                total=total, initial=done, desc="sapo", unit="step", dynamic_ncols=True, file=terminal(sys.stdout)
+            )
 
     def update(self, step: int, m: dict) -> None:
+        from sapo_megatron.console import log_only
+
         if not self.enabled:
             return
         parts = {
@@ -725,6 +740,7 @@ class Progress:
             parts["val"] = f"{m['reward/val_mean']:.3f}"
         self.bar.set_postfix(parts, refresh=False)
         self.bar.update(1)
+        log_only(sys.stdout, f"[step {step}/{self.total}] " + ", ".join(f"{k}={v}" for k, v in parts.items()))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -819,8 +835,10 @@ def check_launch(cfg: Config, env) -> None:
         )
 
 
-def launch_ranks(cfg: Config) -> Optional[dict]:
-    """Starts ``launch.nproc_per_node`` ranks of this trainer with torchrun on this node and waits."""
+def launch_ranks(cfg: Config, *, verbose: bool = False) -> Optional[dict]:
+    """Starts ``launch.nproc_per_node`` ranks of this trainer with torchrun on this node and waits.
+
+    The ranks inherit this terminal and each sends library output to its own log file (``verbose``: not)."""
     from sapo_megatron.config import save_config
     from sapo_megatron.launch import run_torchrun
 
@@ -831,23 +849,31 @@ def launch_ranks(cfg: Config) -> Optional[dict]:
     config_path = run_dir / "config.yaml"
     save_config(cfg, config_path)
     result = run_torchrun(
-        ["-m", "sapo_megatron.trainer", str(config_path)],
+        ["-m", "sapo_megatron.trainer", str(config_path), *(["--verbose"] if verbose else [])],
         cfg.launch.nproc_per_node,
         timeout=7 * 24 * 3600,
         capture=False,
         die_with_parent=True,
     )
     if result.returncode != 0:
-        raise RuntimeError(f"the training ranks exited with code {result.returncode}")
+        logs = "" if verbose else f"; each rank's full log, library output included, is in {run_dir / 'logs'}"
+        raise RuntimeError(f"the training ranks exited with code {result.returncode}{logs}")
     summary_path = run_dir / "summary.json"
     return json.loads(summary_path.read_text()) if summary_path.exists() else {}
 
 
 if __name__ == "__main__":
     # A rank started by launch_ranks (or by torchrun/srun directly) with the resolved config file.
+    import argparse
+
     from sapo_megatron.config import load_config
     from sapo_megatron.launch import exit_when_orphaned
 
+    parser = argparse.ArgumentParser(prog="python -m sapo_megatron.trainer")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    parser.add_argument("--verbose", action="store_true", help="library output on the terminal, not in logs/")
+    args = parser.parse_args()
     exit_when_orphaned()
-    summary = train(load_config(sys.argv[1], sys.argv[2:]))
+    summary = train(load_config(args.config, args.overrides), verbose=args.verbose)
     sys.exit(0 if summary is not None else 130)

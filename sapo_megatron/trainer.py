@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from sapo_megatron import collectives
 from sapo_megatron.config import Config, ConfigError
 
 DRIVER_RANK = 0
@@ -136,9 +137,7 @@ def broadcast_from_driver(obj: Any) -> Any:
     """The driver's ``obj`` on every rank (others pass anything, typically ``None``)."""
     if world_size() == 1:
         return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=DRIVER_RANK)
-    return box[0]
+    return collectives.broadcast_object(obj, src=DRIVER_RANK)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from sapo_megatron import collectives
 from sapo_megatron.actor.batch import TrainBatch
 from sapo_megatron.actor.loss_adapter import MegatronLossScale
 from sapo_megatron.actor.micro_batching import MicroBatchLayout, group_by_token_budget, round_up, row_lengths
@@ -127,7 +128,7 @@ class MegatronPolicy:
         if dp_size == 1:
             return value
         count = torch.tensor([value], dtype=torch.int64, device=self._collective_device())
-        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self._mpu().get_data_parallel_group())
+        collectives.all_reduce(count, op=collectives.ReduceOp.MAX, group=self._mpu().get_data_parallel_group())
         return int(count.item())
 
     def _collective_device(self) -> torch.device:
@@ -306,12 +307,10 @@ class MegatronPolicy:
             local = torch.empty(layout.num_local, layout.width, dtype=torch.float32)
         if mpu.get_pipeline_model_parallel_world_size() > 1:
             src = mpu.get_pipeline_model_parallel_last_rank()
-            dist.broadcast(local, src=src, group=mpu.get_pipeline_model_parallel_group())
+            collectives.broadcast(local, src=src, group=mpu.get_pipeline_model_parallel_group())
         _, dp_size = self._dp()
         if dp_size > 1:
-            parts = [torch.empty_like(local) for _ in range(dp_size)]
-            dist.all_gather(parts, local, group=mpu.get_data_parallel_group())
-            local = torch.cat(parts, dim=0)
+            local = torch.cat(collectives.all_gather(local, group=mpu.get_data_parallel_group()), dim=0)
         return self._beyond_loss_filled(local[: batch.size, : batch.seq_len], batch, 0.0)
 
     # -- one optimizer step on a mini-batch ---------------------------------------------------------------
@@ -429,15 +428,12 @@ class MegatronPolicy:
             }
         # Only the last pipeline stage ran the loss; share its result with the whole pipeline group.
         if mpu.get_pipeline_model_parallel_world_size() > 1:
-            obj = [local]
-            dist.broadcast_object_list(
-                obj, src=mpu.get_pipeline_model_parallel_last_rank(), group=mpu.get_pipeline_model_parallel_group()
+            local = collectives.broadcast_object(
+                local, src=mpu.get_pipeline_model_parallel_last_rank(), group=mpu.get_pipeline_model_parallel_group()
             )
-            local = obj[0]
         parts = [local]
         if mpu.get_data_parallel_world_size() > 1:
-            parts = [None] * mpu.get_data_parallel_world_size()
-            dist.all_gather_object(parts, local, group=mpu.get_data_parallel_group())
+            parts = collectives.all_gather_object(local, group=mpu.get_data_parallel_group())
         merged = reduce_metrics([p["metrics"] for p in parts])
         out = {k: float(v) for k, v in merged.items()}
         for key in parts[0]["shares"]:

@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
+from sapo_megatron import collectives
+
 if TYPE_CHECKING:
     from sapo_megatron.actor.factory import Actor
 
@@ -371,13 +373,13 @@ def save_checkpoint(
         for stale in root.glob("step_*" + TMP_SUFFIX):
             shutil.rmtree(stale)
         (tmp / DIST_SUBDIR).mkdir(parents=True)
-    torch.distributed.barrier()
+    collectives.barrier()
 
     layout = CheckpointLayout.current(actor)
     state = _sharded_state_dict(actor, is_loading=False, optimizer=True, rng=True)
     state["trainer_state"] = trainer_state
     dist_checkpointing.save(state, str(tmp / DIST_SUBDIR), async_sharded_save=False)
-    torch.distributed.barrier()
+    collectives.barrier()
 
     if rank == 0:
         _write_hf_files(actor, source_hf_dir, tmp / HF_SUBDIR)
@@ -399,7 +401,7 @@ def save_checkpoint(
         _publish(root, tmp, final)
         if keep_last is not None:
             _prune(root, keep=keep_last, protect=final)
-    torch.distributed.barrier()
+    collectives.barrier()
     logger.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - started)
     return final
 
@@ -554,7 +556,7 @@ def load_checkpoint(
             actor.optimizer.reload_model_params()
     if same_layout:
         _set_rng_state(loaded["rng"])
-    torch.distributed.barrier()
+    collectives.barrier()
     logger.info("loaded checkpoint %s in %.1f s", step_dir, time.perf_counter() - started)
     return int(meta["step"]), loaded["trainer_state"]
 

@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from sapo_megatron import collectives
+
 __all__ = ["vocab_parallel_logprobs", "default_chunk_size"]
 
 # Elements of the local logits per chunk, by device type. The forward and the backward each allocate one
@@ -232,7 +234,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         # sum exp(x - M) (x - M) = e^d (W + d S). A shard far below M underflows to an exact 0 contribution.
         if tp_group is not None:
             global_max = local_max.clone()
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+            collectives.all_reduce(global_max, op=collectives.ReduceOp.MAX, group=tp_group)
             shift = local_max - global_max
             scale = torch.exp(shift)
             columns = [sum_exp * scale]
@@ -240,7 +242,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                 columns.append(scale * (sum_exp_x + shift * sum_exp))
             columns.append(torch.where(in_shard, target_x - global_max, torch.zeros_like(target_x)))
             stats = torch.stack(columns, dim=1)
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
+            collectives.all_reduce(stats, op=collectives.ReduceOp.SUM, group=tp_group)
             sum_exp = stats[:, 0]
             sum_exp_x = stats[:, 1] if with_entropy else None
             target_shifted = stats[:, -1]

@@ -39,6 +39,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from sapo_megatron import collectives
+
 UNRECORDED = -1
 ROUTING_DTYPE = torch.int32
 ENTROPY_DTYPE = torch.float32
@@ -297,18 +299,16 @@ class RoutingPass:
             local[self._rows[micro_index].to(local.device), start:stop, moe_index] = rows
         if owner.sequence_parallel and mpu.get_tensor_model_parallel_world_size() > 1:
             # Micro-batches of different widths split at different positions: combine whole-width tensors.
-            dist.all_reduce(local, op=op, group=mpu.get_tensor_model_parallel_group())
+            collectives.all_reduce(local, op=op, group=mpu.get_tensor_model_parallel_group())
         if mpu.get_pipeline_model_parallel_world_size() > 1:
-            dist.all_reduce(local, op=op, group=mpu.get_pipeline_model_parallel_group())
+            collectives.all_reduce(local, op=op, group=mpu.get_pipeline_model_parallel_group())
         if mpu.get_data_parallel_world_size() > 1:
             local = _all_gather_cat(local, dim=0, group=mpu.get_data_parallel_group())
         return local[:batch_size, :seq_len].cpu()
 
 
 def _all_gather_cat(tensor: torch.Tensor, *, dim: int, group) -> torch.Tensor:
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    return torch.cat(collectives.all_gather(tensor, group=group), dim=dim)
 
 
 class RoutingReplay:

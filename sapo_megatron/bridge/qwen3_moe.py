@@ -34,6 +34,7 @@ from mbridge.core.parallel_states import ParallelStates
 from mbridge.models.qwen3moe import Qwen3MoEBridge as _MbridgeQwen3MoEBridge
 from safetensors import safe_open
 
+from sapo_megatron import collectives
 from sapo_megatron.bridge.layout import (
     AttentionShape,
     Layout,
@@ -515,7 +516,7 @@ class Qwen3MoeBridge(_MbridgeQwen3MoEBridge):
         stage_entries: list[list[list[_Entry]]] = [None] * mpu.pp_size  # type: ignore[list-item]
         mine = [[entry for entry, _ in chunk_entries] for chunk_entries in local]
         if mpu.pp_size > 1:
-            torch.distributed.all_gather_object(stage_entries, mine, group=mpu.pp_group)
+            stage_entries = collectives.all_gather_object(mine, group=mpu.pp_group)
         else:
             stage_entries = [mine]
         device = self.device if self.device.type == "cpu" else torch.device("cuda", torch.cuda.current_device())
@@ -539,7 +540,7 @@ class Qwen3MoeBridge(_MbridgeQwen3MoEBridge):
                     if mpu.pp_size > 1:
                         src = torch.distributed.get_global_rank(mpu.pp_group, stage)
                         for tensor in fulls:
-                            torch.distributed.broadcast(tensor, src=src, group=mpu.pp_group)
+                            collectives.broadcast(tensor, src=src, group=mpu.pp_group)
                     for ep_rank, full in enumerate(fulls):
                         expert = None
                         if rule.expert:
@@ -604,17 +605,13 @@ class Qwen3MoeBridge(_MbridgeQwen3MoEBridge):
     def _gather(layout: Layout, tensor: torch.Tensor, size: int, group: Any) -> torch.Tensor:
         if size == 1 or layout is Layout.REPLICATED:
             return tensor
-        pieces = [torch.empty_like(tensor) for _ in range(size)]
-        torch.distributed.all_gather(pieces, tensor.contiguous(), group=group)
-        return unshard(layout, pieces)
+        return unshard(layout, collectives.all_gather(tensor, group=group))
 
     @staticmethod
     def _gather_list(tensor: torch.Tensor, size: int, group: Any) -> list[torch.Tensor]:
         if size == 1:
             return [tensor]
-        pieces = [torch.empty_like(tensor) for _ in range(size)]
-        torch.distributed.all_gather(pieces, tensor.contiguous(), group=group)
-        return pieces
+        return collectives.all_gather(tensor, group=group)
 
 
 def _owner(key: tuple[str, ...], copies: int, salt: str) -> int:

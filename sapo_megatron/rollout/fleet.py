@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from sapo_megatron import collectives
 from sapo_megatron.rollout.engine import RolloutBatch
 
 Phase = Literal["rollout", "train", "sync"]
@@ -178,13 +179,9 @@ class ColocatedFleet(RolloutFleet):
         return batch
 
     def _all_gather(self, obj: Any) -> list:
-        import torch.distributed as dist
-
         if self.num_engines == 1:
             return [obj]
-        parts: list = [None] * self.num_engines
-        dist.all_gather_object(parts, obj, group=self.group)
-        return parts
+        return collectives.all_gather_object(obj, group=self.group)
 
     def push(self, model_chunks, version: int):
         return self.weight_sync.push(model_chunks, version)

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from sapo_megatron import collectives
 from sapo_megatron.rollout.fleet import RolloutFleet
 from sapo_megatron.rollout.weight_transfer import BACKEND
 
@@ -48,9 +49,7 @@ def _broadcast(obj: Any) -> Any:
     dist = _dist()
     if dist is None or dist.get_world_size() == 1:
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return collectives.broadcast_object(obj, src=0)
 
 
 class _Failure:

@@ -672,6 +672,58 @@ def engine_memory(shape: ModelShape, cfg: Config) -> EngineMemory:
     )
 
 
+def engine_layouts(shape: ModelShape, cfg: Config, budget_bytes: int) -> list[dict]:
+    """For engine tensor parallel 1, 2, 4, 8: what an engine GPU holds while it generates, when it has the GPU
+    to itself (a rollout node, or a colocated GPU whose actor state is offloaded): its share of the weights,
+    the KV cache the rest of the budget leaves, how many full-length sequences that is per GPU, and the bytes a
+    weight push brings into each GPU (every worker of an engine receives the full tensors)."""
+    b = DTYPE_BYTES[cfg.model.params_dtype]
+    max_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    rows = []
+    for tp in (1, 2, 4, 8):
+        if shape.num_attention_heads % tp:
+            continue
+        weights = math.ceil(shape.total_params * b / tp)
+        kv_per_token = 2 * shape.num_layers * math.ceil(shape.num_kv_heads / tp) * shape.head_dim * b
+        kv = max(0, budget_bytes - weights - ENGINE_ACTIVATION_RESERVE_BYTES)
+        rows.append({"tp": tp, "weights": weights, "kv": kv, "sequences_per_gpu": kv // kv_per_token // max_len / tp,
+                     "push_ingress": shape.total_params * b})
+    return rows
+
+
+# What an engine's forward passes take beyond weights and KV cache (vLLM's profile of the activations and the
+# sampler at the recipe's batch size is about this on one GPU); the layout table leaves it free.
+ENGINE_ACTIVATION_RESERVE_BYTES = 4 * 1024**3
+
+
+def engine_layout_lines(shape: ModelShape, cfg: Config, budget_bytes: int) -> list[str]:
+    rows = engine_layouts(shape, cfg, budget_bytes)
+    max_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    # KV room for the GPU's share of a rollout (prompts x samples over the engine GPUs), up to 32 full-length
+    # sequences: with fewer in flight, decoding is bound by reading the weights for every token and the rollout
+    # runs in several waves; beyond that a GPU is busy anyway.
+    launch = cfg.launch
+    gpus = (launch.rollout_nnodes if cfg.rollout.mode == "remote" and launch.rollout_nnodes else launch.nnodes)
+    gpus *= launch.nproc_per_node
+    share = math.ceil(cfg.data.prompts_per_step * cfg.rollout.n_samples / gpus)
+    wanted = min(32, share)
+    lines = [f"engine layouts, an engine GPU to itself (budget minus {ENGINE_ACTIVATION_RESERVE_BYTES / 1024**3:.0f} GiB "
+             f"for activations; sequences of {max_len} tokens):",
+             f"  {'engine TP':>9}  {'weights GiB/GPU':>15}  {'KV GiB/GPU':>10}  {'sequences/GPU':>13}  {'push GB in/GPU':>14}"]
+    for r in rows:
+        lines.append(f"  {r['tp']:>9}  {r['weights'] / 1024**3:>15.2f}  {r['kv'] / 1024**3:>10.2f}  "
+                     f"{r['sequences_per_gpu']:>13.1f}  {r['push_ingress'] / 1e9:>14.1f}")
+    fitting = [r for r in rows if r["sequences_per_gpu"] >= wanted]
+    if fitting:
+        best = fitting[0]
+        lines.append(f"  suggested: engine TP {best['tp']} (the smallest with room for {wanted} full-length sequences "
+                     f"per GPU; the batch gives each engine GPU {share}); configured: {cfg.rollout.engine_tensor_parallel}")
+    else:
+        lines.append(f"  no engine layout keeps {wanted} full-length sequences per GPU: shorten rollout.max_new_tokens "
+                     "or add GPUs")
+    return lines
+
+
 @dataclass(frozen=True)
 class Scenario:
     """Peak bytes per GPU in each phase for one combination of offload switches."""
@@ -990,6 +1042,8 @@ def format_plan(plan: Plan) -> str:
         f"({engine.kv_bytes_per_token / 1024:.0f} KiB/token -> {engine.kv_tokens:,} tokens, "
         f"{engine.sequences_at_max_length} sequences of {cfg.data.max_prompt_length + rollout.max_new_tokens} tokens)"
     )
+    for line in engine_layout_lines(plan.shape, cfg, plan.budget_bytes):
+        add(line)
     add("")
     budget = plan.budget_bytes
     add(

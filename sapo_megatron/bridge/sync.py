@@ -240,7 +240,7 @@ class SyncGroup:
 
 
 class WeightTarget(Protocol):
-    """An engine as the receiving side of a push sees it (``RolloutEngine``, or the ``sapo_gloo`` backend inside
+    """An engine as the receiving side of a push sees it (``RolloutEngine``, or the ``sapo_reshard`` backend inside
     a vLLM server's worker): the HF checkpoint schema it serves, its current version, and a checked load that
     either makes ``version`` current or raises and leaves the previous one."""
 
@@ -303,7 +303,7 @@ class ColocatedTransport(Transport):
 
 class RemoteTransport(Transport):
     """The engines are in other processes: the last ``num_engines`` ranks of ``group``, each running
-    :class:`WeightReceiver` (in a vLLM server, the ``sapo_gloo`` backend does)."""
+    :class:`WeightReceiver` (in a vLLM server, the ``sapo_reshard`` backend does)."""
 
     def __init__(self, group: SyncGroup, num_engines: int = 1) -> None:
         if not 1 <= num_engines < group.size:

@@ -491,8 +491,9 @@ class Config:
             )
         if not r.urls and launch.nnodes > 1:
             raise ConfigError(
-                "rollout.mode=remote on several actor nodes needs rollout.server_urls: local servers are only started "
-                "for a single-node run"
+                "rollout.mode=remote on several actor nodes needs rollout nodes of its own (launch.rollout_nnodes) "
+                "running `sapo-megatron serve`, and their rollout.server_urls: local servers are only started for a "
+                "single-node run"
             )
 
 

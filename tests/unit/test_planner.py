@@ -228,12 +228,13 @@ def test_grpo_recipe_is_the_sapo_recipe_with_another_loss():
          "parallel.expert_tensor"),  # megatron would not reduce the expert replicas over TP
         (["rollout.engine_tensor_parallel=3"], "rollout.engine_tensor_parallel"),
         (["rollout.num_engines=33"], "rollout.num_engines"),
-        (["rollout.mode=remote"], "launch.rollout_nnodes"),
+        (["rollout.mode=remote", "rollout.collect_routed_experts=false"], "launch.rollout_nnodes"),
         (["launch.rollout_nnodes=1"], "launch.rollout_nnodes"),
     ],
 )  # fmt: skip
 def test_layouts_that_cannot_run_are_refused_naming_the_key(overrides, key):
-    with pytest.raises(PlanError) as caught:
+    # Config validation catches some before the planner does (PlanError is a ConfigError).
+    with pytest.raises(ConfigError) as caught:
         make_plan(_sapo_cfg(*overrides))
     assert key in str(caught.value)
 
@@ -255,7 +256,9 @@ def test_memory_refusals_name_the_key():
 
 
 def test_remote_engines_get_their_own_nodes():
+    urls = ",".join(f"http://r{n}:{8000 + i}" for n in (1, 2) for i in range(8))
     plan = make_plan(_sapo_cfg("rollout.mode=remote", "launch.rollout_nnodes=2", "rollout.num_engines=16",
+                               f"rollout.server_urls={urls}", "rollout.collect_routed_experts=false",
                                "optimizer.offload_params=false", "optimizer.offload_grads=false",
                                "optimizer.offload_optimizer=false"))  # fmt: skip
     engines = plan.layout.engines

@@ -18,12 +18,16 @@ Invariants, for both:
   :class:`~sapo_megatron.bridge.sync.WeightSyncError` on every rank. Problems found before any byte moves
   (names, shapes, versions, non-finite values) leave every engine on its previous version.
 * ``samples_per_engine`` counts the rows each engine produced in the last ``generate``.
+* An engine that raises inside ``generate`` makes every trainer rank raise :class:`EngineError`, with that
+  engine's traceback, from the same call: no rank is left waiting in a collective for an engine that failed.
 """
 
 from __future__ import annotations
 
 import abc
+import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -32,6 +36,29 @@ from sapo_megatron import collectives
 from sapo_megatron.rollout.engine import RolloutBatch
 
 Phase = Literal["rollout", "train", "sync"]
+
+
+class EngineError(RuntimeError):
+    """A rollout engine failed; raised on every trainer rank, with the failing engines' tracebacks."""
+
+
+@dataclass
+class _EngineFailure:
+    """One rank's engine failure, exchanged in place of its share of the rollout."""
+
+    rank: int
+    summary: str
+    traceback: str
+
+
+def raise_engine_failures(parts: Sequence[Any], what: str, cause: BaseException | None = None) -> None:
+    """Raises :class:`EngineError` naming every failed engine of ``parts`` (an all-gathered list), if any."""
+    failures = [p for p in parts if isinstance(p, _EngineFailure)]
+    if not failures:
+        return
+    heads = "; ".join(f"engine on rank {f.rank}: {f.summary}" for f in failures)
+    tracebacks = "\n".join(f"--- traceback of the engine on rank {f.rank} ---\n{f.traceback.rstrip()}" for f in failures)
+    raise EngineError(f"{what} failed ({heads}); the run stops\n{tracebacks}") from cause
 
 
 def engine_shares(num_prompts: int, num_engines: int) -> list[range]:
@@ -167,12 +194,19 @@ class ColocatedFleet(RolloutFleet):
     def generate(self, prompt_ids, *, n: int, seed: int, **sampling: Any) -> RolloutBatch:
         prompts = [list(p) for p in prompt_ids]
         share = engine_shares(len(prompts), self.num_engines)[self.rank]
-        if len(share):
-            local = self.engine.generate(prompts[share.start : share.stop], n=n, seed=seed,
-                                         prompt_index_offset=share.start, **sampling)
-        else:
-            local = concat_batches([], weight_version=self.engine.weight_version)
+        cause = None
+        try:
+            if len(share):
+                local = self.engine.generate(prompts[share.start : share.stop], n=n, seed=seed,
+                                             prompt_index_offset=share.start, **sampling)
+            else:
+                local = concat_batches([], weight_version=self.engine.weight_version)
+        except Exception as exc:
+            # Exchanged in place of the samples: the other ranks are already waiting in the gather below.
+            cause = exc
+            local = _EngineFailure(self.rank, f"{type(exc).__name__}: {exc}", traceback.format_exc())
         parts = self._all_gather(local)
+        raise_engine_failures(parts, "generate", cause)
         self.samples_per_engine = [len(p) for p in parts]
         batch = concat_batches(parts, weight_version=self.engine.weight_version)
         assert len(batch) == len(prompts) * n, f"the fleet returned {len(batch)} samples, expected {len(prompts) * n}"

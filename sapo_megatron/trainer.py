@@ -14,6 +14,7 @@ every rank from the seeded, resumable stream, so the data position needs no comm
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -158,6 +159,25 @@ class Rollout:
     reward_failures: int = 0
     routed_experts: Any = None
     samples_per_engine: list[int] = field(default_factory=list)
+    # Rows whose rollout log-probs were not finite: kept in their group (rewards, advantages) but out of the loss.
+    excluded_rows: list[int] = field(default_factory=list)
+    empty_responses: int = 0
+
+
+def screen_logprobs(logprobs_rollout: list[list[float]]) -> tuple[list[list[float]], list[int]]:
+    """The rollout log-probs with every row that holds a NaN or infinity zeroed, and the indices of those rows.
+
+    Why skip, not fail: one bad sample (an engine numerics bug on one sequence) should not stop a run, and
+    NaN must never reach the loss or the diagnostics. The row stays in its GRPO group, so the group's
+    advantages keep their meaning; :func:`build_train_batch` masks it out of the loss."""
+    screened, bad = [], []
+    for row, values in enumerate(logprobs_rollout):
+        if all(math.isfinite(v) for v in values):
+            screened.append(values)
+        else:
+            bad.append(row)
+            screened.append([0.0] * len(values))
+    return screened, bad
 
 
 def generate_and_score(ctx: "RunContext", examples: list, *, n: int, seed: int) -> Rollout:
@@ -165,23 +185,34 @@ def generate_and_score(ctx: "RunContext", examples: list, *, n: int, seed: int) 
     rank returns the same rollout."""
     prompt_ids = [encode_prompt(ctx.tokenizer, ex.prompt) for ex in examples]
     out = ctx.fleet.generate(prompt_ids, n=n, seed=seed)
+    logprobs_rollout, excluded = screen_logprobs(out.logprobs_rollout)
+    empty = sum(len(r) == 0 for r in out.response_ids)
     scored = None
     if ctx.is_driver:
+        if excluded:
+            print(f"[rollout] warning: {len(excluded)} of {len(out)} samples have non-finite rollout log-probs "
+                  f"(rows {excluded[:10]}); they are excluded from the loss", flush=True)
         texts = ctx.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
         answers = [examples[i].answer for i in out.prompt_index]
         rewards, stats = ctx.sandbox.score(list(zip(texts, answers)))
-        scored = (list(rewards), stats.n_errors + stats.n_timeouts)
+        failures = stats.n_errors + stats.n_timeouts
+        if failures:
+            print(f"[reward] warning: {failures} of {stats.n_items} rewards failed and scored 0: "
+                  + "; ".join(stats.failure_samples), flush=True)
+        scored = (list(rewards), failures)
     rewards, failures = broadcast_from_driver(scored)
     return Rollout(
         prompts=out.prompt_ids,
         responses=out.response_ids,
-        logprobs_rollout=out.logprobs_rollout,
+        logprobs_rollout=logprobs_rollout,
         rewards=rewards,
         finish_reasons=list(out.finish_reasons),
         weight_version=out.weight_version,
         reward_failures=failures,
         routed_experts=out.routed_experts,
         samples_per_engine=list(ctx.fleet.samples_per_engine),
+        excluded_rows=excluded,
+        empty_responses=empty,
     )
 
 
@@ -193,6 +224,8 @@ def build_train_batch(rollout: Rollout, advantages: torch.Tensor, *, pad_id: int
     tokens, mask, logprobs_rollout = collate_sequences(
         rollout.prompts, rollout.responses, pad_id=pad_id, seq_len=width, response_logprobs=rollout.logprobs_rollout
     )
+    if rollout.excluded_rows:
+        mask[rollout.excluded_rows] = False
     return TrainBatch(tokens=tokens, loss_mask=mask, advantages=advantages, logprobs_rollout=logprobs_rollout)
 
 
@@ -338,6 +371,8 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
         "reward/mean": float(rewards.mean()),
         "reward/exact_frac": float((rewards == 1.0).float().mean()),
         "reward/failures": float(rollout.reward_failures),
+        "rollout/nonfinite_logprob_samples": float(len(rollout.excluded_rows)),
+        "response/empty": float(rollout.empty_responses),
         "response/length_mean": float(batch.loss_mask.sum(1).float().mean()),
         "response/truncated_frac": sum(r == "length" for r in rollout.finish_reasons) / len(rollout.finish_reasons),
         "weights/rollout_version": float(rollout.weight_version),

@@ -34,7 +34,8 @@ class SandboxStats:
     """Counts for one :meth:`RewardSandbox.score` call; ``failure_samples`` holds the first few messages.
 
     ``n_errors`` counts exceptions, non-finite rewards and worker deaths; ``n_timeouts`` counts items
-    whose worker was killed at the deadline. Every failed item scores 0.0.
+    whose worker was killed at the deadline. Every failed item scores 0.0. A result that is not a
+    number (``None``, a string, a list) is an error too.
     """
 
     n_items: int = 0
@@ -249,6 +250,17 @@ class _Worker:
         self.conn.close()
 
 
+def _as_reward(value) -> float:
+    """``value`` as a float, if it is a number (a Python or numpy number, a one-element tensor); a string that
+    happens to parse (``"1.0"``) is a broken reward function, not a reward."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"reward is not a number: {value!r} ({type(value).__name__})")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"reward is not a number: {str(value)[:80]!r} ({type(value).__name__})") from None
+
+
 def _worker_main(conn: multiprocessing.connection.Connection, fn_bytes: bytes) -> None:
     # Ctrl-C is for the trainer, which closes the sandbox; a worker dying of it first would read as a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -267,7 +279,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, fn_bytes: bytes) -
             return
         index, response, ground_truth = item
         try:
-            reward = float(fn(response, ground_truth))
+            reward = _as_reward(fn(response, ground_truth))
         except Exception as exc:
             conn.send(("error", index, f"{type(exc).__name__}: {exc}"[:500]))
         else:

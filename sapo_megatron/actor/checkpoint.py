@@ -11,7 +11,14 @@ A checkpoint root holds one directory per saved step and a ``latest`` pointer::
 
 A step is written into ``step_000010.tmp/``, every file is fsynced, and only then is it renamed to
 ``step_000010`` and ``latest`` replaced (write-to-temp, fsync, rename). A job killed at any point leaves
-``latest`` naming a complete checkpoint; the next save removes the leftover ``*.tmp`` directory.
+``latest`` naming a complete checkpoint; the next save removes the leftover ``*.tmp`` directory. Re-saving
+the step ``latest`` names swaps the two directories in one atomic rename (``RENAME_EXCHANGE``), so that
+step's directory is complete at every instant.
+
+``meta.json`` carries a manifest of every file of the step (size and CRC32, see :func:`_file_digest` for
+what is read), checked before megatron's loader opens anything: a truncated or damaged file is a
+``ValueError`` naming the file and the checkpoint, not an opaque error from deep inside the loader.
+Checkpoints written before the manifest existed load without the check.
 
 What one checkpoint holds:
 
@@ -31,6 +38,8 @@ Every function here is a collective: all ranks call it with the same arguments.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import io
 import json
 import logging
@@ -39,6 +48,7 @@ import random
 import re
 import shutil
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -66,6 +76,15 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 # Files of a HF model directory that are weights; everything else (config, tokenizer, generation config,
 # chat template) is copied into the checkpoint.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+# The manifest's checksums (see _file_digest). Files up to FULL_CRC_MAX_BYTES are read whole; larger ones
+# (the model / optimizer shards of a 30B run: several GB per rank) in SAMPLED_BLOCKS blocks of
+# SAMPLED_BLOCK_BYTES spread evenly over the file, first and last block included.
+FULL_CRC_MAX_BYTES = 64 << 20
+SAMPLED_BLOCKS = 64
+SAMPLED_BLOCK_BYTES = 1 << 20
+# A dist-checkpoint shard file ``__<rank>_<index>.distcp``: digested by the rank that wrote it (its pages are
+# still in that rank's cache), every other file by rank 0.
+_SHARD_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
 
 
 def step_dir_name(step: int) -> str:
@@ -205,9 +224,14 @@ def find_checkpoint(ckpt_root: str | os.PathLike, step: Optional[int] = None) ->
 
 def _checked(step_dir: Path) -> Path:
     if not is_checkpoint_dir(step_dir):
-        raise ValueError(
-            f"{str(step_dir)!r} is not a complete checkpoint (no {META_FILE} of {FORMAT} or no {DIST_SUBDIR}/)"
-        )
+        meta = step_dir / META_FILE
+        reason = f"no {META_FILE} of {FORMAT} or no {DIST_SUBDIR}/"
+        if meta.is_file():
+            try:
+                json.loads(meta.read_text())
+            except (OSError, ValueError) as exc:
+                reason = f"{str(meta)!r} is unreadable ({type(exc).__name__}: {exc}): damaged or truncated"
+        raise ValueError(f"{str(step_dir)!r} is not a complete checkpoint ({reason})")
     return step_dir
 
 
@@ -215,7 +239,10 @@ def read_meta(step_dir: str | os.PathLike) -> dict:
     path = Path(step_dir) / META_FILE
     if not path.is_file():
         raise ValueError(f"{str(step_dir)!r} is not a checkpoint directory (no {META_FILE})")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{str(path)!r} is damaged or truncated: {exc}") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a {FORMAT} checkpoint (format={meta.get('format')!r})")
     if meta.get("version", 0) > FORMAT_VERSION:
@@ -380,9 +407,12 @@ def save_checkpoint(
     state["trainer_state"] = trainer_state
     dist_checkpointing.save(state, str(tmp / DIST_SUBDIR), async_sharded_save=False)
     collectives.barrier()
+    manifest = _digest_dist_files(tmp, rank, torch.distributed.get_world_size())
 
     if rank == 0:
         _write_hf_files(actor, source_hf_dir, tmp / HF_SUBDIR)
+        for path in sorted((tmp / HF_SUBDIR).iterdir()):
+            manifest[f"{HF_SUBDIR}/{path.name}"] = _file_digest(path)
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -395,6 +425,7 @@ def save_checkpoint(
             "optimizer_sharding": DISTRIBUTED_OPTIMIZER_SHARDING if layout.distributed_optimizer else "model_space",
             "megatron_core": _megatron_version(),
             "saved_unix_time": time.time(),
+            "manifest": dict(sorted(manifest.items())),
         }
         _write_file(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
         _fsync_tree(tmp)
@@ -409,19 +440,58 @@ def save_checkpoint(
 def _publish(root: Path, tmp: Path, final: Path) -> None:
     """Makes the fully written ``tmp`` the step directory, then points ``latest`` at it."""
     if final.exists():
-        # A complete directory of the same step from an abandoned run (killed before ``latest`` moved on):
-        # set it aside first so the rename below stays a single atomic step.
-        old = final.with_name(final.name + ".old" + TMP_SUFFIX)
-        if old.exists():
+        latest = root / LATEST_FILE
+        names_final = latest.is_file() and latest.read_text().strip() == final.name
+        if names_final and _exchange(tmp, final):
+            # ``latest`` names this step: one atomic swap, so its directory is complete at every instant
+            # (new or old contents); the old contents, now under the temp name, are never loaded.
+            shutil.rmtree(tmp)
+        else:
+            # A complete directory of the same step: set it aside first so the rename below stays a single
+            # atomic step. Where ``latest`` names it and the filesystem cannot swap (no RENAME_EXCHANGE, e.g.
+            # some network filesystems), ``latest`` first falls back to the newest other step, so that a kill
+            # between the two renames leaves it naming a complete checkpoint.
+            if names_final:
+                others = [path for path in list_checkpoints(root).values() if path != final]
+                if others:
+                    pointer = root / (LATEST_FILE + TMP_SUFFIX)
+                    _write_file(pointer, others[-1].name + "\n")
+                    os.replace(pointer, latest)
+                    _fsync_dir(root)
+            old = final.with_name(final.name + ".old" + TMP_SUFFIX)
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
             shutil.rmtree(old)
-        os.replace(final, old)
-        shutil.rmtree(old)
-    os.replace(tmp, final)
+    else:
+        os.replace(tmp, final)
     _fsync_dir(root)
     pointer = root / (LATEST_FILE + TMP_SUFFIX)
     _write_file(pointer, final.name + "\n")
     os.replace(pointer, root / LATEST_FILE)
     _fsync_dir(root)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps the paths ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    platform or filesystem does not support it (nothing was changed then)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, f"renameat2(RENAME_EXCHANGE) of {str(a)!r} and {str(b)!r}: {os.strerror(code)}")
 
 
 def _prune(root: Path, *, keep: int, protect: Path) -> None:
@@ -485,6 +555,93 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def _file_digest(path: Path) -> dict:
+    """Size and CRC32 of one file. Every byte is read for files up to ``FULL_CRC_MAX_BYTES``; larger files
+    get a CRC32 of ``SAMPLED_BLOCKS`` blocks of ``SAMPLED_BLOCK_BYTES`` at evenly spaced offsets (first and
+    last block included).
+
+    Why sampled: a 30B run's model and optimizer shards are several GB per rank, and a full CRC of them at
+    every save and load would cost seconds to minutes of reading. The size check catches every truncation
+    (the common damage: a copy or a disk that ran out of space); the sampled CRC catches damage that spans
+    blocks (a zeroed or overwritten range, a file swapped for another of the same size), and every flipped
+    byte in files up to 64 MiB (metadata, common state, the hf/ files, and every shard of small models).
+    """
+    size = path.stat().st_size
+    crc = 0
+    with open(path, "rb") as handle:
+        if size <= FULL_CRC_MAX_BYTES:
+            for chunk in iter(lambda: handle.read(SAMPLED_BLOCK_BYTES), b""):
+                crc = zlib.crc32(chunk, crc)
+            return {"size": size, "crc32": crc, "crc32_of": "all"}
+        last = size - SAMPLED_BLOCK_BYTES
+        for index in range(SAMPLED_BLOCKS):
+            handle.seek(last * index // (SAMPLED_BLOCKS - 1))
+            crc = zlib.crc32(handle.read(SAMPLED_BLOCK_BYTES), crc)
+    return {"size": size, "crc32": crc, "crc32_of": f"{SAMPLED_BLOCKS}x{SAMPLED_BLOCK_BYTES}B"}
+
+
+def _file_owner(name: str, world_size: int) -> int:
+    match = _SHARD_FILE.match(name)
+    return int(match.group(1)) % world_size if match else 0
+
+
+def _digest_dist_files(step_dir: Path, rank: int, world_size: int) -> dict[str, dict]:
+    """The manifest entries of ``step_dir/dist``; a collective: each rank digests the shards it wrote, and
+    rank 0 receives them all (other ranks get an empty dict)."""
+    dist_dir = step_dir / DIST_SUBDIR
+    mine = {
+        f"{DIST_SUBDIR}/{path.name}": _file_digest(path)
+        for path in sorted(dist_dir.iterdir())
+        if path.is_file() and _file_owner(path.name, world_size) == rank
+    }
+    parts = collectives.all_gather_object(mine) if world_size > 1 else [mine]
+    if rank != 0:
+        return {}
+    return {name: digest for part in parts for name, digest in part.items()}
+
+
+def verify_manifest(step_dir: str | os.PathLike, meta: Optional[dict] = None, *, rank: int = 0, world_size: int = 1) -> list[str]:
+    """What is wrong with the files of ``step_dir`` according to its manifest (empty: nothing, or no
+    manifest: a checkpoint written before manifests). This rank checks its share of the files (``rank``
+    of ``world_size``; the defaults check all of them)."""
+    step_dir = Path(step_dir)
+    meta = read_meta(step_dir) if meta is None else meta
+    problems = []
+    for index, (name, expected) in enumerate(sorted((meta.get("manifest") or {}).items())):
+        if index % world_size != rank:
+            continue
+        path = step_dir / name
+        if not path.is_file():
+            problems.append(f"{str(path)!r} is missing")
+            continue
+        size = path.stat().st_size
+        if size != expected["size"]:
+            what = "truncated" if size < expected["size"] else "longer than written"
+            problems.append(f"{str(path)!r} is {what}: {size} bytes, {expected['size']} were written")
+            continue
+        if _file_digest(path)["crc32"] != expected["crc32"]:
+            problems.append(f"{str(path)!r} is damaged: its CRC32 ({expected['crc32_of']}) differs from the one written")
+    return problems
+
+
+def _check_files(step_dir: Path, meta: dict) -> None:
+    """Raises on every rank the same ``ValueError`` when any rank found a damaged file (a collective)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    problems = verify_manifest(step_dir, meta, rank=rank, world_size=world)
+    if world > 1:
+        problems = [p for part in collectives.all_gather_object(problems) for p in part]
+    if problems:
+        shown = "; ".join(sorted(problems)[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(
+            f"checkpoint {str(step_dir)!r} is damaged and was not loaded: {shown}. Load an earlier step "
+            f"(load_checkpoint(..., step=N); steps present: "
+            f"{', '.join(map(str, list_checkpoints(step_dir.parent))) or 'none'})"
+        )
+    if "manifest" not in meta:
+        logger.info("%s has no file manifest (written before manifests); its files are not checked", step_dir)
+
+
 def _megatron_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -522,6 +679,7 @@ def load_checkpoint(
     if step_dir is None:
         return None
     meta = read_meta(step_dir)
+    _check_files(step_dir, meta)
     _check_model(actor, meta, step_dir)
     saved = CheckpointLayout(**meta["layout"])
     current = CheckpointLayout.current(actor)
@@ -550,6 +708,9 @@ def load_checkpoint(
             actor.optimizer.load_state_dict(loaded["optimizer"])
             _restore_adam_steps(actor.optimizer, loaded["optimizer"])
             if actor.scheduler is not None:
+                # megatron's scheduler loads by *advancing* its step counter by the saved one
+                # (``step(increment=num_steps)``): from anything but a fresh scheduler that would overshoot.
+                actor.scheduler.num_steps = 0
                 actor.scheduler.load_state_dict(loaded["scheduler"])
         else:
             # Low-precision parameters: the optimizer's fp32 main copies must follow the loaded weights.
@@ -624,4 +785,5 @@ __all__ = [
     "load_checkpoint",
     "read_meta",
     "save_checkpoint",
+    "verify_manifest",
 ]

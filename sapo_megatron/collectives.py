@@ -24,6 +24,16 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def rank() -> int:
+    """This process's global rank (0 without a distributed job)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    """The job's size (1 without a distributed job)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
 def device_for(group: Any = None) -> torch.device:
     """The device a collective over ``group`` (default: the whole job) must use."""
     backend = str(dist.get_backend(group)).lower()
@@ -36,24 +46,23 @@ def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor if tensor.device == device else tensor.to(device)
 
 
-def all_reduce(tensor: torch.Tensor, op=ReduceOp.SUM, group: Any = None) -> torch.Tensor:
-    """In place, as ``dist.all_reduce``; returns ``tensor``."""
-    device = device_for(group)
-    work = _on(tensor, device)
-    dist.all_reduce(work, op=op, group=group)
+def _in_place(collective, tensor: torch.Tensor, group: Any, **kwargs) -> torch.Tensor:
+    """``collective(tensor)`` on the group's device, the result written back into ``tensor``."""
+    work = _on(tensor, device_for(group))
+    collective(work, group=group, **kwargs)
     if work is not tensor:
         tensor.copy_(work)
     return tensor
+
+
+def all_reduce(tensor: torch.Tensor, op=ReduceOp.SUM, group: Any = None) -> torch.Tensor:
+    """In place, as ``dist.all_reduce``; returns ``tensor``."""
+    return _in_place(dist.all_reduce, tensor, group, op=op)
 
 
 def broadcast(tensor: torch.Tensor, src: int, group: Any = None) -> torch.Tensor:
     """In place from global rank ``src``, as ``dist.broadcast``; returns ``tensor``."""
-    device = device_for(group)
-    work = _on(tensor, device)
-    dist.broadcast(work, src=src, group=group)
-    if work is not tensor:
-        tensor.copy_(work)
-    return tensor
+    return _in_place(dist.broadcast, tensor, group, src=src)
 
 
 def all_gather(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
@@ -66,14 +75,19 @@ def all_gather(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
 
 
 def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
-    """Every rank's picklable ``obj``, in group-rank order."""
+    """Every rank's picklable ``obj``, in group-rank order (``[obj]`` without a distributed job)."""
+    if not is_initialized():
+        return [obj]
     parts: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, obj, group=group)
     return parts
 
 
 def broadcast_object(obj: Any, src: int, group: Any = None) -> Any:
-    """Global rank ``src``'s picklable ``obj`` on every rank of ``group`` (others pass anything)."""
+    """Global rank ``src``'s picklable ``obj`` on every rank of ``group`` (others pass anything); ``obj`` itself
+    without a distributed job or in a group of one."""
+    if not is_initialized() or dist.get_world_size(group) == 1:
+        return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
@@ -96,4 +110,6 @@ __all__ = [
     "broadcast_object",
     "device_for",
     "is_initialized",
+    "rank",
+    "world_size",
 ]

@@ -27,7 +27,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from sapo_megatron import collectives
+from sapo_megatron.collectives import rank, world_size
 from sapo_megatron.config import Config, ConfigError
+from sapo_megatron.models import resolve_model_dir
 
 DRIVER_RANK = 0
 
@@ -35,21 +37,6 @@ DRIVER_RANK = 0
 # ----------------------------------------------------------------------------------------------------------
 # Set-up helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def resolve_model_dir(cfg: Config) -> Path:
-    """``model.hf_path``: the embedded tiny model (built once, cached) or a Hugging Face directory."""
-    from sapo_megatron.models.tiny import TINY_MODEL_NAME, TinyModelSpec, build_tiny_model
-
-    if cfg.model.hf_path == TINY_MODEL_NAME:
-        return build_tiny_model(TinyModelSpec(dense=cfg.model.dense))
-    path = Path(cfg.model.hf_path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"model.hf_path={cfg.model.hf_path!r} is not a Hugging Face model directory (no config.json); "
-            f"give a local directory or 'tiny-qwen3-moe'"
-        )
-    return path
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -126,18 +113,8 @@ def reward_function(cfg: Config) -> Callable[[str, str], float]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
 def broadcast_from_driver(obj: Any) -> Any:
     """The driver's ``obj`` on every rank (others pass anything, typically ``None``)."""
-    if world_size() == 1:
-        return obj
     return collectives.broadcast_object(obj, src=DRIVER_RANK)
 
 

@@ -750,19 +750,7 @@ class _Exchange:
                 continue  # drain the remaining buckets so every sender completes
             try:
                 where = {(index, piece): offset for src in buffers for index, piece, offset in bucket.segments[src]}
-                for index in bucket.params:
-                    param = plan.params[index]
-                    pieces = [
-                        local[(param.hf_names, piece)]
-                        if owner == me
-                        else _piece_view(buffers[owner], where[(index, piece)], param)
-                        for piece, owner in enumerate(param.owners)
-                    ]
-                    full = unshard(param.layout, pieces)
-                    for name, tensor in zip(param.hf_names, megatron_to_hf(param.layout, full, plan.attention)):
-                        if self.staging_device is not None:
-                            tensor = tensor.to(self.staging_device)
-                        staged.append((name, tensor))
+                staged += self._rebuild(plan, bucket, local, buffers, where)
             except Exception as exc:
                 receive_error = f"rank {me} could not rebuild bucket {b}: {type(exc).__name__}: {exc}"
                 staged = []
@@ -814,24 +802,33 @@ class _Exchange:
                 where = {(index, piece): bases[b].get(src, 0) + offset
                          for src, entries in bucket.segments.items() if src != me for index, piece, offset in entries}
                 self.received_bytes += sum(size for src, size in bucket.sizes.items() if src != me)
-                for index in bucket.params:
-                    param = plan.params[index]
-                    pieces = [
-                        local[(param.hf_names, piece)]
-                        if owner == me
-                        else _piece_view(segments[owner], where[(index, piece)], param)
-                        for piece, owner in enumerate(param.owners)
-                    ]
-                    full = unshard(param.layout, pieces)
-                    for name, tensor in zip(param.hf_names, megatron_to_hf(param.layout, full, plan.attention)):
-                        if self.staging_device is not None:
-                            tensor = tensor.to(self.staging_device)
-                        staged.append((name, tensor))
+                staged += self._rebuild(plan, bucket, local, segments, where)
         except Exception as exc:
             receive_error = f"rank {me} could not rebuild bucket {b}: {type(exc).__name__}: {exc}"
             staged = []
         self.times["export"] += time.perf_counter() - tick
         return staged, send_error or receive_error
+
+    def _rebuild(self, plan: _Plan, bucket: _Bucket, local: dict, messages: dict[int, torch.Tensor],
+                 where: dict[tuple[int, int], int]) -> list[tuple[str, torch.Tensor]]:
+        """The HF tensors of ``bucket``: each parameter's pieces, this rank's own read in place and the others'
+        as views of the sender's message (``messages[src]``, piece at byte ``where[(param, piece)]``)."""
+        me = self.group.rank
+        out: list[tuple[str, torch.Tensor]] = []
+        for index in bucket.params:
+            param = plan.params[index]
+            pieces = [
+                local[(param.hf_names, piece)]
+                if owner == me
+                else _piece_view(messages[owner], where[(index, piece)], param)
+                for piece, owner in enumerate(param.owners)
+            ]
+            full = unshard(param.layout, pieces)
+            for name, tensor in zip(param.hf_names, megatron_to_hf(param.layout, full, plan.attention)):
+                if self.staging_device is not None:
+                    tensor = tensor.to(self.staging_device)
+                out.append((name, tensor))
+        return out
 
     def _pack_buffer(self, slot: int, size: int) -> torch.Tensor:
         """``size`` bytes of packing buffer ``slot``; reused across buckets and pushes because fresh CPU memory

@@ -85,6 +85,35 @@ class RolloutBatch:
         return {"response_ids": ids, "logprobs_rollout": logprobs, "response_mask": mask, "response_lengths": lengths}
 
 
+def read_eos_token_ids(model_dir: str | os.PathLike) -> frozenset[int] | None:
+    """The EOS token ids of a model directory (generation_config.json, else config.json), or None."""
+    model_dir = Path(model_dir)
+    eos = None
+    gen_path = model_dir / "generation_config.json"
+    if gen_path.is_file():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = json.loads((model_dir / "config.json").read_text()).get("eos_token_id")
+    if eos is None:
+        return None
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def check_sampling_args(n, max_new_tokens, temperature, top_p, seed) -> None:
+    """The rules every generate call follows, in process or on a server: ``ValueError`` naming the argument."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"generate(n={n!r}): must be an integer >= 1")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate(max_new_tokens={max_new_tokens!r}): must be an integer >= 1")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        # temperature 0 would switch vLLM to greedy decoding, whose log-probs ignore the temperature.
+        raise ValueError(f"generate(temperature={temperature!r}): must be a finite number > 0")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"generate(top_p={top_p!r}): must be in (0, 1]")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"generate(seed={seed!r}): must be an integer >= 0")
+
+
 def _is_list_like(value) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
@@ -156,7 +185,12 @@ class RolloutEngine:
         self.weight_version = weight_version
         self.vocab_size = int(hf_config["vocab_size"])
         self.max_model_len = int(max_model_len or hf_config.get("max_position_embeddings", 4096))
-        self.eos_token_ids = self._read_eos_ids(model_dir, hf_config)
+        self.eos_token_ids = read_eos_token_ids(model_dir)
+        if self.eos_token_ids is None:
+            raise ValueError(
+                f"model directory {str(model_dir)!r}: neither generation_config.json nor config.json names an "
+                "eos_token_id, so generation could only stop at the length limit; add eos_token_id"
+            )
         self.collect_routed_experts = collect_routed_experts
         # HF name -> shape of every tensor the engine was loaded from: what a weight update must provide.
         self._schema = checkpoint_schema(model_dir)
@@ -246,21 +280,6 @@ class RolloutEngine:
     # ------------------------------------------------------------------------------------------------------
     # Construction helpers
     # ------------------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _read_eos_ids(model_dir: Path, hf_config: dict) -> frozenset[int]:
-        eos = None
-        gen_path = model_dir / "generation_config.json"
-        if gen_path.is_file():
-            eos = json.loads(gen_path.read_text()).get("eos_token_id")
-        if eos is None:
-            eos = hf_config.get("eos_token_id")
-        if eos is None:
-            raise ValueError(
-                f"model directory {str(model_dir)!r}: neither generation_config.json nor config.json names an "
-                "eos_token_id, so generation could only stop at the length limit; add eos_token_id"
-            )
-        return frozenset([eos] if isinstance(eos, int) else eos)
 
     @staticmethod
     def _check_cpu_head_dim(head_dim: int) -> None:
@@ -392,17 +411,7 @@ class RolloutEngine:
     def _check_generate_args(
         self, prompt_token_ids, n, max_new_tokens, temperature, top_p, seed, routed
     ) -> list[list[int]]:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"generate(n={n!r}): must be an integer >= 1")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"generate(max_new_tokens={max_new_tokens!r}): must be an integer >= 1")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            # temperature 0 would switch vLLM to greedy decoding, whose log-probs ignore the temperature.
-            raise ValueError(f"generate(temperature={temperature!r}): must be a finite number > 0")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"generate(top_p={top_p!r}): must be in (0, 1]")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"generate(seed={seed!r}): must be an integer >= 0")
+        check_sampling_args(n, max_new_tokens, temperature, top_p, seed)
         if routed and not self.collect_routed_experts:
             raise ValueError(
                 "generate(collect_routed_experts=True): the engine was built without routed-expert collection; "

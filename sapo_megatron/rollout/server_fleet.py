@@ -35,20 +35,13 @@ from typing import Any
 import torch
 
 from sapo_megatron import collectives
+from sapo_megatron.rollout.engine import read_eos_token_ids
 from sapo_megatron.rollout.fleet import RolloutFleet
 from sapo_megatron.rollout.weight_transfer import BACKEND
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_initialized() else None
-
-
 def _broadcast(obj: Any) -> Any:
-    dist = _dist()
-    if dist is None or dist.get_world_size() == 1:
-        return obj
+    """The driver's (trainer rank 0's) ``obj`` on every trainer rank."""
     return collectives.broadcast_object(obj, src=0)
 
 
@@ -106,9 +99,7 @@ class ServerFleet(RolloutFleet):
         from sapo_megatron.rollout.servers import ServerPool, start_servers
 
         del collect_routed_experts  # remote servers return no routing yet (checked by Config.validate)
-        dist = _dist()
-        rank = dist.get_rank() if dist else 0
-        world = dist.get_world_size() if dist else 1
+        rank, world = collectives.rank(), collectives.world_size()
         rollout = cfg.rollout
         urls, processes, failure = rollout.urls, [], None
         local = not urls
@@ -117,7 +108,8 @@ class ServerFleet(RolloutFleet):
                 processes = start_servers(
                     hf_dir, cfg.engines(), log_dir=Path(run_dir) / "servers", dtype=cfg.model.params_dtype,
                     kv_cache_memory_bytes=rollout.kv_cache_memory_bytes, seed=rollout.seed,
-                    extra_args=["--weight-transfer-config", json.dumps({"backend": BACKEND})],
+                    extra_args=["--weight-transfer-config", json.dumps({"backend": BACKEND}),
+                                "--tensor-parallel-size", str(rollout.engine_tensor_parallel)],
                 )
                 urls = [p.url for p in processes]
             except Exception as exc:
@@ -132,7 +124,7 @@ class ServerFleet(RolloutFleet):
         pool = failure = workers = None
         if rank == 0:
             try:
-                pool = ServerPool(urls, eos_token_ids=_eos_token_ids(hf_dir))
+                pool = ServerPool(urls, eos_token_ids=read_eos_token_ids(hf_dir))
                 if not local:
                     _wait_for_servers(pool, SERVER_WAIT_S)
                 # Every worker of a server (tensor parallel > 1) is a rank of the weight-transfer group.
@@ -295,20 +287,6 @@ def _wait_for_servers(pool, timeout_s: float) -> None:
                   flush=True)
             said = now
         time.sleep(2.0)
-
-
-def _eos_token_ids(hf_dir) -> set[int]:
-    """The EOS ids a server's samples may end with (generation_config.json, else config.json)."""
-    hf_dir = Path(hf_dir)
-    eos = None
-    gen = hf_dir / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-    if eos is None:
-        eos = json.loads((hf_dir / "config.json").read_text()).get("eos_token_id")
-    if eos is None:
-        return None
-    return {eos} if isinstance(eos, int) else set(eos)
 
 
 __all__ = ["ServerFleet"]

@@ -63,7 +63,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import math
 import numbers
 import os
 import shlex
@@ -81,7 +80,13 @@ from typing import Any, Literal
 import httpx
 
 from sapo_megatron.launch import free_port
-from sapo_megatron.rollout.engine import FinishReason, RolloutBatch, _derive_prompt_seed, _has_no_moe_layer
+from sapo_megatron.rollout.engine import (
+    FinishReason,
+    RolloutBatch,
+    _derive_prompt_seed,
+    _has_no_moe_layer,
+    check_sampling_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -1009,17 +1014,7 @@ class ServerPool:
 
 def _check_generate_args(prompts, n, max_new_tokens, temperature, top_p, seed) -> list[list[int]]:
     """The in-process engine's argument rules (token ids against the vocabulary are the server's check)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"generate(n={n!r}): must be an integer >= 1")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"generate(max_new_tokens={max_new_tokens!r}): must be an integer >= 1")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        # temperature 0 would switch vLLM to greedy decoding, whose log-probs ignore the temperature.
-        raise ValueError(f"generate(temperature={temperature!r}): must be a finite number > 0")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"generate(top_p={top_p!r}): must be in (0, 1]")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"generate(seed={seed!r}): must be an integer >= 0")
+    check_sampling_args(n, max_new_tokens, temperature, top_p, seed)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("generate(prompts): give a non-empty list of prompts, each a list of token ids")
     out: list[list[int]] = []

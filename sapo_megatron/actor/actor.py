@@ -93,43 +93,62 @@ class MegatronPolicy:
         mpu = self._mpu()
         return mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
 
-    def _local_micro_batches(self, batch: TrainBatch) -> tuple[list[TrainBatch], MicroBatchLayout]:
-        """This data-parallel rank's micro-batches of ``batch`` and where their rows and positions come from."""
+    def _local_micro_batches(self, batch: TrainBatch, *, local: bool = False) -> tuple[list[TrainBatch], MicroBatchLayout]:
+        """This data-parallel rank's micro-batches of ``batch`` and where their rows and positions come from.
+
+        ``local=False``: ``batch`` is the whole batch, the same on every rank; each data-parallel rank takes its
+        contiguous slice. ``local=True``: ``batch`` is already this rank's share (each rank holds different
+        rows); with fixed micro-batches every rank pads to the largest share's rows and width, so that the
+        micro-batches, and the results, are those of the whole batch split over the ranks."""
         dp_rank, dp_size = self._dp()
         budget = self.max_tokens_per_micro_batch
-        rows_multiple = dp_size if budget else dp_size * self.micro_batch_size
-        padded = batch.padded_to_multiple(rows_multiple).with_seq_len_multiple(self.sequence_multiple)
-        per_rank = padded.size // dp_size
-        local = padded.select(slice(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+        if local:
+            multiple = 1 if budget else self.micro_batch_size
+            rows_needed, width_needed = batch.size + (-batch.size) % multiple, batch.seq_len
+            if not budget:
+                rows_needed, width_needed = self._max_over_data_parallel(rows_needed, width_needed)
+            padded = batch.padded_to_multiple(rows_needed) if batch.size < rows_needed else batch
+            padded = padded.widened(width_needed).with_seq_len_multiple(self.sequence_multiple)
+            per_rank, local_batch = padded.size, padded
+        else:
+            rows_multiple = dp_size if budget else dp_size * self.micro_batch_size
+            padded = batch.padded_to_multiple(rows_multiple).with_seq_len_multiple(self.sequence_multiple)
+            per_rank = padded.size // dp_size
+            local_batch = padded.select(slice(dp_rank * per_rank, (dp_rank + 1) * per_rank))
         if not budget:
             starts = range(0, per_rank, self.micro_batch_size)
             rows = [torch.arange(i, i + self.micro_batch_size) for i in starts]
-            micro = [local.select(slice(i, i + self.micro_batch_size)) for i in starts]
+            micro = [local_batch.select(slice(i, i + self.micro_batch_size)) for i in starts]
             widths = [padded.seq_len] * len(micro)
         else:
             self._check_token_budget_layout()
-            lengths = row_lengths(local.loss_mask).tolist()
+            lengths = row_lengths(local_batch.loss_mask).tolist()
             groups = group_by_token_budget(lengths, budget, multiple=self.sequence_multiple)
-            count = self._max_over_data_parallel(len(groups))
+            (count,) = self._max_over_data_parallel(len(groups))
             if count != len(groups):
                 groups = group_by_token_budget(lengths, budget, multiple=self.sequence_multiple, num_groups=count)
             rows = [torch.tensor(group, dtype=torch.int64) for group in groups]
             widths = [round_up(max(lengths[i] for i in group), self.sequence_multiple) for group in groups]
-            micro = [local.select(index).narrowed(width) for index, width in zip(rows, widths)]
+            micro = [local_batch.select(index).narrowed(width) for index, width in zip(rows, widths)]
         layout = MicroBatchLayout(
-            rows=tuple(rows), widths=tuple(widths), padded_size=padded.size, num_local=per_rank, width=padded.seq_len
+            rows=tuple(rows), widths=tuple(widths), padded_size=padded.size, num_local=per_rank, width=padded.seq_len,
+            local=local,
         )
         return micro, layout
 
-    def _max_over_data_parallel(self, value: int) -> int:
+    def _max_over_data_parallel(self, *values: int) -> tuple[int, ...]:
         # Every rank of a schedule runs the same number of micro-batches; the pipeline and tensor-parallel
         # peers of a rank hold the same rows, so agreeing over the data-parallel group is enough.
+        return self._over_data_parallel(values, collectives.ReduceOp.MAX)
+
+    def _over_data_parallel(self, values, op) -> tuple[int, ...]:
+        """Integers reduced with ``op`` over the data-parallel group (one collective for all of them)."""
         _, dp_size = self._dp()
         if dp_size == 1:
-            return value
-        count = torch.tensor([value], dtype=torch.int64, device=self._collective_device())
-        collectives.all_reduce(count, op=collectives.ReduceOp.MAX, group=self._mpu().get_data_parallel_group())
-        return int(count.item())
+            return tuple(int(v) for v in values)
+        tensor = torch.tensor(list(values), dtype=torch.int64, device=self._collective_device())
+        collectives.all_reduce(tensor, op=op, group=self._mpu().get_data_parallel_group())
+        return tuple(int(v) for v in tensor.tolist())
 
     def _collective_device(self) -> torch.device:
         # NCCL groups take CUDA tensors; gloo takes CPU tensors.
@@ -223,11 +242,13 @@ class MegatronPolicy:
         record_routing: bool = False,
         replay_routing: Optional[torch.Tensor] = None,
         record_router_entropy: bool = False,
+        local: bool = False,
     ):
         """Per-position log-probs [B, S] (and entropy) of ``batch.tokens`` under the current weights.
 
         Every rank returns the full result: computed on the last pipeline stage, broadcast over the
-        pipeline group, gathered over data-parallel ranks. ``record_routing`` appends the MoE routing of the
+        pipeline group, gathered over data-parallel ranks. With ``local=True`` ``batch`` is this data-parallel
+        rank's share (the ranks hold different rows) and so is the result: nothing is gathered. ``record_routing`` appends the MoE routing of the
         pass, int32 ``[B, S, num_moe_layers, topk]``; ``replay_routing`` (same layout, ``-1`` = route
         normally) forces the routers' expert choice (see :mod:`sapo_megatron.actor.routing`).
         ``record_router_entropy`` appends each MoE router's per-token entropy (nats) of its softmax over all
@@ -236,7 +257,7 @@ class MegatronPolicy:
         """
         from sapo_megatron.actor.routing import open_routing_pass
 
-        micro, layout = self._local_micro_batches(batch)
+        micro, layout = self._local_micro_batches(batch, local=local)
         routing = open_routing_pass(
             self,
             batch,
@@ -309,7 +330,7 @@ class MegatronPolicy:
             src = mpu.get_pipeline_model_parallel_last_rank()
             collectives.broadcast(local, src=src, group=mpu.get_pipeline_model_parallel_group())
         _, dp_size = self._dp()
-        if dp_size > 1:
+        if dp_size > 1 and not layout.local:
             local = torch.cat(collectives.all_gather(local, group=mpu.get_data_parallel_group()), dim=0)
         return self._beyond_loss_filled(local[: batch.size, : batch.seq_len], batch, 0.0)
 
@@ -321,8 +342,13 @@ class MegatronPolicy:
         record_routing: bool = False,
         replay_routing: Optional[torch.Tensor] = None,
         return_logprobs: bool = False,
+        local: bool = False,
     ):
         """One optimizer step with the policy loss on ``batch`` (a mini-batch). Returns scalar metrics.
+
+        ``local=True``: ``batch`` is this data-parallel rank's share of the mini-batch (the loss is normalised
+        by the counts summed over the ranks, so the step equals the whole mini-batch's); the per-token
+        results are this share's.
 
         ``replay_routing`` (int32 ``[B, S, num_moe_layers, topk]``, ``-1`` = route normally) forces the
         routers' expert choice in the update's forward (and any recomputation); ``record_routing`` adds
@@ -337,11 +363,14 @@ class MegatronPolicy:
         if self.kl_coef > 0 and batch.logprobs_ref is None:
             raise ValueError("algorithm.kl_coef > 0 needs batch.logprobs_ref (the reference model's log-probs)")
         assert self.policy_loss is not None and self.optimizer is not None
-        num_global_tokens = batch.num_valid_tokens()
-        num_global_seqs = batch.num_valid_sequences()
+        num_global_tokens, num_global_seqs = batch.num_valid_tokens(), batch.num_valid_sequences()
+        if local:
+            num_global_tokens, num_global_seqs = self._over_data_parallel(
+                (num_global_tokens, num_global_seqs), collectives.ReduceOp.SUM
+            )
         if num_global_tokens == 0:
             raise ValueError("the mini-batch has no response tokens (all-zero loss mask); nothing to train on")
-        micro, layout = self._local_micro_batches(batch)
+        micro, layout = self._local_micro_batches(batch, local=local)
         routing = open_routing_pass(
             self, batch, micro, layout, training=True, record=record_routing, replay=replay_routing
         )

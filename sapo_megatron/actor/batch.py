@@ -101,7 +101,13 @@ class TrainBatch:
 
     def with_seq_len_multiple(self, multiple: int) -> "TrainBatch":
         """Right-pads every [B, S] tensor so S divides ``multiple``; padded positions are masked out."""
-        extra = (-self.seq_len) % multiple
+        return self.widened(self.seq_len + (-self.seq_len) % multiple)
+
+    def widened(self, width: int) -> "TrainBatch":
+        """Right-pads every [B, S] tensor to ``width`` positions (token 0, masked out); ``width >= seq_len``."""
+        if width < self.seq_len:
+            raise ValueError(f"widened({width}): the batch is already {self.seq_len} positions wide")
+        extra = width - self.seq_len
         if extra == 0:
             return self
         kwargs = {}

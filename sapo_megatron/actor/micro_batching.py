@@ -127,6 +127,8 @@ class MicroBatchLayout:
     ``rows[i]`` are the row indices (into this data-parallel rank's slice of the padded batch) of micro-batch
     ``i``, ``widths[i]`` its padded width. ``padded_size`` is the row count of the whole padded batch over all
     data-parallel ranks, ``num_local`` this rank's share of it, ``width`` the full (padded) width.
+    ``local``: the batch handed to the actor was already this data-parallel rank's share (``padded_size ==
+    num_local``): nothing is sliced or gathered over data-parallel ranks.
     """
 
     rows: tuple[torch.Tensor, ...]
@@ -134,6 +136,7 @@ class MicroBatchLayout:
     padded_size: int
     num_local: int
     width: int
+    local: bool = False
 
     def __post_init__(self):
         assert len(self.rows) == len(self.widths) and len(self.rows) >= 1

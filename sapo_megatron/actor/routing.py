@@ -209,6 +209,8 @@ class RoutingPass:
         self._widths = layout.widths
         self._num_local = layout.num_local
         self._seq_len = layout.width
+        # The batch was this data-parallel rank's share: replay routings are not sliced, records not gathered.
+        self._local = layout.local
         self._records: dict[tuple[int, int], torch.Tensor] = {}
         self._entropies: dict[tuple[int, int], torch.Tensor] = {}
         self._replay_local = None if replay is None else self._local_replay(replay, layout.padded_size)
@@ -224,6 +226,8 @@ class RoutingPass:
         extra_seq = self._seq_len - routing.shape[1]
         if extra_seq:
             routing = torch.nn.functional.pad(routing, (0, 0, 0, 0, 0, extra_seq), value=UNRECORDED)
+        if self._local:
+            return routing
         per_rank = padded_size // mpu.get_data_parallel_world_size()
         start = mpu.get_data_parallel_rank() * per_rank
         assert per_rank == self._num_local, (per_rank, self._num_local)
@@ -267,7 +271,8 @@ class RoutingPass:
     # -- result -----------------------------------------------------------------------------------------------
     def gather(self, batch_size: int, seq_len: int) -> torch.Tensor:
         """The recorded routing of the whole batch, ``[batch_size, seq_len, layers, topk]`` int32 on the CPU,
-        on every rank. Collective over the tensor-, pipeline- and data-parallel groups: all ranks call it."""
+        on every rank (this rank's share when the pass ran on a share). Collective over the tensor-, pipeline-
+        and data-parallel groups: all ranks call it."""
         assert self.record, "gather() needs a pass with record=True"
         # Each (token, MoE layer) is routed on exactly one tensor-parallel rank and pipeline stage; the other
         # ranks hold -1 there, below every expert id.
@@ -302,7 +307,7 @@ class RoutingPass:
             collectives.all_reduce(local, op=op, group=mpu.get_tensor_model_parallel_group())
         if mpu.get_pipeline_model_parallel_world_size() > 1:
             collectives.all_reduce(local, op=op, group=mpu.get_pipeline_model_parallel_group())
-        if mpu.get_data_parallel_world_size() > 1:
+        if mpu.get_data_parallel_world_size() > 1 and not self._local:
             local = _all_gather_cat(local, dim=0, group=mpu.get_data_parallel_group())
         return local[:batch_size, :seq_len].cpu()
 

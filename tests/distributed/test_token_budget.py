@@ -141,3 +141,55 @@ def test_expert_parallel_allgather_dispatcher_is_refused(runs):
     for rank in range(2):
         error = torch.load(runs.out / REFUSED / f"budget-rank{rank}.pt")["error"]
         assert error is not None and "needs parallel.moe_token_dispatcher=alltoall" in error
+
+
+LOCAL_LAYOUTS = ["tp1-pp1-ep1-etp1-dp2-alltoall", "tp1-pp1-ep2-etp1-dp2-alltoall"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["local", "local-budget"])
+@pytest.mark.parametrize("layout", LOCAL_LAYOUTS)
+def test_data_parallel_shares_give_the_whole_batch_step(runs, layout, mode):
+    """Each rank handed only its share (``local=True``, as the trainer does) gives the step of the whole batch
+    split by the actor: loss, metrics, grad norm and weights within 1e-6, and the same log-probs and routing
+    for every row (gathered back into batch order by the worker)."""
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    from worker_token_budget import make_batch
+
+    kept = _kept(make_batch(0)["loss_mask"])
+    runs(layout)
+    for rank in range(2):
+        what = f"{layout} {mode} rank {rank}"
+        fixed = torch.load(runs.out / layout / f"fixed-rank{rank}.pt")
+        local = torch.load(runs.out / layout / f"{mode}-rank{rank}.pt")
+        for step in range(2):
+            f_metrics, l_metrics = fixed["metrics"][step], local["metrics"][step]
+            assert set(f_metrics) == set(l_metrics), what
+            for key, value in f_metrics.items():
+                assert abs(l_metrics[key] - value) <= TOLERANCE * max(1.0, abs(value)), f"{what} step {step}: {key}"
+            for name, tensor in fixed["weights"][step].items():
+                diff = _max_diff(local["weights"][step][name], tensor)
+                assert diff <= TOLERANCE, f"{what} step {step} {name}: weights differ by {diff:.2e}"
+            step_kept = kept[MINI_BATCHES[step]]
+            width = local["logprobs_train"][step].shape[1]
+            _assert_values_close(
+                local["logprobs_train"][step][step_kept[:, :width]],
+                fixed["logprobs_train"][step][:, :width][step_kept[:, :width]],
+                f"{what} step {step}",
+            )
+            after_width = local["logprobs_after"][step].shape[1]
+            after_kept = kept[:, :after_width]
+            _assert_values_close(
+                local["logprobs_after"][step][after_kept],
+                fixed["logprobs_after"][step][:, :after_width][after_kept],
+                what,
+            )
+        width = local["logprobs"].shape[1]
+        k = kept[:, :width]
+        assert bool(kept[:, width:].logical_not().all()), "the share's width covers every kept position"
+        _assert_values_close(local["logprobs"][k], fixed["logprobs"][:, :width][k], what)
+        _assert_values_close(local["router_entropy"][k], fixed["router_entropy"][:, :width][k], what)
+        assert torch.equal(local["routing"][k], fixed["routing"][:, :width][k]), what

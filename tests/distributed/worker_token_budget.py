@@ -11,6 +11,11 @@ freely, and the log-probs after both. ``logprobs_old`` is fixed once (from the f
 first layout, plus seeded noise) and written to OUT_DIR/logprobs_old.pt so every layout trains on it.
 Writes OUT_DIR/<layout>/<mode>-rank<r>.pt.
 
+Under data parallelism two more modes hand the actor only this rank's share, as the trainer does (``local=True``):
+``local`` (fixed micro-batches) and ``local-budget``. Rank ``d`` of ``D`` holds the ``d``-th of ``D`` equal blocks
+of each mini-batch (:func:`share_rows`); its per-token results are gathered back into batch order here, so
+that they compare with the whole-batch runs row for row.
+
 The batch is length-skewed like an RL rollout: most responses are short, a few run to the width, and one row
 (44 tokens) is longer than the 40-token budget on its own.
 """
@@ -29,6 +34,27 @@ MAX_TOKENS = 40
 # prompt + response + 1 = the row's length; 0 responses are fully masked rows.
 PROMPT_LENS = [3, 2, 4, 3, 2, 5, 3, 2, 4, 3, 2, 2, 3, 5, 4, 2]
 RESPONSE_LENS = [27, 4, 30, 3, 6, 2, 0, 5, 3, 40, 4, 2, 26, 0, 5, 3]
+
+
+def share_rows(rank: int, size: int) -> torch.Tensor:
+    """The rows of data-parallel rank ``rank`` of ``size``: its block of every mini-batch, mini-batch order."""
+    blocks = []
+    for rows in MINI_BATCHES:
+        block = (rows.stop - rows.start) // size
+        blocks.append(torch.arange(rows.start + rank * block, rows.start + (rank + 1) * block))
+    return torch.cat(blocks)
+
+
+def _in_batch_order(local: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Every rank's ``local`` values (``local[i]`` belongs to batch row ``rows[i]``) placed in batch order."""
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, (rows, local))
+    width = max(values.shape[1] for _, values in parts)
+    fill = -1 if not local.is_floating_point() else 0
+    out = torch.full((num_rows, width, *local.shape[2:]), fill, dtype=local.dtype)
+    for part_rows, values in parts:
+        out[part_rows, : values.shape[1]] = values
+    return out
 
 
 def make_batch(pad_id: int) -> dict:
@@ -69,6 +95,8 @@ def run(out_dir: str, hf_dir: str, *layouts: str) -> None:
             # Expert parallelism with the allgather dispatcher is refused: only the refusal is recorded.
             refused = parallel.moe_token_dispatcher == "allgather" and parallel.expert > 1
             modes = (("budget", MAX_TOKENS),) if refused else (("fixed", 0), ("budget", MAX_TOKENS))
+            if data_parallel > 1 and not refused:
+                modes += (("local", 0), ("local-budget", MAX_TOKENS))
             for mode, max_tokens in modes:
                 cfg = dataclasses.replace(
                     base,
@@ -92,9 +120,23 @@ def run(out_dir: str, hf_dir: str, *layouts: str) -> None:
                     del actor, policy
                     destroy_distributed(keep_process_group=True)
                     continue
-                logprobs, routing, router_entropy = policy.compute_logprobs(
-                    batch, record_routing=True, record_router_entropy=True
-                )
+                local = mode.startswith("local")
+                dp_rank = torch.distributed.get_rank() // (parallel.tensor * parallel.pipeline)
+                if local:
+                    rows_of_share = share_rows(dp_rank, data_parallel)
+                    # Cut to the share's own longest row, as the trainer's collate does.
+                    width = int(torch.where(batch.loss_mask[rows_of_share], torch.arange(SEQ_LEN), -1).max()) + 2
+                    share = batch.select(rows_of_share).narrowed(width)
+                    logprobs, routing, router_entropy = (
+                        _in_batch_order(t, rows_of_share, batch.size)
+                        for t in policy.compute_logprobs(
+                            share, record_routing=True, record_router_entropy=True, local=True
+                        )
+                    )
+                else:
+                    logprobs, routing, router_entropy = policy.compute_logprobs(
+                        batch, record_routing=True, record_router_entropy=True
+                    )
                 if not old_path.exists():
                     # The first pass of the first job: fix logprobs_old for every layout and mode.
                     torch.distributed.barrier()
@@ -108,15 +150,30 @@ def run(out_dir: str, hf_dir: str, *layouts: str) -> None:
                 micro, micro_layout = policy._local_micro_batches(train.select(MINI_BATCHES[0]))
                 metrics, weights, after, routing_train, logprobs_train = [], [], [], [], []
                 for step, rows in enumerate(MINI_BATCHES):
-                    replay = saved["routing"][rows] if step == 0 else None
-                    step_metrics, step_routing, step_logprobs = policy.train_mini_batch(
-                        train.select(rows), replay_routing=replay, record_routing=True, return_logprobs=True
-                    )
+                    if local:
+                        block = (rows.stop - rows.start) // data_parallel
+                        mine = torch.arange(rows.start + dp_rank * block, rows.start + (dp_rank + 1) * block)
+                        replay = saved["routing"][mine] if step == 0 else None
+                        step_metrics, step_routing, step_logprobs = policy.train_mini_batch(
+                            train.select(mine), replay_routing=replay, record_routing=True, return_logprobs=True,
+                            local=True,
+                        )
+                        offset = mine - rows.start
+                        step_routing = _in_batch_order(step_routing, offset, rows.stop - rows.start)
+                        step_logprobs = _in_batch_order(step_logprobs, offset, rows.stop - rows.start)
+                    else:
+                        replay = saved["routing"][rows] if step == 0 else None
+                        step_metrics, step_routing, step_logprobs = policy.train_mini_batch(
+                            train.select(rows), replay_routing=replay, record_routing=True, return_logprobs=True
+                        )
                     metrics.append(step_metrics)
                     routing_train.append(step_routing)
                     logprobs_train.append(step_logprobs)
                     weights.append({name: tensor.detach().clone() for name, tensor in export_hf_weights(actor.model)})
-                    after.append(policy.compute_logprobs(batch))
+                    if local:
+                        after.append(_in_batch_order(policy.compute_logprobs(share, local=True), rows_of_share, batch.size))
+                    else:
+                        after.append(policy.compute_logprobs(batch))
                 record = {
                     "logprobs": logprobs,
                     "routing": routing,

@@ -410,7 +410,15 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
-        self.parallel.data_parallel_size(self.launch.world_size)
+        data_parallel = self.parallel.data_parallel_size(self.launch.world_size)
+        shares = self.algorithm.num_mini_batches * data_parallel
+        if data_parallel > 1 and self.data.prompts_per_step % shares:
+            # Each data-parallel rank holds whole prompt groups of every mini-batch (sapo_megatron.sharding).
+            raise ConfigError(
+                f"data.prompts_per_step={self.data.prompts_per_step}: with {data_parallel} data-parallel ranks and "
+                f"algorithm.num_mini_batches={self.algorithm.num_mini_batches} it must be a multiple of {shares}, "
+                f"so that every rank holds whole prompt groups of every mini-batch"
+            )
         rollout_batch = self.data.prompts_per_step * self.rollout.n_samples
         if rollout_batch % self.algorithm.num_mini_batches:
             raise ConfigError(

@@ -5,10 +5,12 @@
 component's method. :func:`train` sets the run up, resumes it, loops, and shuts it down.
 
 Rollouts come from a :class:`~sapo_megatron.rollout.fleet.RolloutFleet`: engines colocated in every trainer
-rank (each generates its share of the prompts) or ``vllm serve`` servers (``rollout.mode=remote``). Every rank
-receives the rollout batch; rank 0 (the *driver*) scores it in the reward sandbox and shares the rewards,
-logs and prints. The actor takes each data-parallel rank's slice itself. Prompts are drawn identically on
-every rank from the seeded, resumable stream, so the data position needs no communication.
+rank or ``vllm serve`` servers (``rollout.mode=remote``). Each data-parallel rank holds only its share of the
+step (:mod:`sapo_megatron.sharding`): it asks the fleet for its share's prompts, receives their samples, and
+keeps the share's batch, log-probs, routing records and diagnostics inputs; the share's leader scores the
+rewards in its reward sandbox. Logged numbers combine the shares with exact reductions; rank 0 (the *driver*)
+logs and prints. Prompts are drawn identically on every rank from the seeded, resumable stream, so the data
+position needs no communication.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sapo_megatron import collectives
 from sapo_megatron.collectives import rank, world_size
 from sapo_megatron.config import Config, ConfigError
 from sapo_megatron.models import resolve_model_dir
+from sapo_megatron.sharding import DataShare
 
 DRIVER_RANK = 0
 
@@ -157,27 +160,29 @@ def screen_logprobs(logprobs_rollout: list[list[float]]) -> tuple[list[list[floa
     return screened, bad
 
 
-def generate_and_score(ctx: "RunContext", examples: list, *, n: int, seed: int) -> Rollout:
-    """Samples ``n`` responses per prompt on the fleet and scores them in the driver's reward sandbox; every
-    rank returns the same rollout."""
+def generate_and_score(ctx: "RunContext", examples: list, indices: list[int], *, n: int, seed: int) -> Rollout:
+    """Samples ``n`` responses for each of this share's prompts (``examples``, at ``indices`` in the step's
+    batch) on the fleet and scores them in the share leader's reward sandbox; the share's peers return the
+    same rollout."""
     prompt_ids = [encode_prompt(ctx.tokenizer, ex.prompt) for ex in examples]
-    out = ctx.fleet.generate(prompt_ids, n=n, seed=seed)
+    out = ctx.fleet.generate(prompt_ids, n=n, seed=seed, prompt_indices=indices)
     logprobs_rollout, excluded = screen_logprobs(out.logprobs_rollout)
     empty = sum(len(r) == 0 for r in out.response_ids)
     scored = None
-    if ctx.is_driver:
+    if ctx.share.is_leader:
         if excluded:
             print(f"[rollout] warning: {len(excluded)} of {len(out)} samples have non-finite rollout log-probs "
-                  f"(rows {excluded[:10]}); they are excluded from the loss", flush=True)
+                  f"(rows {excluded[:10]} of this share); they are excluded from the loss", flush=True)
         texts = ctx.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
-        answers = [examples[i].answer for i in out.prompt_index]
-        rewards, stats = ctx.sandbox.score(list(zip(texts, answers)))
-        failures = stats.n_errors + stats.n_timeouts
+        answer_of = {index: ex.answer for index, ex in zip(indices, examples)}
+        answers = [answer_of[i] for i in out.prompt_index]
+        rewards, stats = ctx.sandbox.score(list(zip(texts, answers))) if texts else ([], None)
+        failures = 0 if stats is None else stats.n_errors + stats.n_timeouts
         if failures:
             print(f"[reward] warning: {failures} of {stats.n_items} rewards failed and scored 0: "
                   + "; ".join(stats.failure_samples), flush=True)
         scored = (list(rewards), failures)
-    rewards, failures = broadcast_from_driver(scored)
+    rewards, failures = ctx.share.from_leader(scored)
     return Rollout(
         prompts=out.prompt_ids,
         responses=out.response_ids,
@@ -260,8 +265,9 @@ class RunContext:
     train_stream: Any
     val_examples: list
     fleet: Any  # the RolloutFleet: colocated engines or remote servers
-    sandbox: Any = None  # driver only
+    sandbox: Any = None  # the share's leader only
     logger: Any = None  # driver only
+    share: DataShare = field(default_factory=DataShare)
     offloader: dict = field(default_factory=dict)
     weight_version: int = 0
     step: int = 0
@@ -314,17 +320,19 @@ class RunContext:
 
 
 def train_step(ctx: RunContext, step: int) -> dict[str, float]:
-    """One RL step. Every rank runs it; the driver additionally generates, scores, syncs and logs."""
+    """One RL step. Every rank runs it on its data-parallel share; the driver logs."""
     from sapo_megatron.actor.routing import rollout_routing_to_train
     from sapo_megatron.algorithms import compute_advantages
-    from sapo_megatron.diagnostics.mismatch import mismatch_metrics
 
-    cfg, actor, timer, diag = ctx.cfg, ctx.actor, StepTimer(), StepDiagnostics(ctx, step)
+    cfg, actor, share, timer = ctx.cfg, ctx.actor, ctx.share, StepTimer()
+    diag = StepDiagnostics(ctx, step)
     examples = ctx.train_stream.take(cfg.data.prompts_per_step)
+    indices = share.prompt_indices(len(examples), cfg.algorithm.num_mini_batches)
 
     with timer("rollout"):
         ctx.enter_rollout_phase()
-        rollout = generate_and_score(ctx, examples, n=cfg.rollout.n_samples, seed=cfg.rollout.seed + step)
+        rollout = generate_and_score(ctx, [examples[i] for i in indices], indices,
+                                     n=cfg.rollout.n_samples, seed=cfg.rollout.seed + step)
         ctx.enter_train_phase()
     rewards = torch.tensor(rollout.rewards, dtype=torch.float32)
     advantages = compute_advantages(rewards, cfg.rollout.n_samples, cfg.algorithm.advantage)
@@ -340,27 +348,19 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
             record_routing=ctx.is_moe,
             record_router_entropy=ctx.is_moe,
             replay_routing=routing_rollout if replay == "rollout" else None,
+            local=True,
         )
     logprobs_old, routing_old, router_entropy_old = old if ctx.is_moe else (old, None, None)
     batch = batch.with_(logprobs_old=logprobs_old)
 
-    metrics = {
-        "reward/mean": float(rewards.mean()),
-        "reward/exact_frac": float((rewards == 1.0).float().mean()),
-        "reward/failures": float(rollout.reward_failures),
-        "rollout/nonfinite_logprob_samples": float(len(rollout.excluded_rows)),
-        "response/empty": float(rollout.empty_responses),
-        "response/length_mean": float(batch.loss_mask.sum(1).float().mean()),
-        "response/truncated_frac": sum(r == "length" for r in rollout.finish_reasons) / len(rollout.finish_reasons),
-        "weights/rollout_version": float(rollout.weight_version),
-    }
-    metrics.update({f"rollout/engine{i}/samples": float(k) for i, k in enumerate(rollout.samples_per_engine)})
+    metrics = rollout_metrics(share, rollout, rewards, batch)
     with timer("diagnostics"):
-        metrics.update(prefixed("mismatch/", mismatch_metrics(batch.logprobs_old, batch.logprobs_rollout, batch.loss_mask)))
+        metrics.update(prefixed("mismatch/", diag.mismatch(batch)))
         diag.rollout_vs_old(batch, routing_rollout, routing_old, router_entropy_old)
 
     diagnostics_before_update = timer.seconds.get("diagnostics", 0.0)
     with timer("update"):
+        # The share holds its block of every mini-batch, in mini-batch order: mini-batch k is its k-th slice.
         for k, mb_index in enumerate(mini_batch_slices(batch.size, cfg.algorithm.num_mini_batches)):
             mb = batch.select(mb_index)
             replay_mb = None
@@ -368,7 +368,9 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
                 replay_mb = routing_old[mb_index]
             elif replay == "rollout" and routing_rollout is not None:
                 replay_mb = routing_rollout[mb_index]
-            out = actor.policy.train_mini_batch(mb, record_routing=ctx.is_moe, replay_routing=replay_mb, return_logprobs=True)
+            out = actor.policy.train_mini_batch(
+                mb, record_routing=ctx.is_moe, replay_routing=replay_mb, return_logprobs=True, local=True
+            )
             mb_metrics, *rest = out
             routing_mb = rest[0] if ctx.is_moe else None
             logprobs_mb = rest[-1]
@@ -393,6 +395,33 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
     return metrics
 
 
+def rollout_metrics(share: DataShare, rollout: Rollout, rewards: torch.Tensor, batch) -> dict[str, float]:
+    """The step's reward, response and rollout numbers: sums and counts of every share, added (one collective)."""
+    lengths = batch.loss_mask.sum(1)
+    (rows, reward_sum, exact, failures, nonfinite, empty, length_sum, truncated) = share.sum(
+        len(rollout.rewards),
+        float(rewards.double().sum()),
+        float((rewards == 1.0).sum()),
+        rollout.reward_failures,
+        len(rollout.excluded_rows),
+        rollout.empty_responses,
+        float(lengths.sum()),
+        sum(r == "length" for r in rollout.finish_reasons),
+    )
+    metrics = {
+        "reward/mean": reward_sum / rows,
+        "reward/exact_frac": exact / rows,
+        "reward/failures": failures,
+        "rollout/nonfinite_logprob_samples": nonfinite,
+        "response/empty": empty,
+        "response/length_mean": length_sum / rows,
+        "response/truncated_frac": truncated / rows,
+        "weights/rollout_version": float(rollout.weight_version),
+    }
+    metrics.update({f"rollout/engine{i}/samples": float(k) for i, k in enumerate(rollout.samples_per_engine)})
+    return metrics
+
+
 class StepDiagnostics:
     """The routing-induced ratio-variance diagnostics of one step (docs/diagnostics.md defines each one).
 
@@ -400,6 +429,10 @@ class StepDiagnostics:
     log-prob difference is the train/rollout mismatch), and the old-logprob pass vs each update
     mini-batch's forward (their difference is log r, the ratio SAPO gates). Histograms go to
     ``histograms.jsonl`` for the dashboard.
+
+    Each rank computes on its share: sufficient statistics (sums, counts) are added over the shares before they
+    become metrics, quantiles are exact order statistics over every share's tokens, and histograms add their
+    counts; so the numbers are the whole batch's (one share: the same code path, bit for bit).
     """
 
     LOG_RATIO_EDGES = torch.linspace(-0.5, 0.5, 101)
@@ -407,30 +440,45 @@ class StepDiagnostics:
     DELTA_EDGES = torch.linspace(-0.05, 0.05, 101)
 
     def __init__(self, ctx: RunContext, step: int):
-        self.ctx, self.step = ctx, step
+        self.ctx, self.step, self.share = ctx, step, ctx.share
         self.metrics: dict[str, float] = {}
         self.log_ratio: dict[str, list[torch.Tensor]] = {"stable": [], "routing_changed": []}
         self.ratio: dict[str, list[torch.Tensor]] = {"adv_pos": [], "adv_neg": []}
         self.delta: Optional[torch.Tensor] = None
 
+    def mismatch(self, batch) -> dict[str, torch.Tensor]:
+        """Train/rollout mismatch of the step (docs/diagnostics.md), combined over the shares."""
+        from sapo_megatron.diagnostics.mismatch import mismatch_metrics, reduce_mismatch_metrics
+
+        local = mismatch_metrics(batch.logprobs_old, batch.logprobs_rollout, batch.loss_mask)
+        if self.share.size == 1:
+            return local
+        return reduce_mismatch_metrics(self.share.gather_objects(local))
+
     def rollout_vs_old(self, batch, routing_rollout, routing_old, router_entropy_old=None) -> None:
         from sapo_megatron.diagnostics.attribution import finalize_variance_attribution, routing_variance_stats
-        from sapo_megatron.diagnostics.routing import expert_load_stats, finalize_expert_load, finalize_routing_change, routing_change_stats
+        from sapo_megatron.diagnostics.routing import (
+            expert_load_stats,
+            finalize_expert_load,
+            finalize_routing_change,
+            routing_change_stats,
+        )
 
+        total = self.share.sum_tensors
         mask = batch.loss_mask
         self.delta = (batch.logprobs_old - batch.logprobs_rollout)[mask]
         if router_entropy_old is not None:
-            self.metrics.update(prefixed("routing/", router_entropy_metrics(router_entropy_old, mask)))
+            self.metrics.update(prefixed("routing/", router_entropy_metrics(router_entropy_old, mask, total)))
         if routing_old is not None:
             num_experts = self.ctx.actor.model.config.num_moe_experts
-            load = finalize_expert_load(expert_load_stats(routing_old, mask, num_experts))
+            load = finalize_expert_load(total(expert_load_stats(routing_old, mask, num_experts)))
             self.metrics.update(prefixed("routing/expert_load/", {k: v for k, v in load.items() if v.dim() <= 1}))
         if routing_rollout is None or routing_old is None:
             return
-        change = finalize_routing_change(routing_change_stats(routing_rollout, routing_old, mask))
+        change = finalize_routing_change(total(routing_change_stats(routing_rollout, routing_old, mask)))
         self.metrics.update(prefixed("routing/rollout_vs_old/", change))
         delta = torch.where(mask, batch.logprobs_old - batch.logprobs_rollout, 0.0)
-        attribution = finalize_variance_attribution(routing_variance_stats(delta, mask, routing_rollout, routing_old))
+        attribution = finalize_variance_attribution(total(routing_variance_stats(delta, mask, routing_rollout, routing_old)))
         self.metrics.update(prefixed("attribution/rollout_vs_old/", _scalars(attribution)))
 
     def update_mini_batch(self, k: int, mb, logprobs, routing_old, routing_update) -> None:
@@ -438,9 +486,10 @@ class StepDiagnostics:
         from sapo_megatron.diagnostics.mismatch import ratio_quantiles
         from sapo_megatron.diagnostics.routing import changed_layer_count, finalize_routing_change, routing_change_stats
 
+        total = self.share.sum_tensors
         mask = mb.loss_mask
         log_ratio = torch.where(mask, logprobs - mb.logprobs_old, 0.0)
-        quantiles = ratio_quantiles(logprobs, mb.logprobs_old, mask)
+        quantiles = ratio_quantiles(logprobs, mb.logprobs_old, mask, group=self.share.group if self.share.size > 1 else None)
         self.metrics.update(prefixed(f"ratio/mb{k}/", quantiles))
         positive = mask & (mb.advantages > 0)[:, None]
         negative = mask & (mb.advantages < 0)[:, None]
@@ -449,32 +498,39 @@ class StepDiagnostics:
         if routing_old is None or routing_update is None:
             self.log_ratio["stable"].append(log_ratio[mask])
             return
-        change = finalize_routing_change(routing_change_stats(routing_old, routing_update, mask))
+        change = finalize_routing_change(total(routing_change_stats(routing_old, routing_update, mask)))
         self.metrics.update(prefixed(f"routing/old_vs_mb{k}/", change))
-        attribution = finalize_variance_attribution(routing_variance_stats(log_ratio, mask, routing_old, routing_update))
+        attribution = finalize_variance_attribution(total(routing_variance_stats(log_ratio, mask, routing_old, routing_update)))
         self.metrics.update(prefixed(f"attribution/old_vs_mb{k}/", _scalars(attribution)))
         changed = changed_layer_count(routing_old, routing_update, mask) > 0
         self.log_ratio["stable"].append(log_ratio[mask & ~changed])
         self.log_ratio["routing_changed"].append(log_ratio[mask & changed])
 
     def finish(self) -> dict[str, float]:
+        from sapo_megatron.diagnostics.run_logger import histogram_summary, merge_histogram_summaries
+
+        wanted = [(f"log_ratio/{name}", _cat(parts), self.LOG_RATIO_EDGES) for name, parts in self.log_ratio.items()]
+        wanted += [(f"ratio/{name}", _cat(parts), self.RATIO_EDGES) for name, parts in self.ratio.items()]
+        if self.delta is not None:
+            wanted.append(("mismatch/delta", self.delta, self.DELTA_EDGES))
+        # Bin counts (and the sums TensorBoard shows) add over the shares: one small exchange for all of them.
+        local = [histogram_summary(self.step, name, values, edges) for name, values, edges in wanted]
+        parts = self.share.gather_objects(local)
         logger = self.ctx.logger
         if logger is not None:
-            for name, parts in self.log_ratio.items():
-                logger.log_histogram(self.step, f"log_ratio/{name}", _cat(parts), self.LOG_RATIO_EDGES)
-            for name, parts in self.ratio.items():
-                logger.log_histogram(self.step, f"ratio/{name}", _cat(parts), self.RATIO_EDGES)
-            if self.delta is not None:
-                logger.log_histogram(self.step, "mismatch/delta", self.delta, self.DELTA_EDGES)
+            for index in range(len(local)):
+                logger.log_histogram_summary(merge_histogram_summaries([p[index] for p in parts]))
         return self.metrics
 
 
-def router_entropy_metrics(router_entropy: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def router_entropy_metrics(router_entropy: torch.Tensor, mask: torch.Tensor, combine=None) -> dict[str, torch.Tensor]:
     """``router_entropy`` [layers] (mean over the valid tokens of the per-token router entropy
-    ``[B, S, layers]``, nats) and ``router_entropy_mean`` over layers; 0 without valid tokens."""
+    ``[B, S, layers]``, nats) and ``router_entropy_mean`` over layers; 0 without valid tokens. ``combine`` adds
+    the statistics of the other shares (:meth:`~sapo_megatron.sharding.DataShare.sum_tensors`)."""
     from sapo_megatron.diagnostics.routing import finalize_router_entropy, token_entropy_stats
 
-    return finalize_router_entropy(token_entropy_stats(router_entropy, mask))
+    stats = token_entropy_stats(router_entropy, mask)
+    return finalize_router_entropy(combine(stats) if combine is not None else stats)
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -503,11 +559,14 @@ def validate(ctx: RunContext, step: int) -> dict[str, float]:
     """Mean reward of one sample per held-out prompt, with a fixed seed (comparable across steps)."""
     if not ctx.val_examples:
         return {}
+    block = ctx.share.block(len(ctx.val_examples))
     ctx.enter_rollout_phase()
-    rollout = generate_and_score(ctx, ctx.val_examples, n=1, seed=ctx.cfg.rollout.seed + 1_000_003)
+    rollout = generate_and_score(ctx, ctx.val_examples[block.start : block.stop], list(block), n=1,
+                                 seed=ctx.cfg.rollout.seed + 1_000_003)
     ctx.enter_train_phase()
-    rewards = torch.tensor(rollout.rewards)
-    return {"reward/val_mean": float(rewards.mean()), "reward/val_exact_frac": float((rewards == 1.0).float().mean())}
+    rewards = torch.tensor(rollout.rewards, dtype=torch.float64)
+    count, total, exact = ctx.share.sum(len(rewards), float(rewards.sum()), float((rewards == 1.0).sum()))
+    return {"reward/val_mean": total / count, "reward/val_exact_frac": exact / count}
 
 
 def supervised_warmup(ctx: RunContext) -> None:
@@ -577,9 +636,10 @@ def setup(cfg: Config) -> RunContext:
             hf_dir, cfg.rollout, device=device.type, dtype=cfg.model.params_dtype, collect_routed_experts=collect
         )
     actor = build_actor(cfg, hf_dir, device=device, total_steps=cfg.trainer.steps)
+    share = data_share()
     train_stream, val_examples = build_prompt_streams(cfg, tokenizer)
     sandbox = None
-    if rank() == DRIVER_RANK:
+    if share.is_leader:
         from sapo_megatron.rewards.sandbox import RewardSandbox
 
         sandbox = RewardSandbox(reward_function(cfg), timeout_s=cfg.reward.timeout_s, max_workers=cfg.reward.num_workers)
@@ -592,6 +652,7 @@ def setup(cfg: Config) -> RunContext:
         )
     else:
         fleet.connect(actor.model)
+    fleet.set_share(share)
     from sapo_megatron.actor.offload import ActorOffloader
 
     return RunContext(
@@ -605,6 +666,16 @@ def setup(cfg: Config) -> RunContext:
         val_examples=val_examples,
         fleet=fleet,
         sandbox=sandbox,
+        share=share,
+    )
+
+
+def data_share() -> DataShare:
+    """This rank's share of each step's data, from megatron's data-parallel layout (a collective)."""
+    from megatron.core import parallel_state as mpu
+
+    return DataShare.build(
+        mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size(), mpu.get_data_parallel_group()
     )
 
 

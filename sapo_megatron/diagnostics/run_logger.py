@@ -123,29 +123,28 @@ class RunLogger:
         See :func:`histogram_record` for the bin convention and the out-of-range counts. The TensorBoard
         histogram has the same bins plus one bucket each for the values below and above the range.
         """
-        import torch
+        return self.log_histogram_summary(histogram_summary(step, name, values, edges))
 
-        # One copy to the CPU, shared by the JSONL record and the TensorBoard summary.
-        values = torch.as_tensor(values).detach().reshape(-1).to("cpu", torch.float64)
-        record = histogram_record(step, name, values, edges)
+    def log_histogram_summary(self, summary: dict) -> dict:
+        """Logs a :func:`histogram_summary` (of one rank's values, or merged over ranks); returns the record."""
+        record = {key: summary[key] for key in HISTOGRAM_RECORD_KEYS}
         self._histograms.write(json.dumps(record) + "\n")
         self._histograms.flush()
-        finite = values[torch.isfinite(values)]
-        if finite.numel() > 0:
+        if summary["num"] > 0:
             # TensorBoard bucket i holds (limit[i-1], limit[i]]: an underflow bucket ending at edges[0] and an
             # overflow bucket ending at the maximum keep every finite value in the histogram.
-            limits = [record["edges"][0], *record["edges"][1:], max(float(finite.max()), record["edges"][-1])]
+            limits = [record["edges"][0], *record["edges"][1:], max(summary["max"], record["edges"][-1])]
             counts = [record["underflow"], *record["counts"], record["overflow"]]
             self._writer.add_histogram_raw(
-                name,
-                min=float(finite.min()),
-                max=float(finite.max()),
-                num=int(finite.numel()),
-                sum=float(finite.sum()),
-                sum_squares=float(finite.square().sum()),
+                record["name"],
+                min=summary["min"],
+                max=summary["max"],
+                num=summary["num"],
+                sum=summary["sum"],
+                sum_squares=summary["sum_squares"],
                 bucket_limits=limits,
                 bucket_counts=counts,
-                global_step=step,
+                global_step=record["step"],
             )
             self._writer.flush()
         return record
@@ -154,6 +153,51 @@ class RunLogger:
         self._writer.close()
         self._jsonl.close()
         self._histograms.close()
+
+
+HISTOGRAM_RECORD_KEYS = ("step", "name", "edges", "counts", "underflow", "overflow", "nonfinite")
+
+
+def histogram_summary(step: int, name: str, values: torch.Tensor, edges: torch.Tensor | Sequence[float]) -> dict:
+    """:func:`histogram_record` plus the finite values' ``num``, ``sum``, ``sum_squares``, ``min`` and ``max``
+    (TensorBoard's histogram fields): everything that :func:`merge_histogram_summaries` adds over ranks."""
+    import torch
+
+    values = torch.as_tensor(values).detach().reshape(-1).to("cpu", torch.float64)
+    summary = histogram_record(step, name, values, edges)
+    finite = values[torch.isfinite(values)]
+    empty = finite.numel() == 0
+    summary.update(
+        num=int(finite.numel()),
+        sum=float(finite.sum()),
+        sum_squares=float(finite.square().sum()),
+        min=math.inf if empty else float(finite.min()),
+        max=-math.inf if empty else float(finite.max()),
+    )
+    return summary
+
+
+def merge_histogram_summaries(parts: Sequence[dict]) -> dict:
+    """One :func:`histogram_summary` of the values of all ``parts`` (same step, name and edges): counts and
+    sums add, extremes combine. One part is returned as it is."""
+    if not parts:
+        raise ValueError("merge_histogram_summaries needs at least one summary")
+    first = parts[0]
+    if len(parts) == 1:
+        return dict(first)
+    for part in parts[1:]:
+        if (part["step"], part["name"], part["edges"]) != (first["step"], first["name"], first["edges"]):
+            raise ValueError(
+                f"cannot merge histogram {part['name']!r} (step {part['step']}) into {first['name']!r} "
+                f"(step {first['step']}): step, name and edges must be the same"
+            )
+    merged = {key: first[key] for key in ("step", "name", "edges")}
+    merged["counts"] = [sum(column) for column in zip(*(p["counts"] for p in parts))]
+    for key in ("underflow", "overflow", "nonfinite", "num", "sum", "sum_squares"):
+        merged[key] = sum(p[key] for p in parts)
+    merged["min"] = min(p["min"] for p in parts)
+    merged["max"] = max(p["max"] for p in parts)
+    return merged
 
 
 def histogram_record(step: int, name: str, values: torch.Tensor, edges: torch.Tensor | Sequence[float]) -> dict:

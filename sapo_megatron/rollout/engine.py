@@ -339,12 +339,15 @@ class RolloutEngine:
         seed: int | None = None,
         collect_routed_experts: bool | None = None,
         prompt_index_offset: int = 0,
+        prompt_indices: Sequence[int] | None = None,
     ) -> RolloutBatch:
         """Samples ``n`` responses per prompt; unset arguments take their value from the rollout config.
 
         ``prompt_index_offset``: the global index of the first prompt, when these prompts are one engine's
         share of a larger batch. Seeds derive from the global index, so a prompt's samples do not depend on
         which engine of a fleet, or how many, generated them; ``prompt_index`` holds global indices.
+        ``prompt_indices``: the global index of every prompt, when the share is not one contiguous block (a
+        data-parallel rank's share of a batch split by mini-batch); overrides ``prompt_index_offset``.
 
         Generation stops at an EOS token (``finish_reason="eos"``, the EOS token is the last response token
         and has its log-prob) or after ``max_new_tokens`` tokens (``"length"``).
@@ -361,6 +364,10 @@ class RolloutEngine:
         seed = cfg.seed if seed is None else seed
         routed = self.collect_routed_experts if collect_routed_experts is None else collect_routed_experts
         prompts = self._check_generate_args(prompt_token_ids, n, max_new_tokens, temperature, top_p, seed, routed)
+        if prompt_indices is None:
+            prompt_indices = range(prompt_index_offset, prompt_index_offset + len(prompts))
+        elif len(prompt_indices) != len(prompts):
+            raise ValueError(f"generate: {len(prompt_indices)} prompt_indices for {len(prompts)} prompts; give one each")
 
         requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         params = [
@@ -369,7 +376,7 @@ class RolloutEngine:
                 max_tokens=max_new_tokens,
                 temperature=temperature,
                 top_p=top_p,
-                seed=_derive_prompt_seed(seed, prompt_index_offset + i),
+                seed=_derive_prompt_seed(seed, prompt_indices[i]),
                 logprobs=0,
                 detokenize=False,
             )
@@ -388,7 +395,7 @@ class RolloutEngine:
                 response_ids.append(tokens)
                 logprobs.append([float(step[tok].logprob) for step, tok in zip(completion.logprobs, tokens)])
                 finish.append(self._finish_reason(completion, tokens))
-                prompt_index.append(prompt_index_offset + i)
+                prompt_index.append(prompt_indices[i])
                 if routed and self.device == "cuda":
                     if completion.routed_experts is None:
                         raise RuntimeError(f"prompt {i}: vLLM returned no routed experts although they were enabled")

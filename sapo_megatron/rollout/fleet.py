@@ -3,15 +3,18 @@
 :class:`RolloutFleet` is what the RL step calls; two implementations stand behind it:
 
 * :class:`ColocatedFleet`: one vLLM engine in every trainer rank (in-process, tensor parallel 1, on the rank's
-  own device). Each rollout's prompts are split into contiguous blocks, one per engine; every engine generates
-  its block, and the blocks are gathered.
+  own device). Each rank asks for its data-parallel share's prompts; the share's peers (the ranks that hold the
+  same share, :mod:`sapo_megatron.sharding`) split them into contiguous blocks, one per engine, generate, and
+  gather the blocks among themselves. Every engine generates; no rank receives another share's samples.
 * :class:`ServerFleet` (:mod:`sapo_megatron.rollout.server_fleet`): ``vllm serve`` servers on rollout nodes,
-  reached over HTTP; the driver rank spreads prompts over them.
+  reached over HTTP; each share's leader spreads its prompts over them and hands the samples to its peers.
 
 Invariants, for both:
 
-* ``generate`` is a collective over the trainer ranks; every rank returns the same prompt-major
-  :class:`~sapo_megatron.rollout.engine.RolloutBatch` (``n`` consecutive rows per prompt, in prompt order).
+* ``generate`` is a collective over the trainer ranks; each rank passes its share's prompts (with their indices
+  in the step's batch, ``prompt_indices``) and returns that share's prompt-major
+  :class:`~sapo_megatron.rollout.engine.RolloutBatch` (``n`` consecutive rows per prompt, in the order given).
+  Without :meth:`RolloutFleet.set_share` every rank holds the whole batch (one share).
 * A prompt's samples depend only on the prompt, its global index in the batch, the seed and the weights: not
   on which engine, or how many engines, generated it (per-prompt seeds derive from the global index).
 * ``push(model_chunks, version)`` is a collective; it returns once every engine serves ``version``, or raises
@@ -34,6 +37,7 @@ import torch
 
 from sapo_megatron import collectives
 from sapo_megatron.rollout.engine import RolloutBatch
+from sapo_megatron.sharding import DataShare
 
 Phase = Literal["rollout", "train", "sync"]
 
@@ -103,11 +107,20 @@ class RolloutFleet(abc.ABC):
     samples_per_engine: list[int]
     # True while the engines hold no real weights (colocated GPU engines start with dummy ones).
     needs_initial_push: bool = False
+    # This rank's data-parallel share; None = every rank holds the whole batch.
+    share: DataShare | None = None
+
+    def set_share(self, share: DataShare) -> None:
+        """From now on each rank generates for, and receives, only ``share``'s prompts (set once the trainer's
+        parallel layout exists)."""
+        self.share = share
 
     @abc.abstractmethod
-    def generate(self, prompt_ids: Sequence[Sequence[int]], *, n: int, seed: int, **sampling: Any) -> RolloutBatch:
-        """``n`` samples per prompt from the whole fleet; ``sampling`` overrides the rollout config's
-        ``max_new_tokens``, ``temperature``, ``top_p``."""
+    def generate(self, prompt_ids: Sequence[Sequence[int]], *, n: int, seed: int,
+                 prompt_indices: Sequence[int] | None = None, **sampling: Any) -> RolloutBatch:
+        """``n`` samples per prompt of this rank's share; ``prompt_indices`` are the prompts' indices in the
+        step's batch (default ``0, 1, ...``: the per-prompt seeds derive from them); ``sampling`` overrides the
+        rollout config's ``max_new_tokens``, ``temperature``, ``top_p``."""
 
     @abc.abstractmethod
     def push(self, model_chunks: Sequence[torch.nn.Module], version: int):
@@ -191,23 +204,39 @@ class ColocatedFleet(RolloutFleet):
         """Whether the engines hold no real weights yet (dummy weights): the trainer pushes version 0 first."""
         return self.engine.weight_version < 0
 
-    def generate(self, prompt_ids, *, n: int, seed: int, **sampling: Any) -> RolloutBatch:
+    def generate(self, prompt_ids, *, n: int, seed: int, prompt_indices=None, **sampling: Any) -> RolloutBatch:
         prompts = [list(p) for p in prompt_ids]
-        share = engine_shares(len(prompts), self.num_engines)[self.rank]
+        indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
+        if len(indices) != len(prompts):
+            raise ValueError(f"generate: {len(indices)} prompt_indices for {len(prompts)} prompts; give one each")
+        # The peers of this rank's share split its prompts, one block per engine.
+        if self.share is None:
+            num_peers, position = self.num_engines, self.rank
+        else:
+            num_peers, position = self.share.num_peers, self.share.peer_index
+        block = engine_shares(len(prompts), num_peers)[position]
         cause = None
         try:
-            if len(share):
-                local = self.engine.generate(prompts[share.start : share.stop], n=n, seed=seed,
-                                             prompt_index_offset=share.start, **sampling)
+            if len(block):
+                local = self.engine.generate(prompts[block.start : block.stop], n=n, seed=seed,
+                                             prompt_indices=indices[block.start : block.stop], **sampling)
             else:
                 local = concat_batches([], weight_version=self.engine.weight_version)
         except Exception as exc:
-            # Exchanged in place of the samples: the other ranks are already waiting in the gather below.
+            # Exchanged in place of the samples: the other ranks are already waiting in the gathers below.
             cause = exc
             local = _EngineFailure(self.rank, f"{type(exc).__name__}: {exc}", traceback.format_exc())
-        parts = self._all_gather(local)
+        if self.share is None:
+            parts = self._all_gather(local)
+            outcomes = parts
+        else:
+            parts = self.share.gather_from_peers(local)
+            # Every engine's count or failure, over the whole job: a failure in another share stops every rank
+            # in this same call, and the per-engine counts are logged.
+            outcomes = self._all_gather(local if isinstance(local, _EngineFailure) else len(local))
+        raise_engine_failures(outcomes, "generate", cause)
         raise_engine_failures(parts, "generate", cause)
-        self.samples_per_engine = [len(p) for p in parts]
+        self.samples_per_engine = [p if isinstance(p, int) else len(p) for p in outcomes]
         batch = concat_batches(parts, weight_version=self.engine.weight_version)
         assert len(batch) == len(prompts) * n, f"the fleet returned {len(batch)} samples, expected {len(prompts) * n}"
         return batch

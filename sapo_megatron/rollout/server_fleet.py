@@ -162,23 +162,61 @@ class ServerFleet(RolloutFleet):
 
     # -- generation -------------------------------------------------------------------------------------------
 
-    def generate(self, prompt_ids, *, n: int, seed: int, **sampling: Any):
+    def generate(self, prompt_ids, *, n: int, seed: int, prompt_indices=None, **sampling: Any):
+        """The share's leader (the driver when no share is set) requests the share's samples from the servers
+        and hands them to its peers; the per-server counts and any failure are exchanged over the whole job, so
+        every rank returns or raises from the same call."""
+        share = self.share
+        leads = self.is_driver if share is None else share.is_leader
         outcome = None
-        if self.is_driver:
+        if leads:
             cfg = self.config
             kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
             kwargs.update(sampling)
             try:
-                batch = self.pool.generate([list(p) for p in prompt_ids], n=n, seed=seed, **kwargs)
-                outcome = (batch, list(self.pool.samples_per_server))
+                pool = self._generation_pool()
+                batch = pool.generate([list(p) for p in prompt_ids], n=n, seed=seed, prompt_indices=prompt_indices,
+                                      **kwargs)
+                outcome = (batch, list(pool.samples_per_server))
             except Exception as exc:
                 outcome = _Failure(type(exc) if isinstance(exc, RuntimeError) else RuntimeError,
                                    f"remote rollout failed: {type(exc).__name__}: {exc}")
-        outcome = _broadcast(outcome)
+        counts: list = []
+        if share is None:
+            outcome = _broadcast(outcome)
+        else:
+            outcome = share.from_leader(outcome)
+            summary = outcome if isinstance(outcome, _Failure) else (outcome[1] if share.is_leader else None)
+            counts = collectives.all_gather_object(summary)
+            failures = [c for c in counts if isinstance(c, _Failure)]
+            if failures and not isinstance(outcome, _Failure):
+                outcome = failures[0]
         if isinstance(outcome, _Failure):
             outcome.raise_()
-        batch, self.samples_per_engine = outcome
+        batch = outcome[0]
+        if share is None:
+            self.samples_per_engine = outcome[1]
+        else:
+            per_leader = [c for c in counts if c is not None]
+            self.samples_per_engine = [sum(column) for column in zip(*per_leader)]
         return batch
+
+    def _generation_pool(self):
+        """The driver's pool, or, on another share's leader, its own pool over the same servers (each leader
+        spreads its share's prompts by its own count of outstanding work)."""
+        if self.pool is not None:
+            return self.pool
+        if getattr(self, "_leader_pool", None) is None:
+            from sapo_megatron.rollout.servers import ServerPool
+
+            self._leader_pool = ServerPool(self.urls, eos_token_ids=self._eos_token_ids)
+        return self._leader_pool
+
+    def set_share(self, share) -> None:
+        """Also hands the EOS ids the driver's pool checks samples against to the other shares' leaders."""
+        super().set_share(share)
+        eos = self.pool.clients[0].eos_token_ids if self.pool is not None else None
+        self._eos_token_ids = _broadcast(eos)
 
     # -- weights ----------------------------------------------------------------------------------------------
 
@@ -255,8 +293,9 @@ class ServerFleet(RolloutFleet):
             self.pool.resume()
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
+        for pool in (self.pool, getattr(self, "_leader_pool", None)):
+            if pool is not None:
+                pool.close()
         for process in self.processes:
             process.stop()
         self.weight_sync = None

@@ -877,9 +877,18 @@ class ServerPool:
         temperature: float,
         top_p: float,
         seed: int,
+        prompt_indices: Sequence[int] | None = None,
     ) -> RolloutBatch:
-        """``n`` samples per prompt over the live servers; a prompt-major batch with ``routed_experts=None``."""
+        """``n`` samples per prompt over the live servers; a prompt-major batch with ``routed_experts=None``.
+
+        ``prompt_indices``: each prompt's index in the whole batch (default ``0, 1, ...``) when these prompts are
+        one data-parallel rank's share: seeds derive from it, so the samples do not depend on the split."""
         prompts = _check_generate_args(prompts, n, max_new_tokens, temperature, top_p, seed)
+        if prompt_indices is None:
+            prompt_indices = range(len(prompts))
+        elif len(prompt_indices) != len(prompts):
+            raise ValueError(f"generate: {len(prompt_indices)} prompt_indices for {len(prompts)} prompts; give one each")
+        prompt_indices = [int(i) for i in prompt_indices]
         version = self.weight_version()
         self.samples_per_server = [0] * len(self.urls)
         results: list[list[Sample] | None] = [None] * len(prompts)
@@ -904,7 +913,7 @@ class ServerPool:
                     cost = len(prompts[p]) + n * max_new_tokens
                     future = executor.submit(
                         self.clients[server].generate, prompts[p], n=n, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, seed=_derive_prompt_seed(seed, p),
+                        temperature=temperature, top_p=top_p, seed=_derive_prompt_seed(seed, prompt_indices[p]),
                         request_id=f"rollout-{rollout_id}-prompt-{p}",
                     )
                     inflight[future] = (server, p, cost)
@@ -935,7 +944,7 @@ class ServerPool:
             raise
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
-        return self._batch(prompts, results, n, version)
+        return self._batch(prompts, results, n, version, prompt_indices)
 
     def _abort(self, inflight: dict[Future, tuple[int, int, int]], rollout_id: str) -> None:
         """Ends a failed rollout's requests on the live servers, so that neither the servers nor this process's
@@ -965,7 +974,8 @@ class ServerPool:
                            len(running), self.abort_wait_s)
 
     def _batch(
-        self, prompts: list[list[int]], results: list[list[Sample] | None], n: int, version: int
+        self, prompts: list[list[int]], results: list[list[Sample] | None], n: int, version: int,
+        prompt_indices: Sequence[int],
     ) -> RolloutBatch:
         label = str(version)
         prompt_ids, response_ids, logprobs, finish, prompt_index = [], [], [], [], []
@@ -984,7 +994,7 @@ class ServerPool:
                 response_ids.append(sample.response_ids)
                 logprobs.append(sample.logprobs)
                 finish.append(sample.finish_reason)
-                prompt_index.append(p)
+                prompt_index.append(prompt_indices[p])
         expected = len(prompts) * n
         assert len(response_ids) == expected, f"the rollout has {len(response_ids)} samples, not {expected}"
         assert sum(self.samples_per_server) == expected

@@ -65,6 +65,19 @@ def main(out_dir: str, hf_dir: str, layout: str) -> None:
         out["megatron"] = None if logprobs is None else torch.stack(logprobs)
         out["after"] = as_dict(fleet.generate(prompts(), n=SAMPLES, seed=11, **sampling))
         out["samples_per_engine"]["after"] = list(fleet.samples_per_engine)
+        # As the trainer runs it: each data-parallel rank asks for, and receives, only its share's prompts.
+        from megatron.core import parallel_state as mpu
+
+        from sapo_megatron.sharding import DataShare
+
+        share = DataShare.build(mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size(),
+                                mpu.get_data_parallel_group())
+        fleet.set_share(share)
+        mine = list(share.block(len(prompts())))
+        out["share_indices"] = mine
+        out["shared"] = as_dict(fleet.generate([prompts()[i] for i in mine], n=SAMPLES, seed=11,
+                                               prompt_indices=mine, **sampling))
+        out["samples_per_engine"]["shared"] = list(fleet.samples_per_engine)
         target = Path(out_dir)
         target.mkdir(parents=True, exist_ok=True)
         torch.save(out, target / f"rank{rank}.pt")

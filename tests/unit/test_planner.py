@@ -221,7 +221,7 @@ def test_grpo_recipe_is_the_sapo_recipe_with_another_loss():
     "overrides, key",
     [
         (["parallel.tensor=8", "parallel.sequence_parallel=true"], "parallel.tensor"),  # 4 KV heads
-        (["launch.nnodes=3", "parallel.expert=3", "rollout.num_engines=24"], "parallel.expert"),  # 128 experts
+        (["launch.nnodes=3", "parallel.expert=3", "rollout.num_engines=24", "data.prompts_per_step=96"], "parallel.expert"),  # 128 experts
         (["launch.nnodes=5", "parallel.pipeline=5", "rollout.num_engines=40"], "parallel.pipeline"),  # 48 layers
         (["parallel.tensor=2"], "parallel.sequence_parallel"),  # MoE under TP needs SP
         (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=1", "parallel.expert_tensor=1"],

@@ -11,6 +11,7 @@ Megatron's own averaging, so the update equals the algorithm core's loss on the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Callable, Iterator, Optional
 
@@ -21,6 +22,7 @@ from sapo_megatron import collectives
 from sapo_megatron.actor.batch import TrainBatch
 from sapo_megatron.actor.loss_adapter import MegatronLossScale
 from sapo_megatron.actor.micro_batching import MicroBatchLayout, group_by_token_budget, round_up, row_lengths
+from sapo_megatron.algorithms.loss import TrainingLoss
 
 
 def causal_attention_mask(seq_len: int) -> torch.Tensor:
@@ -32,8 +34,10 @@ class MegatronPolicy:
     """Runs micro-batches of a :class:`TrainBatch` through Megatron's forward/backward schedule.
 
     It owns no model construction: ``model`` is the list of (DDP-wrapped) model chunks of this rank,
-    ``optimizer`` / ``scheduler`` are megatron-core's. ``policy_loss`` is a callable with the algorithm core's
-    contract ``(logprobs, logprobs_old, advantages, mask, *, num_global_tokens, num_global_seqs) -> (loss, metrics)``.
+    ``optimizer`` / ``scheduler`` are megatron-core's. ``loss`` is the algorithm core's
+    :class:`~sapo_megatron.algorithms.loss.TrainingLoss` (policy loss, KL to the reference, entropy bonus),
+    built once from the config; the pipeline's loss function calls it on each micro-batch and nothing else.
+    ``policy_loss``, ``kl_coef``, ``kl_estimator``, ``entropy_coef`` and ``reduction`` read through to it.
 
     ``max_tokens_per_micro_batch > 0`` forms micro-batches by padded tokens instead of ``micro_batch_size``
     rows (first-fit decreasing, each padded only to its own longest row); losses, gradients and metrics are
@@ -48,13 +52,9 @@ class MegatronPolicy:
         *,
         optimizer=None,
         scheduler=None,
-        policy_loss: Optional[Callable] = None,
+        loss: Optional[TrainingLoss] = None,
         micro_batch_size: int,
         temperature: float = 1.0,
-        kl_coef: float = 0.0,
-        kl_estimator: str = "k3",
-        entropy_coef: float = 0.0,
-        reduction: str = "seq_mean_token_mean",
         device: torch.device | str = "cpu",
         sequence_multiple: int = 1,
         max_tokens_per_micro_batch: int = 0,
@@ -68,19 +68,44 @@ class MegatronPolicy:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.policy_loss = policy_loss
+        self.loss = loss
         self.micro_batch_size = micro_batch_size
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.temperature = temperature
-        self.kl_coef = kl_coef
-        self.kl_estimator = kl_estimator
-        self.entropy_coef = entropy_coef
-        self.reduction = reduction
         self.device = torch.device(device)
         # With sequence parallelism the sequence is split across TP ranks, so its length must divide.
         self.sequence_multiple = sequence_multiple
         # MoE routing record / replay hooks, installed on first use (sapo_megatron.actor.routing).
         self._routing = None
+
+    # -- the loss's settings, read from the one loss object ------------------------------------------------
+    @property
+    def policy_loss(self) -> Optional[Callable]:
+        return None if self.loss is None else self.loss.policy_loss
+
+    @policy_loss.setter
+    def policy_loss(self, policy_loss: Callable) -> None:
+        # Swaps the policy term only (the supervised warm-up's NLL); KL and entropy settings stay. To run
+        # without them, assign a whole TrainingLoss to ``self.loss`` instead.
+        if self.loss is None:
+            raise ValueError("MegatronPolicy.policy_loss: no loss to change; assign a TrainingLoss to .loss")
+        self.loss = replace(self.loss, policy_loss=policy_loss)
+
+    @property
+    def kl_coef(self) -> float:
+        return 0.0 if self.loss is None else self.loss.kl_coef
+
+    @property
+    def kl_estimator(self) -> Optional[str]:
+        return None if self.loss is None else self.loss.kl_estimator
+
+    @property
+    def entropy_coef(self) -> float:
+        return 0.0 if self.loss is None else self.loss.entropy_coef
+
+    @property
+    def reduction(self) -> Optional[str]:
+        return None if self.loss is None else self.loss.reduction
 
     # -- parallel layout -----------------------------------------------------------------------------------
     @staticmethod
@@ -412,37 +437,27 @@ class MegatronPolicy:
         return_logprobs: bool,
         logits,
     ):
-        from sapo_megatron.algorithms import aggregate, kl_penalty
-
         logprobs, entropy = self._token_logprobs(logits, mb, need_entropy, training=True)
         device = logprobs.device
-        mask = mb.loss_mask.to(device)
-        loss, metrics = self.policy_loss(
+        # The reference's log-probs enter only through the KL term; without kl_coef > 0 they are not needed.
+        use_ref = self.loss.needs_reference and mb.logprobs_ref is not None
+        out = self.loss(
             logprobs,
             mb.logprobs_old.to(device),
             mb.advantages.to(device),
-            mask,
+            mb.loss_mask.to(device),
+            logprobs_ref=mb.logprobs_ref.to(device) if use_ref else None,
+            entropy=entropy if need_entropy else None,
             **counts,
         )
         # Loss shares (normalised by global counts) add up over micro-batches and ranks.
-        shares = {"pg_loss": loss.detach()}
-        if self.kl_coef > 0:
-            kl = kl_penalty(logprobs, mb.logprobs_ref.to(device), estimator=self.kl_estimator)
-            kl_loss = aggregate(kl, mask, self.reduction, **counts)
-            loss = loss + self.kl_coef * kl_loss
-            shares["kl_loss"] = kl_loss.detach()
-        if need_entropy:
-            ent_loss = aggregate(entropy, mask, self.reduction, **counts)
-            loss = loss - self.entropy_coef * ent_loss
-            shares["entropy_loss"] = ent_loss.detach()
-        shares["loss"] = loss.detach()
         reported = {
-            "metrics": {k: v.detach().cpu() for k, v in metrics.items()},
-            "shares": {k: v.detach().double().cpu() for k, v in shares.items()},
+            "metrics": {k: v.detach().cpu() for k, v in out.metrics.items()},
+            "shares": {k: v.detach().double().cpu() for k, v in out.shares.items()},
         }
         if return_logprobs:
             reported["logprobs"] = logprobs.detach().float().cpu()
-        return scale.to_megatron(loss), reported
+        return scale.to_megatron(out.loss), reported
 
     def _reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:
         """Exact cross-micro-batch and cross-rank reduction (the algorithm core's declared reductions)."""

@@ -112,7 +112,7 @@ def build_actor(
 ) -> Actor:
     """The actor of this rank; megatron's parallel state must already be initialised with ``cfg.parallel``."""
     from sapo_megatron.actor.offload import check_optimizer_offload
-    from sapo_megatron.algorithms import policy_loss_from_config
+    from sapo_megatron.algorithms import training_loss_from_config
 
     # Before anything is built: megatron's own failure for a GPU-only option on CPU is cryptic.
     check_optimizer_offload(cfg.optimizer, device)
@@ -129,19 +129,15 @@ def build_actor(
     )
     ddp_chunks = wrap_in_ddp(cfg, model)
     optimizer, scheduler = build_megatron_optimizer(cfg, ddp_chunks, total_steps=total_steps or cfg.trainer.steps)
-    alg = cfg.algorithm
     policy = MegatronPolicy(
         ddp_chunks,
         optimizer=optimizer,
         scheduler=scheduler,
-        policy_loss=policy_loss_from_config(cfg.algorithm, max_response_length=cfg.rollout.max_new_tokens),
+        # Built once: the pipeline's loss function calls this object, and so do the pure-torch tests.
+        loss=training_loss_from_config(cfg.algorithm, max_response_length=cfg.rollout.max_new_tokens),
         micro_batch_size=cfg.trainer.micro_batch_size,
         max_tokens_per_micro_batch=cfg.trainer.max_tokens_per_micro_batch,
         temperature=cfg.rollout.temperature,
-        kl_coef=alg.kl_coef,
-        kl_estimator=alg.kl_estimator,
-        entropy_coef=alg.entropy_coef,
-        reduction=alg.reduction,
         device=device,
         sequence_multiple=cfg.parallel.tensor if cfg.parallel.sequence_parallel else 1,
     )

@@ -7,6 +7,7 @@ averaging). See docs/sapo.md for the objective and the design choices.
 
 from sapo_megatron.algorithms._inputs import LOG_RATIO_BOUND
 from sapo_megatron.algorithms.advantages import compute_advantages
+from sapo_megatron.algorithms.loss import LossOutput, TrainingLoss, training_loss_from_config
 from sapo_megatron.algorithms.metrics import METRIC_REDUCTIONS, STD_MEAN_OF, reduce_metrics
 from sapo_megatron.algorithms.policy_losses import (
     POLICY_LOSS_FUNCTIONS,
@@ -19,15 +20,18 @@ from sapo_megatron.algorithms.policy_losses import (
     policy_loss_from_config,
 )
 from sapo_megatron.algorithms.reductions import aggregate, count_valid_sequences, count_valid_tokens
-from sapo_megatron.algorithms.regularizers import kl_penalty, regularized_loss
+from sapo_megatron.algorithms.regularizers import RegularizedLoss, kl_penalty, regularized_loss
 from sapo_megatron.algorithms.sapo import sapo_gate, sapo_gate_weight, sapo_loss
 
 __all__ = [
     "LOG_RATIO_BOUND",
+    "LossOutput",
     "METRIC_REDUCTIONS",
     "POLICY_LOSS_FUNCTIONS",
     "PolicyLoss",
+    "RegularizedLoss",
     "STD_MEAN_OF",
+    "TrainingLoss",
     "aggregate",
     "cispo_loss",
     "clip_loss",
@@ -44,4 +48,5 @@ __all__ = [
     "sapo_gate",
     "sapo_gate_weight",
     "sapo_loss",
+    "training_loss_from_config",
 ]

@@ -7,14 +7,23 @@ The full objective the trainer minimises is::
 
 where ``aggregate`` uses the policy loss's reduction and the *same* global counts, so every term is a
 micro-batch's exact share of the whole-batch term and the sum stays invariant to micro-batching.
-:func:`regularized_loss` does exactly that.
+:func:`regularized_loss` does exactly that; :class:`sapo_megatron.algorithms.loss.TrainingLoss` binds it to
+the policy loss and the config, and is what the actor's pipeline loss function calls.
 
 KL estimators of ``KL(pi || pi_ref)`` per token, from samples of ``pi`` (Schulman, "Approximating KL
-divergence"), with ``d = logprobs_ref - logprobs``:
+divergence", 2020: samples ``x ~ q`` with ``q = pi``, ``p = pi_ref``, ``r = p(x) / q(x)``), with
+``d = log r = logprobs_ref - logprobs``:
 
-* ``k1 = -d``                     (unbiased, can be negative)
+* ``k1 = -d``                     (= ``logprobs - logprobs_ref``; unbiased, can be negative)
 * ``k2 = d^2 / 2``                (biased, low variance)
-* ``k3 = exp(d) - d - 1``         (unbiased, always >= 0; the GRPO default)
+* ``k3 = exp(d) - d - 1``         (= ``(r - 1) - log r``; unbiased, always >= 0; the GRPO default)
+
+Their gradients w.r.t. ``logprobs`` (the reference is a constant): ``1``, ``logprobs - logprobs_ref`` and
+``1 - exp(d)``. Used as a loss on samples of ``pi`` itself, the expected gradient of ``k1`` is 0, that of
+``k2`` is the gradient of ``KL(pi || pi_ref)``, and that of ``k3`` the gradient of the reverse
+``KL(pi_ref || pi)`` (Tang & Munos, "On a few pitfalls in KL divergence gradient estimation for RL", 2025):
+the estimators agree in value, not in gradient. All three are offered, as in other RL trainers; ``k3`` is
+the default (GRPO's).
 
 ``d`` is clamped to +-20 for ``k3`` (``exp`` overflow guard, as for the policy ratio); beyond the bound the
 token's KL gradient is 0.
@@ -23,6 +32,7 @@ token's KL gradient is 0.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Real
 from typing import Optional
 
@@ -82,6 +92,24 @@ def kl_penalty(
     return delta.exp() - delta - 1
 
 
+@dataclass(frozen=True)
+class RegularizedLoss:
+    """What :func:`regularized_loss` returns. It unpacks as ``(loss, metrics)``, the contract of every policy
+    loss; the two terms are there for reporting (a micro-batch's share of each, like ``loss``).
+
+    ``kl_loss`` is ``aggregate(kl)`` (before ``kl_coef``), present when ``logprobs_ref`` was given;
+    ``entropy_loss`` is ``aggregate(entropy)`` (before ``entropy_coef``), present when ``entropy`` was given.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    kl_loss: Optional[torch.Tensor] = None
+    entropy_loss: Optional[torch.Tensor] = None
+
+    def __iter__(self):
+        return iter((self.loss, self.metrics))
+
+
 def regularized_loss(
     policy_loss: torch.Tensor,
     logprobs: torch.Tensor,
@@ -96,8 +124,9 @@ def regularized_loss(
     num_global_tokens: Optional[Count] = None,
     num_global_seqs: Optional[Count] = None,
     norm_length: Optional[float] = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``policy_loss + kl_coef * aggregate(kl) - entropy_coef * aggregate(entropy)``; returns ``(loss, metrics)``.
+) -> RegularizedLoss:
+    """``policy_loss + kl_coef * aggregate(kl) - entropy_coef * aggregate(entropy)``; returns a
+    :class:`RegularizedLoss`, which unpacks as ``(loss, metrics)``.
 
     Pass the policy loss's reduction and global counts. ``logprobs_ref`` is needed when ``kl_coef > 0`` and
     ``entropy`` (per-token entropy of the current policy, [batch, seq], with grad) when ``entropy_coef != 0``;
@@ -133,10 +162,12 @@ def regularized_loss(
         "num_tokens": valid.sum().to(dtype),
         "num_seqs": valid.any(dim=-1).sum().to(dtype),
     }
+    kl_loss = entropy_loss = None
     if logprobs_ref is not None:
         kl = kl_penalty(logprobs, logprobs_ref, kl_estimator, mask=valid)
+        kl_loss = share(kl)
         if kl_coef > 0:
-            loss = loss + kl_coef * share(kl)
+            loss = loss + kl_coef * kl_loss
         metrics["kl_mean"] = masked_mean(kl.detach(), valid)
     if entropy is not None:
         entropy = check_tensor(entropy, "entropy")
@@ -146,7 +177,8 @@ def regularized_loss(
             )
         raise_if_nonfinite((entropy.detach(), valid, "entropy"))
         entropy_c = torch.where(valid, entropy.to(compute_dtype(entropy.dtype)), 0.0)
+        entropy_loss = share(entropy_c)
         if entropy_coef != 0:
-            loss = loss - entropy_coef * share(entropy_c)
+            loss = loss - entropy_coef * entropy_loss
         metrics["entropy_mean"] = masked_mean(entropy_c.detach(), valid)
-    return loss, metrics
+    return RegularizedLoss(loss=loss, metrics=metrics, kl_loss=kl_loss, entropy_loss=entropy_loss)

@@ -8,6 +8,7 @@ A checkpoint root holds one directory per saved step and a ``latest`` pointer::
         meta.json            step, model_type, parallel layout, dtype, the HF directory it came from
         hf/                  config.json, tokenizer and generation config (no weights): conversion needs nothing else
         dist/                megatron dist-checkpoint: model shards, optimizer state, LR schedule, RNG, trainer state
+        reference/           (runs with a KL term) the reference policy's shards, a model-only dist-checkpoint
 
 A step is written into ``step_000010.tmp/``, every file is fsynced, and only then is it renamed to
 ``step_000010`` and ``latest`` replaced (write-to-temp, fsync, rename). A job killed at any point leaves
@@ -31,7 +32,10 @@ What one checkpoint holds:
 - the LR / weight-decay schedule (``scheduler.state_dict()``);
 - the RNG state of every rank (python, numpy, torch CPU / CUDA, megatron's model-parallel RNG tracker),
   restored only under the identical layout: other layouts have other per-rank random streams;
-- ``trainer_state``: whatever the trainer passes (step, data position, ...), saved from rank 0.
+- ``trainer_state``: whatever the trainer passes (step, data position, ...), saved from rank 0;
+- with ``reference=``: the frozen reference policy of the KL term (:mod:`sapo_megatron.actor.reference`),
+  in ``reference/`` under the model's own names, so it reshards like the model. A resumed run's reference is
+  its initial policy, which need not be the HF weights (a supervised warm-up runs before RL).
 
 Every function here is a collective: all ranks call it with the same arguments.
 """
@@ -60,6 +64,7 @@ from sapo_megatron import collectives
 
 if TYPE_CHECKING:
     from sapo_megatron.actor.factory import Actor
+    from sapo_megatron.actor.reference import ReferencePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ LATEST_FILE = "latest"
 META_FILE = "meta.json"
 HF_SUBDIR = "hf"
 DIST_SUBDIR = "dist"
+REFERENCE_SUBDIR = "reference"
 TMP_SUFFIX = ".tmp"
 # Resharding over data parallelism without gathering the optimizer state anywhere (see the module docstring).
 DISTRIBUTED_OPTIMIZER_SHARDING = "dp_reshardable"
@@ -367,13 +373,15 @@ def save_checkpoint(
     *,
     keep_last: Optional[int] = None,
     hf_dir: str | os.PathLike | None = None,
+    reference: Optional["ReferencePolicy"] = None,
 ) -> Path:
     """Saves model, optimizer, LR schedule, every rank's RNG state and ``trainer_state`` as ``step``.
 
     A collective: every rank calls it. ``trainer_state`` must be the same on every rank (rank 0's copy is
     written) and hold JSON-like values and tensors. ``keep_last`` keeps that many newest step directories
     (``None``: all). ``hf_dir`` is the model's HF directory, whose config and tokenizer files are copied
-    (default: the directory the bridge read the config from). Returns the step directory.
+    (default: the directory the bridge read the config from). ``reference`` (the KL term's reference policy)
+    is saved beside the model. Returns the step directory.
     """
     if step < 0:
         raise ValueError(f"step={step}: must be >= 0")
@@ -400,14 +408,23 @@ def save_checkpoint(
         for stale in root.glob("step_*" + TMP_SUFFIX):
             shutil.rmtree(stale)
         (tmp / DIST_SUBDIR).mkdir(parents=True)
+        if reference is not None:
+            (tmp / REFERENCE_SUBDIR).mkdir()
     collectives.barrier()
 
     layout = CheckpointLayout.current(actor)
     state = _sharded_state_dict(actor, is_loading=False, optimizer=True, rng=True)
     state["trainer_state"] = trainer_state
     dist_checkpointing.save(state, str(tmp / DIST_SUBDIR), async_sharded_save=False)
+    if reference is not None:
+        # Saved from the model while it holds the reference: the shards get the model's names and offsets.
+        with reference.swapped():
+            reference_state = model_sharded_state_dict(actor.model.chunks)
+            dist_checkpointing.save(reference_state, str(tmp / REFERENCE_SUBDIR), async_sharded_save=False)
     collectives.barrier()
     manifest = _digest_dist_files(tmp, rank, torch.distributed.get_world_size())
+    if reference is not None:
+        manifest.update(_digest_dist_files(tmp, rank, torch.distributed.get_world_size(), REFERENCE_SUBDIR))
 
     if rank == 0:
         _write_hf_files(actor, source_hf_dir, tmp / HF_SUBDIR)
@@ -423,6 +440,7 @@ def save_checkpoint(
             "hf_dir": str(source_hf_dir.resolve()) if source_hf_dir is not None else None,
             "layout": asdict(layout),
             "optimizer_sharding": DISTRIBUTED_OPTIMIZER_SHARDING if layout.distributed_optimizer else "model_space",
+            "reference": reference is not None,
             "megatron_core": _megatron_version(),
             "saved_unix_time": time.time(),
             "manifest": dict(sorted(manifest.items())),
@@ -585,12 +603,12 @@ def _file_owner(name: str, world_size: int) -> int:
     return int(match.group(1)) % world_size if match else 0
 
 
-def _digest_dist_files(step_dir: Path, rank: int, world_size: int) -> dict[str, dict]:
-    """The manifest entries of ``step_dir/dist``; a collective: each rank digests the shards it wrote, and
-    rank 0 receives them all (other ranks get an empty dict)."""
-    dist_dir = step_dir / DIST_SUBDIR
+def _digest_dist_files(step_dir: Path, rank: int, world_size: int, subdir: str = DIST_SUBDIR) -> dict[str, dict]:
+    """The manifest entries of ``step_dir/subdir`` (a dist-checkpoint); a collective: each rank digests the
+    shards it wrote, and rank 0 receives them all (other ranks get an empty dict)."""
+    dist_dir = step_dir / subdir
     mine = {
-        f"{DIST_SUBDIR}/{path.name}": _file_digest(path)
+        f"{subdir}/{path.name}": _file_digest(path)
         for path in sorted(dist_dir.iterdir())
         if path.is_file() and _file_owner(path.name, world_size) == rank
     }
@@ -662,6 +680,7 @@ def load_checkpoint(
     step: Optional[int] = None,
     *,
     load_optimizer: bool = True,
+    reference: Optional["ReferencePolicy"] = None,
 ) -> Optional[tuple[int, dict]]:
     """Restores the actor from ``step`` (default: the ``latest`` one) and returns ``(step, trainer_state)``;
     ``None`` when ``ckpt_root`` holds no checkpoint yet. A collective: every rank calls it.
@@ -671,7 +690,9 @@ def load_checkpoint(
     the optimizer state when its format allows it (non-distributed optimizer: any layout; distributed
     optimizer: another data-parallel size only); the RNG state is then left as seeded. Anything else is a
     ``ValueError`` naming both layouts; ``load_optimizer=False`` loads only the weights and keeps the fresh
-    optimizer and LR schedule.
+    optimizer and LR schedule. ``reference`` (a captured :class:`ReferencePolicy` of this actor) gets the
+    saved reference policy, resharded like the model; a checkpoint saved without one leaves it as captured
+    (with a warning).
     """
     from megatron.core import dist_checkpointing
 
@@ -715,11 +736,34 @@ def load_checkpoint(
         else:
             # Low-precision parameters: the optimizer's fp32 main copies must follow the loaded weights.
             actor.optimizer.reload_model_params()
+        if reference is not None:
+            _load_reference(actor, reference, meta, step_dir)
     if same_layout:
         _set_rng_state(loaded["rng"])
     collectives.barrier()
     logger.info("loaded checkpoint %s in %.1f s", step_dir, time.perf_counter() - started)
     return int(meta["step"]), loaded["trainer_state"]
+
+
+def _load_reference(actor: "Actor", reference: "ReferencePolicy", meta: dict, step_dir: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    if not meta.get("reference"):
+        logger.warning(
+            "%s was saved without a reference policy (a run without a KL term): the reference stays the "
+            "weights it was captured from, not necessarily the run's initial policy",
+            step_dir,
+        )
+        return
+    chunks = actor.model.chunks
+    # Loaded into the model while it holds the reference; leaving swapped() moves them into the reference.
+    with reference.swapped():
+        loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(step_dir / REFERENCE_SUBDIR))
+        if len(chunks) == 1:
+            chunks[0].load_state_dict(loaded["model"], strict=True)
+        else:
+            for index, chunk in enumerate(chunks):
+                chunk.load_state_dict(loaded[f"model{index}"], strict=True)
 
 
 def _restore_adam_steps(optimizer, loaded: Any) -> None:

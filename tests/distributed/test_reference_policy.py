@@ -156,7 +156,7 @@ def test_kl_step_is_parallel_invariant(runs, tiny_model_dir, layout):
         assert torch.equal(record["fresh"], record["initial"]), what
         # This rank's share alone (local=True, as the trainer passes it): the same rows of the whole-batch pass.
         torch.testing.assert_close(
-            record["local_reference"], record["initial"][record["share"]], rtol=0, atol=LOGPROB_ATOL, msg=what
+            record["local_reference"], record["initial"][slice(*record["share"])], rtol=0, atol=LOGPROB_ATOL, msg=what
         )
         # Across layouts: the same numbers up to fp32 summation order. (Not the log-probs after the steps: the
         # weights, checked below, differ by up to 1.2e-7 after them, which moves a log-prob by up to 7 spacings

@@ -109,7 +109,7 @@ def run(out_dir: str, hf_dir: str, ckpt_root: str, *layouts: str) -> None:
             # The trainer's call: each data-parallel rank passes its own share (local=True), the keyword passed through.
             dp_rank, dp_size = policy._dp()
             share = slice(dp_rank * batch.size // dp_size, (dp_rank + 1) * batch.size // dp_size)
-            record["share"] = share
+            record["share"] = (share.start, share.stop)
             record["local_reference"] = reference.compute_logprobs(batch.select(share), local=True)
             record["after"] = policy.compute_logprobs(batch)
             record["weights"] = {name: tensor.detach().clone() for name, tensor in export_hf_weights(actor.model)}

@@ -31,7 +31,8 @@ from typing import Mapping
 import torch
 
 from sapo_megatron.algorithms._inputs import as_valid_mask, check_tensor, raise_if_nonfinite, shape_of
-from sapo_megatron.diagnostics.routing import STATS_DTYPE, _safe_div, changed_layer_count
+from sapo_megatron.diagnostics.routing import STATS_DTYPE, Routing, _safe_div, changed_layer_count
+from sapo_megatron.routing_layout import RoutingRecord
 
 # SS_total below this fraction of sum x^2 is float64 rounding of a constant, not variance: 1e-12 is ~10^4
 # ulps, far above the rounding error of sum x^2 - (sum x)^2 / N, and far below any variance that float64
@@ -99,13 +100,15 @@ def grouped_variance_stats(
 
 @torch.no_grad()
 def routing_variance_stats(
-    values: torch.Tensor, mask: torch.Tensor, routing_a: torch.Tensor, routing_b: torch.Tensor
+    values: torch.Tensor, mask: torch.Tensor, routing_a: Routing, routing_b: Routing
 ) -> dict[str, torch.Tensor]:
     """:func:`grouped_variance_stats` grouped by the number of changed MoE layers (``layers + 1`` groups).
 
-    ``routing_a`` / ``routing_b`` [batch, seq, layers, topk] are the routings of the two passes that produced
-    the two log-probs of ``values``, aligned with it: the routing at the position whose forward pass produced
-    the log-prob. Tokens unrecorded in some layer of either routing are left out (``num_excluded``).
+    ``routing_a`` / ``routing_b`` [batch, seq, layers, topk] (or :class:`RoutingRecord` s of ``batch`` rows) are
+    the routings of the two passes that produced the two log-probs of ``values``, aligned with it: the routing
+    at the position whose forward pass produced the log-prob. Tokens unrecorded in some layer of either routing
+    are left out (``num_excluded``). Records are densified a chunk of rows at a time for the changed-layer
+    count only; the sums run over the whole ``values`` at once, so the result is the dense inputs' bit for bit.
     """
     changed = changed_layer_count(routing_a, routing_b, mask)
     values = check_tensor(values, "values")
@@ -114,7 +117,8 @@ def routing_variance_stats(
             f"values has shape {shape_of(values)} but the routings are for [batch, seq] = {shape_of(changed)}; "
             f"they must describe the same tokens"
         )
-    return grouped_variance_stats(values, changed, mask, routing_a.shape[2] + 1)
+    num_layers = routing_a.num_layers if isinstance(routing_a, RoutingRecord) else routing_a.shape[2]
+    return grouped_variance_stats(values, changed, mask, num_layers + 1)
 
 
 def finalize_variance_attribution(stats: Mapping[str, torch.Tensor], *, prefix: str = "") -> dict[str, torch.Tensor]:

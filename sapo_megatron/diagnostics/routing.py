@@ -6,6 +6,12 @@ each token in each MoE layer; the order within the top-k is irrelevant: sets are
 recorded"; a (token, layer) pair with any ``-1`` among its ``topk`` ids is *unrecorded* and takes part in no
 statistic. Values at masked positions are ignored, whatever they are.
 
+A routing may also be a :class:`~sapo_megatron.routing_layout.RoutingRecord` of ``batch`` rows (a position it does
+not hold is unrecorded). The functions then densify it :data:`DENSE_CHUNK_IDS` ids at a time (whole rows) and add
+the chunks' statistics, so memory stays at one chunk whatever the batch. The results are those of the dense
+tensors: counts exactly; ``overlap_sum`` adds multiples of ``1 / topk``, exact in float64 when ``topk`` is a
+power of two (Qwen3-MoE: 8), else equal up to the summation order's rounding.
+
 Every ``*_stats`` function returns **sufficient statistics**: a dict of float64 tensors that are sums over
 tokens (counts, sums), so micro-batches and ranks combine exactly by adding them
 (:func:`sum_statistics`, or ``torch.distributed.all_reduce`` with ``SUM`` on each tensor). The matching
@@ -19,15 +25,43 @@ Definitions and how to read them: docs/diagnostics.md.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
 from sapo_megatron.algorithms._inputs import as_valid_mask, check_tensor, compute_dtype, shape_of
-
-UNRECORDED = -1
+from sapo_megatron.routing_layout import UNRECORDED, RoutingRecord
 
 STATS_DTYPE = torch.float64
+# Ids densified at once from a RoutingRecord: 2^24 (128 MiB as int64; the checks hold a few such temporaries).
+DENSE_CHUNK_IDS = 1 << 24
+
+Routing = Union[torch.Tensor, RoutingRecord]
+
+
+def row_chunks(mask, *routings: Routing) -> Optional[list[slice]]:
+    """Row ranges to densify the :class:`RoutingRecord` among ``routings`` in (``None`` when none is a record:
+    dense tensors are used whole). Each range holds at most :data:`DENSE_CHUNK_IDS` ids (one row at least)."""
+    records = [r for r in routings if isinstance(r, RoutingRecord)]
+    if not records:
+        return None
+    mask = check_tensor(mask, "mask")
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [batch, seq], got shape {shape_of(mask)}")
+    rows, width = shape_of(mask)
+    for record in records:
+        if record.rows != rows:
+            raise ValueError(f"a routing record holds {record.rows} rows; mask has {rows}")
+    per_row = max(1, width * records[0].num_layers * records[0].topk)
+    step = max(1, DENSE_CHUNK_IDS // per_row)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)] or [slice(0, 0)]
+
+
+def dense_rows(routing: Routing, rows: slice, width: int) -> torch.Tensor:
+    """Rows ``rows`` of ``routing`` in the dense layout (a record is densified to ``width`` positions)."""
+    if isinstance(routing, RoutingRecord):
+        return routing.select(rows).dense(width)
+    return check_tensor(routing, "routing")[rows]
 
 
 def sum_statistics(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -118,12 +152,25 @@ def _overlap_counts(routing_a: torch.Tensor, routing_b: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def changed_layer_count(routing_a: torch.Tensor, routing_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def changed_layer_count(routing_a: Routing, routing_b: Routing, mask: torch.Tensor) -> torch.Tensor:
     """Number of MoE layers whose top-k expert set differs, per token, [batch, seq] int64.
 
     ``-1`` for a token that is masked out or unrecorded in some layer of either routing: a partial record
     cannot tell that the token's routing did not change.
     """
+    chunks = row_chunks(mask, routing_a, routing_b)
+    if chunks is None:
+        return _changed_layer_count(routing_a, routing_b, mask)
+    width = mask.shape[1]
+    return torch.cat(
+        [
+            _changed_layer_count(dense_rows(routing_a, rows, width), dense_rows(routing_b, rows, width), mask[rows])
+            for rows in chunks
+        ]
+    )
+
+
+def _changed_layer_count(routing_a: torch.Tensor, routing_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     routing_a, routing_b, valid, recorded = _check_pair(routing_a, routing_b, mask, "routing_a", "routing_b")
     changed = ((_overlap_counts(routing_a, routing_b) < routing_a.shape[-1]) & recorded).sum(dim=-1)
     fully_recorded = valid & recorded.all(dim=-1)
@@ -131,9 +178,7 @@ def changed_layer_count(routing_a: torch.Tensor, routing_b: torch.Tensor, mask: 
 
 
 @torch.no_grad()
-def routing_change_stats(
-    routing_a: torch.Tensor, routing_b: torch.Tensor, mask: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def routing_change_stats(routing_a: Routing, routing_b: Routing, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sufficient statistics of how the top-k sets of ``routing_b`` differ from those of ``routing_a``.
 
     Per layer ([layers]): ``pairs_compared`` (valid tokens recorded in both), ``pairs_changed`` (of those,
@@ -142,6 +187,25 @@ def routing_change_stats(
     at least one layer), ``tokens_unrecorded`` (valid tokens that are not). Finalize with
     :func:`finalize_routing_change`.
     """
+    chunks = row_chunks(mask, routing_a, routing_b)
+    if chunks is None:
+        return _routing_change_stats(routing_a, routing_b, mask)
+    width = mask.shape[1]
+    return _sum_chunks(
+        [
+            _routing_change_stats(dense_rows(routing_a, rows, width), dense_rows(routing_b, rows, width), mask[rows])
+            for rows in chunks
+        ]
+    )
+
+
+def _sum_chunks(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return parts[0] if len(parts) == 1 else sum_statistics(parts)
+
+
+def _routing_change_stats(
+    routing_a: torch.Tensor, routing_b: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
     routing_a, routing_b, valid, recorded = _check_pair(routing_a, routing_b, mask, "routing_a", "routing_b")
     topk = routing_a.shape[-1]
     overlap = _overlap_counts(routing_a, routing_b)
@@ -188,13 +252,23 @@ def finalize_routing_change(stats: Mapping[str, torch.Tensor], *, prefix: str = 
 
 
 @torch.no_grad()
-def expert_load_stats(routing: torch.Tensor, mask: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
+def expert_load_stats(routing: Routing, mask: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
     """``expert_counts`` [layers, num_experts]: token-slots routed to each expert (recorded valid tokens only).
 
     Each recorded (token, layer) pair contributes ``topk`` slots, one to each of its experts.
     """
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts={num_experts!r}: must be the (int >= 1) number of routed experts per layer")
+    chunks = row_chunks(mask, routing)
+    if chunks is None:
+        return _expert_load_stats(routing, mask, num_experts)
+    width = mask.shape[1]
+    return _sum_chunks(
+        [_expert_load_stats(dense_rows(routing, rows, width), mask[rows], num_experts) for rows in chunks]
+    )
+
+
+def _expert_load_stats(routing: torch.Tensor, mask: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
     _, recorded = check_routing(routing, mask, num_experts=num_experts)
     routing = routing.long()
     num_layers = routing.shape[2]

@@ -22,6 +22,7 @@ from sapo_megatron import collectives
 from sapo_megatron.actor.batch import TrainBatch
 from sapo_megatron.actor.loss_adapter import MegatronLossScale
 from sapo_megatron.actor.micro_batching import MicroBatchLayout, group_by_token_budget, round_up, row_lengths
+from sapo_megatron.routing_layout import RoutingRecord
 from sapo_megatron.algorithms.loss import TrainingLoss
 
 
@@ -265,7 +266,8 @@ class MegatronPolicy:
         *,
         with_entropy: bool = False,
         record_routing: bool = False,
-        replay_routing: Optional[torch.Tensor] = None,
+        routing_positions: Optional[torch.Tensor] = None,
+        replay_routing: Optional[torch.Tensor | RoutingRecord] = None,
         record_router_entropy: bool = False,
         local: bool = False,
     ):
@@ -274,8 +276,11 @@ class MegatronPolicy:
         Every rank returns the full result: computed on the last pipeline stage, broadcast over the
         pipeline group, gathered over data-parallel ranks. With ``local=True`` ``batch`` is this data-parallel
         rank's share (the ranks hold different rows) and so is the result: nothing is gathered. ``record_routing`` appends the MoE routing of the
-        pass, int32 ``[B, S, num_moe_layers, topk]``; ``replay_routing`` (same layout, ``-1`` = route
-        normally) forces the routers' expert choice (see :mod:`sapo_megatron.actor.routing`).
+        pass: with ``routing_positions`` (bool ``[B, S]``, each at or before its row's last loss position) a
+        :class:`~sapo_megatron.routing_layout.RoutingRecord` of those positions, kept per micro-batch; without,
+        int32 ``[B, S, num_moe_layers, topk]`` (every position: for small batches). ``replay_routing`` (a
+        record, or the dense layout with ``-1`` = route normally) forces the routers' expert choice (see
+        :mod:`sapo_megatron.actor.routing`).
         ``record_router_entropy`` appends each MoE router's per-token entropy (nats) of its softmax over all
         experts, float32 ``[B, S, num_moe_layers]``.
         Returns ``logprobs``, or the tuple ``(logprobs[, entropy][, routing][, router_entropy])``.
@@ -292,6 +297,7 @@ class MegatronPolicy:
             record=record_routing,
             replay=replay_routing,
             record_entropy=record_router_entropy,
+            positions=routing_positions,
         )
 
         def forward_step(data_iterator, model):
@@ -317,7 +323,7 @@ class MegatronPolicy:
         keys = ["logprobs"] + (["entropy"] if with_entropy else [])
         result = {key: self._gather_token_outputs(outputs, key, layout, batch) for key in keys}
         if record_routing:
-            result["routing"] = self._beyond_loss_filled(routing.gather(batch.size, batch.seq_len), batch, -1)
+            result["routing"] = self._routing_result(routing, batch, routing_positions)
             keys.append("routing")
         if record_router_entropy:
             result["router_entropy"] = self._beyond_loss_filled(
@@ -327,6 +333,12 @@ class MegatronPolicy:
         if len(keys) > 1:
             return tuple(result[key] for key in keys)
         return result["logprobs"]
+
+    def _routing_result(self, routing, batch: TrainBatch, positions: Optional[torch.Tensor]):
+        """The pass's recorded routing: a record of ``positions``, or (without) the dense layout."""
+        if positions is not None:
+            return routing.gather_record(batch.size)
+        return self._beyond_loss_filled(routing.gather(batch.size, batch.seq_len), batch, -1)
 
     def _beyond_loss_filled(self, values: torch.Tensor, batch: TrainBatch, fill) -> torch.Tensor:
         """``values`` [B, S, ...] with ``fill`` after each row's last loss position, under a token budget:
@@ -365,7 +377,8 @@ class MegatronPolicy:
         batch: TrainBatch,
         *,
         record_routing: bool = False,
-        replay_routing: Optional[torch.Tensor] = None,
+        routing_positions: Optional[torch.Tensor] = None,
+        replay_routing: Optional[torch.Tensor | RoutingRecord] = None,
         return_logprobs: bool = False,
         local: bool = False,
     ):
@@ -375,11 +388,12 @@ class MegatronPolicy:
         by the counts summed over the ranks, so the step equals the whole mini-batch's); the per-token
         results are this share's.
 
-        ``replay_routing`` (int32 ``[B, S, num_moe_layers, topk]``, ``-1`` = route normally) forces the
-        routers' expert choice in the update's forward (and any recomputation); ``record_routing`` adds
-        the routing the update used; ``return_logprobs`` adds the per-token log-probs [B, S] of the update's
-        forward (before the step: the ``logprobs`` of the ratio the loss saw). Returns ``metrics``, or the
-        tuple ``(metrics[, routing][, logprobs])``.
+        ``replay_routing`` (a :class:`~sapo_megatron.routing_layout.RoutingRecord`, or int32
+        ``[B, S, num_moe_layers, topk]`` with ``-1`` = route normally) forces the routers' expert choice in the
+        update's forward (and any recomputation); ``record_routing`` adds the routing the update used (a record
+        of ``routing_positions`` when given, as in :meth:`compute_logprobs`); ``return_logprobs`` adds the
+        per-token log-probs [B, S] of the update's forward (before the step: the ``logprobs`` of the ratio the
+        loss saw). Returns ``metrics``, or the tuple ``(metrics[, routing][, logprobs])``.
         """
         from sapo_megatron.actor.routing import open_routing_pass
 
@@ -397,7 +411,14 @@ class MegatronPolicy:
             raise ValueError("the mini-batch has no response tokens (all-zero loss mask); nothing to train on")
         micro, layout = self._local_micro_batches(batch, local=local)
         routing = open_routing_pass(
-            self, batch, micro, layout, training=True, record=record_routing, replay=replay_routing
+            self,
+            batch,
+            micro,
+            layout,
+            training=True,
+            record=record_routing,
+            replay=replay_routing,
+            positions=routing_positions,
         )
         _, dp_size = self._dp()
         scale = MegatronLossScale(num_microbatches=len(micro), data_parallel_size=dp_size)
@@ -423,7 +444,7 @@ class MegatronPolicy:
         metrics["update_skipped"] = 0.0 if update_ok else 1.0
         extras = []
         if record_routing:
-            extras.append(self._beyond_loss_filled(routing.gather(batch.size, batch.seq_len), batch, -1))
+            extras.append(self._routing_result(routing, batch, routing_positions))
         if return_logprobs:
             extras.append(self._gather_token_outputs(outputs, "logprobs", layout, batch))
         return (metrics, *extras) if extras else metrics

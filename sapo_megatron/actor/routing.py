@@ -1,11 +1,14 @@
 """MoE routing record and replay for the actor's megatron-core model.
 
-Layout (shared with :mod:`sapo_megatron.diagnostics.routing` and the rollout engine): a routing is an integer
-tensor ``[batch, seq, num_moe_layers, topk]`` of *global* expert ids aligned with a :class:`TrainBatch`:
-``routing[b, t, m]`` are the experts that MoE layer ``m`` (MoE layers in model order, dense layers skipped)
-chose for the token ``tokens[b, t]``, i.e. the routing that produced the logits at position ``t``. Ids within a
-token are in the router's order (descending router logit); ``-1`` (:data:`UNRECORDED`) means "no routing":
-a replay routes such a (token, layer) normally.
+Layout (:mod:`sapo_megatron.routing_layout`, shared with the diagnostics and the rollout engine): a routing gives
+*global* expert ids aligned with a :class:`TrainBatch`: the experts that MoE layer ``m`` (MoE layers in model
+order, dense layers skipped) chose for the token ``tokens[b, t]``, i.e. the routing that produced the logits at
+position ``t``. Ids within a token are in the router's order (descending router logit). It comes as a dense
+integer tensor ``[batch, seq, num_moe_layers, topk]`` where ``-1`` (:data:`UNRECORDED`) means "no routing" (a
+replay routes such a (token, layer) normally), or as a :class:`~sapo_megatron.routing_layout.RoutingRecord`: only
+the recorded positions, compact. A pass records a ``RoutingRecord`` when it is given the positions to keep
+(``routing_positions``); it keeps them per micro-batch, as the routers run, so no dense routing of the whole
+batch ever exists. The dense result (without positions: every position) is assembled from that record.
 
 Recording and replay go through megatron-core's own hook in ``topk_routing_with_score_function``: every
 ``TopKRouter`` asks its ``router_replay`` object (:class:`~megatron.core.transformer.moe.router_replay.RouterReplay`)
@@ -19,8 +22,9 @@ split into micro-batches (consecutive rows of the full width, or, under a token 
 micro-batch's own width: :class:`~sapo_megatron.actor.micro_batching.MicroBatchLayout`); with sequence
 parallelism each tensor-parallel rank routes one contiguous slice of the micro-batch's sequence (megatron's
 hidden states are ``[seq, batch, hidden]``, routed as ``seq * batch`` rows); each pipeline stage holds some of
-the MoE layers. :meth:`RoutingPass.gather` reassembles the full routing on every rank over those three groups;
-a replay routing is cut the same way before each micro-batch's forward.
+the MoE layers. :meth:`RoutingPass.gather_record` reassembles the recorded positions over those three groups,
+one micro-batch at a time; a replay routing is cut the same way before each micro-batch's forward (a record
+is densified one micro-batch at a time into megatron's int64 top-k).
 
 A pass can also record each router's entropy per token (:data:`ENTROPY_DTYPE` ``[batch, seq, num_moe_layers]``,
 nats, 0 where nothing was recorded): the entropy of the softmax over *all* routed experts, before the top-k,
@@ -34,14 +38,22 @@ queue), so recomputed activations always use the forward's experts, with or with
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
 from sapo_megatron import collectives
+from sapo_megatron.routing_layout import (
+    POSITION_DTYPE,
+    UNRECORDED,
+    RoutingRecord,
+    replay_positions,
+    routing_dtype,
+    token_slots,
+)
 
-UNRECORDED = -1
+# The dense result's dtype (compute_logprobs(record_routing=True) without positions).
 ROUTING_DTYPE = torch.int32
 ENTROPY_DTYPE = torch.float32
 
@@ -109,6 +121,43 @@ def check_routing(routing: torch.Tensor, shape: tuple[int, int, int, int], num_e
     return routing
 
 
+def check_record(
+    record: RoutingRecord, rows: int, seq_len: int, num_layers: int, topk: int, num_experts: int, name: str
+) -> RoutingRecord:
+    """Validates a replay :class:`RoutingRecord` for a batch of ``rows`` x ``seq_len``; returns it."""
+    expected = (rows, num_layers, topk, num_experts)
+    got = (record.rows, record.num_layers, record.topk, record.num_experts)
+    if got != expected:
+        raise ValueError(
+            f"{name}: a record of (rows, num_moe_layers, topk, num_experts) = {got}; this batch and model need "
+            f"{expected}"
+        )
+    if record.num_tokens and int(record.positions.max()) >= seq_len:
+        raise ValueError(f"{name} holds position {int(record.positions.max())}, past the batch's {seq_len} positions")
+    record.check_values(name)
+    return record
+
+
+def check_positions(positions: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Validates the positions a pass records (``routing_positions``); returns them as bool on the CPU."""
+    if not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool:
+        raise ValueError("routing_positions must be a bool tensor [batch, seq]")
+    if tuple(positions.shape) != tuple(loss_mask.shape):
+        raise ValueError(
+            f"routing_positions has shape {tuple(positions.shape)}; the batch is [batch, seq] = "
+            f"{tuple(loss_mask.shape)}"
+        )
+    positions = positions.cpu()
+    beyond = int((positions & ~replay_positions(loss_mask.cpu())).sum())
+    if beyond:
+        # A token-budget micro-batch ends after its rows' last loss position: later positions are not computed.
+        raise ValueError(
+            f"routing_positions: {beyond} position(s) after their row's last loss position; nothing reads their "
+            "routing (record the loss positions, or replay_positions(loss_mask) for a replay)"
+        )
+    return positions
+
+
 def rollout_routing_to_train(routed_experts: Sequence[torch.Tensor], seq_len: int) -> torch.Tensor:
     """The rollout engine's per-sample routing (``RolloutBatch.routed_experts``) in TrainBatch alignment.
 
@@ -116,7 +165,9 @@ def rollout_routing_to_train(routed_experts: Sequence[torch.Tensor], seq_len: in
     ``prompt + response``, the sequence :func:`~sapo_megatron.actor.batch.collate_sequences` lays out from
     position 0. The last sampled token was never fed through the engine, so its position (and the right
     padding) stays ``-1``; those positions predict nothing inside the loss mask.
-    Returns int32 ``[len(routed_experts), seq_len, layers, topk]``.
+    Returns int32 ``[len(routed_experts), seq_len, layers, topk]``: the dense layout, for a small batch. A
+    share of a large one goes through :meth:`~sapo_megatron.routing_layout.RoutingRecord.from_sequences`, which
+    keeps only the positions a step needs, compactly.
     """
     if len(routed_experts) == 0:
         raise ValueError("rollout_routing_to_train: no samples")
@@ -195,8 +246,9 @@ class RoutingPass:
         *,
         training: bool,
         record: bool,
-        replay: Optional[torch.Tensor],
+        replay: Optional[Union[torch.Tensor, RoutingRecord]],
         record_entropy: bool = False,
+        positions: Optional[torch.Tensor] = None,
     ):
         self.owner = owner
         self.training = training
@@ -213,25 +265,68 @@ class RoutingPass:
         self._local = layout.local
         self._records: dict[tuple[int, int], torch.Tensor] = {}
         self._entropies: dict[tuple[int, int], torch.Tensor] = {}
+        self._keep: Optional[torch.Tensor] = None
+        self._keep_micro: list[torch.Tensor] = []
+        if record:
+            assert positions is not None, "a recording pass needs the positions to keep"
+            self._keep = self._local_positions(positions, layout.padded_size)
+            self._keep_micro = [
+                self._keep[rows, :width].to(owner.device) for rows, width in zip(self._rows, self._widths)
+            ]
         self._replay_local = None if replay is None else self._local_replay(replay, layout.padded_size)
+        self._replay_cache: Optional[tuple[int, torch.Tensor]] = None
 
-    def _local_replay(self, routing: torch.Tensor, padded_size: int) -> torch.Tensor:
-        """This data-parallel rank's rows of the padded batch (full width), as the actor pads and slices it."""
+    def _dp_slice(self, padded_size: int) -> slice:
+        """This data-parallel rank's rows of the padded batch (the whole share when the pass runs on a share)."""
         from megatron.core import parallel_state as mpu
 
-        extra_rows = padded_size - routing.shape[0]
+        if self._local:
+            return slice(0, padded_size)
+        per_rank = padded_size // mpu.get_data_parallel_world_size()
+        assert per_rank == self._num_local, (per_rank, self._num_local)
+        start = mpu.get_data_parallel_rank() * per_rank
+        return slice(start, start + per_rank)
+
+    def _local_positions(self, positions: torch.Tensor, padded_size: int) -> torch.Tensor:
+        """The positions to record, bool ``[num_local, width]`` over this rank's rows, none past a micro-batch's
+        width (a token-budget micro-batch stops after its rows' last loss position) nor in padding rows."""
+        rows, seq = positions.shape
+        keep = torch.zeros(padded_size, self._seq_len, dtype=torch.bool)
+        keep[:rows, :seq] = positions.cpu()
+        keep = keep[self._dp_slice(padded_size)].clone()
+        for rows_, width in zip(self._rows, self._widths):
+            keep[rows_, width:] = False
+        return keep
+
+    def _local_replay(self, routing, padded_size: int):
+        """This data-parallel rank's rows of the padded batch (full width), as the actor pads and slices it."""
+        extra_rows = padded_size - (routing.rows if isinstance(routing, RoutingRecord) else routing.shape[0])
+        if isinstance(routing, RoutingRecord):
+            if extra_rows:
+                # TrainBatch.padded_to_multiple appends copies of row 0: same tokens, so the same routing.
+                rows = torch.cat([torch.arange(routing.rows), torch.zeros(extra_rows, dtype=torch.long)])
+                routing = routing.select(rows)
+            return routing.select(self._dp_slice(padded_size)) if not self._local else routing
         if extra_rows:
-            # TrainBatch.padded_to_multiple appends copies of row 0: same tokens, so the same routing.
             routing = torch.cat([routing, routing[:1].expand(extra_rows, *routing.shape[1:])], dim=0)
         extra_seq = self._seq_len - routing.shape[1]
         if extra_seq:
             routing = torch.nn.functional.pad(routing, (0, 0, 0, 0, 0, extra_seq), value=UNRECORDED)
-        if self._local:
-            return routing
-        per_rank = padded_size // mpu.get_data_parallel_world_size()
-        start = mpu.get_data_parallel_rank() * per_rank
-        assert per_rank == self._num_local, (per_rank, self._num_local)
-        return routing[start : start + per_rank]
+        return routing[self._dp_slice(padded_size)]
+
+    def _replay_of(self, index: int) -> torch.Tensor:
+        """Micro-batch ``index``'s replay routing, int64 ``[rows, width, layers, topk]`` (``-1``: route freely)."""
+        if self._replay_cache is not None and self._replay_cache[0] == index:
+            return self._replay_cache[1]
+        rows, width = self._rows[index], self._widths[index]
+        if isinstance(self._replay_local, RoutingRecord):
+            # Positions past the micro-batch's width are not computed in this pass: nothing to replay there.
+            replay = self._replay_local.select(rows).truncated(width).dense(width, dtype=torch.int64)
+        else:
+            replay = self._replay_local[rows, :width]
+        # Interleaved pipelines call before_forward once per model chunk: densify a micro-batch once.
+        self._replay_cache = (index, replay)
+        return replay
 
     # -- called by the actor's forward step and by the routers ------------------------------------------------
     def before_forward(self, chunk: torch.nn.Module, mb) -> None:
@@ -239,7 +334,7 @@ class RoutingPass:
         index = self._micro_index[id(mb)]
         replay = None
         if self._replay_local is not None:
-            replay = self._replay_local[self._rows[index], : self._widths[index]]
+            replay = self._replay_of(index)
             start, stop = self.owner.sequence_slice(replay.shape[1])
             replay = replay[:, start:stop]
         for layer in self.owner.layers_of(chunk):
@@ -252,7 +347,13 @@ class RoutingPass:
                 layer.target_topk_idx = rows.to(self.owner.device)
 
     def store(self, moe_index: int, micro_index: int, indices: torch.Tensor) -> None:
-        self._records[(moe_index, micro_index)] = indices.detach().to(ROUTING_DTYPE)
+        # Only the kept positions, compact, as the router runs: the pass never holds a dense routing.
+        keep = self._keep_micro[micro_index]
+        start, stop = self.owner.sequence_slice(keep.shape[1])
+        # Megatron's token order [s_local * b, k] -> [b, s_local, k]; boolean indexing keeps (row, position) order.
+        rows = indices.detach().reshape(stop - start, keep.shape[0], -1).transpose(0, 1)
+        kept = rows[keep[:, start:stop].to(rows.device)]
+        self._records[(moe_index, micro_index)] = kept.to(self.owner.record_dtype).cpu()
 
     def store_entropy(self, moe_index: int, micro_index: int, entropy: torch.Tensor) -> None:
         self._entropies[(moe_index, micro_index)] = entropy.detach().to(ENTROPY_DTYPE)
@@ -269,19 +370,65 @@ class RoutingPass:
         self.owner.clear_layer_state()
 
     # -- result -----------------------------------------------------------------------------------------------
+    def gather_record(self, batch_size: int) -> RoutingRecord:
+        """The routing at the pass's positions as a :class:`RoutingRecord` of ``batch_size`` rows (this rank's
+        share when the pass ran on a share, else the whole batch), on the CPU of every rank. Collective over the
+        tensor-, pipeline- (and, for a whole batch, data-) parallel groups: all ranks call it."""
+        from megatron.core import parallel_state as mpu
+
+        assert self.record, "gather_record() needs a pass with record=True"
+        owner = self.owner
+        layers, topk = owner.num_moe_layers, owner.topk
+        keep = self._keep
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(dim=1).cumsum(0)])
+        experts = torch.empty((int(offsets[-1]), layers, topk), dtype=owner.record_dtype)
+        # Each (token, MoE layer) is routed on exactly one tensor-parallel rank (sequence parallelism splits the
+        # positions) and one pipeline stage (stages split the layers); elsewhere it holds -1, below every id.
+        groups = []
+        if owner.sequence_parallel and mpu.get_tensor_model_parallel_world_size() > 1:
+            groups.append(mpu.get_tensor_model_parallel_group())
+        if mpu.get_pipeline_model_parallel_world_size() > 1:
+            groups.append(mpu.get_pipeline_model_parallel_group())
+        for index, (rows, width) in enumerate(zip(self._rows, self._widths)):
+            keep_micro = keep[rows, :width]
+            tokens = int(keep_micro.sum())
+            parts = [self._records.pop((m, index), None) for m in range(layers)]
+            if groups:
+                # int32: gloo and NCCL both reduce it (no int16 max in gloo); one micro-batch's worth at a time.
+                micro = torch.full((tokens, layers, topk), UNRECORDED, dtype=torch.int32)
+                start, stop = owner.sequence_slice(width)
+                slots = (keep_micro.reshape(-1).cumsum(0) - 1).reshape(keep_micro.shape)[:, start:stop]
+                slots = slots[keep_micro[:, start:stop]]
+                for m, part in enumerate(parts):
+                    if part is not None:
+                        micro[slots, m] = part.to(torch.int32)
+                if tokens:
+                    # The peers hold the same rows and positions, so they all skip an empty micro-batch alike.
+                    for group in groups:
+                        collectives.all_reduce(micro, op=dist.ReduceOp.MAX, group=group)
+                assert bool((micro >= 0).all()), "a kept (token, layer) was routed on no rank"
+                micro = micro.to(owner.record_dtype)
+            else:
+                assert all(part is not None for part in parts) or tokens == 0, "a MoE layer recorded nothing"
+                micro = (
+                    torch.stack(parts, dim=1) if tokens else torch.empty((0, layers, topk), dtype=owner.record_dtype)
+                )
+            # The micro-batch's rows, in its own row order, go to their slots in the share's row order.
+            experts[token_slots(offsets, rows)] = micro
+        record = RoutingRecord(experts, keep.nonzero()[:, 1].to(POSITION_DTYPE), offsets, owner.num_experts)
+        if mpu.get_data_parallel_world_size() > 1 and not self._local:
+            # Only the whole-batch API (local=False) gathers; the trainer's shares never do.
+            record = RoutingRecord.concat(collectives.all_gather_object(record, group=mpu.get_data_parallel_group()))
+        return record if record.rows == batch_size else record.select(slice(0, batch_size))
+
     def gather(self, batch_size: int, seq_len: int) -> torch.Tensor:
-        """The recorded routing of the whole batch, ``[batch_size, seq_len, layers, topk]`` int32 on the CPU,
-        on every rank (this rank's share when the pass ran on a share). Collective over the tensor-, pipeline-
-        and data-parallel groups: all ranks call it."""
-        assert self.record, "gather() needs a pass with record=True"
-        # Each (token, MoE layer) is routed on exactly one tensor-parallel rank and pipeline stage; the other
-        # ranks hold -1 there, below every expert id.
-        tail = (self.owner.topk,)
-        return self._gather(self._records, tail, UNRECORDED, ROUTING_DTYPE, dist.ReduceOp.MAX, batch_size, seq_len)
+        """The recorded routing as a dense int32 ``[batch_size, seq_len, layers, topk]`` (``-1`` where nothing was
+        recorded) on the CPU of every rank; collective like :meth:`gather_record`."""
+        return self.gather_record(batch_size).dense(seq_len, dtype=ROUTING_DTYPE)
 
     def gather_entropy(self, batch_size: int, seq_len: int) -> torch.Tensor:
         """The recorded router entropy of the whole batch, float32 ``[batch_size, seq_len, layers]`` (nats) on
-        the CPU, on every rank; collective like :meth:`gather`."""
+        the CPU, on every rank; collective like :meth:`gather_record`."""
         assert self.record_entropy, "gather_entropy() needs a pass with record_entropy=True"
         # The other tensor-parallel ranks and pipeline stages hold 0: the sum is the owner's value, bit for bit.
         entropy = self._gather(self._entropies, (1,), 0.0, ENTROPY_DTYPE, dist.ReduceOp.SUM, batch_size, seq_len)
@@ -357,6 +504,8 @@ class RoutingReplay:
         self.num_moe_layers = sum(pattern)
         self.topk = config.moe_router_topk
         self.num_experts = config.num_moe_experts
+        # Recorded ids are kept in the smallest dtype that holds them (uint8 up to 256 experts).
+        self.record_dtype = routing_dtype(self.num_experts)
         self.sequence_parallel = bool(config.sequence_parallel)
         self.device = torch.device("cpu")
 
@@ -444,22 +593,35 @@ class RoutingReplay:
         *,
         training: bool,
         record: bool,
-        replay: Optional[torch.Tensor] = None,
+        replay: Optional[Union[torch.Tensor, RoutingRecord]] = None,
         record_entropy: bool = False,
+        positions: Optional[torch.Tensor] = None,
     ) -> RoutingPass:
         """A context for one schedule run over ``micro`` (this rank's micro-batches, laid out as ``layout``, a
-        :class:`~sapo_megatron.actor.micro_batching.MicroBatchLayout`). ``replay`` is the full batch's routing,
-        already checked (:meth:`check`);
+        :class:`~sapo_megatron.actor.micro_batching.MicroBatchLayout`). ``replay`` is the batch's routing (dense
+        or a record), already checked (:meth:`check`); ``record`` keeps the routing at ``positions`` (bool
+        ``[batch, seq]``, see :meth:`RoutingPass.gather_record`);
         ``record_entropy`` also records each router's entropy per token (:meth:`RoutingPass.gather_entropy`)."""
         if not self.installed:
             raise RuntimeError("RoutingReplay: install() before running a routing pass")
         if record_entropy:
             self.check_entropy_supported()
         return RoutingPass(
-            self, micro, layout, training=training, record=record, replay=replay, record_entropy=record_entropy
+            self,
+            micro,
+            layout,
+            training=training,
+            record=record,
+            replay=replay,
+            record_entropy=record_entropy,
+            positions=positions,
         )
 
-    def check(self, routing: torch.Tensor, batch_size: int, seq_len: int, name: str = "replay_routing") -> torch.Tensor:
+    def check(
+        self, routing: Union[torch.Tensor, RoutingRecord], batch_size: int, seq_len: int, name: str = "replay_routing"
+    ) -> Union[torch.Tensor, RoutingRecord]:
+        if isinstance(routing, RoutingRecord):
+            return check_record(routing, batch_size, seq_len, self.num_moe_layers, self.topk, self.num_experts, name)
         shape = (batch_size, seq_len, self.num_moe_layers, self.topk)
         return check_routing(routing, shape, self.num_experts, name)
 
@@ -488,14 +650,19 @@ def open_routing_pass(
     *,
     training: bool,
     record: bool,
-    replay: Optional[torch.Tensor],
+    replay: Optional[Union[torch.Tensor, RoutingRecord]],
     record_entropy: bool = False,
+    positions: Optional[torch.Tensor] = None,
 ):
     """The routing context for one of ``policy``'s schedule runs over ``batch``.
 
-    The policy's :class:`RoutingReplay` is created and installed on first use (``policy._routing``), so a
-    policy that never records or replays runs megatron's routers untouched.
+    ``positions`` (bool ``[batch, seq]``, with ``record``): the positions whose routing the pass keeps, each at
+    or before its row's last loss position (:func:`~sapo_megatron.routing_layout.replay_positions`); ``None``
+    keeps every position (the dense result). The policy's :class:`RoutingReplay` is created and installed on
+    first use (``policy._routing``), so a policy that never records or replays runs megatron's routers untouched.
     """
+    if positions is not None and not record:
+        raise ValueError("routing_positions is given but record_routing is off: the positions say what to record")
     if not record and not record_entropy and replay is None:
         return NO_ROUTING
     if policy._routing is None:
@@ -503,6 +670,16 @@ def open_routing_pass(
     routing = policy._routing
     if replay is not None:
         replay = routing.check(replay, batch.size, batch.seq_len)
+    if record:
+        positions = check_positions(positions, batch.loss_mask) if positions is not None else (
+            torch.ones(batch.size, batch.seq_len, dtype=torch.bool)
+        )
     return routing.pass_(
-        micro, layout, training=training, record=record, replay=replay, record_entropy=record_entropy
+        micro,
+        layout,
+        training=training,
+        record=record,
+        replay=replay,
+        record_entropy=record_entropy,
+        positions=positions,
     )

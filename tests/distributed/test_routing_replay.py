@@ -59,7 +59,8 @@ def actor_runs(tiny_model_dir, reference, tmp_path_factory):
             done.add(nproc)
         paths = sorted((out / layout).glob("rank*.pt"))
         assert len(paths) == nproc
-        return [torch.load(path) for path in paths]
+        # The runs hold RoutingRecords (a dataclass of tensors), which weights-only loading refuses.
+        return [torch.load(path, weights_only=False) for path in paths]
 
     return records
 
@@ -172,7 +173,8 @@ def test_replay_routes_identically_after_the_router_weights_changed(actor_runs, 
             assert 0 < int(flips.sum()) < flips.numel(), key
         # ...yet the replayed passes, forward-only and training, use exactly the recorded experts.
         assert torch.equal(record["r_replayed"], record["r_natural"])
-        assert torch.equal(record["r_train_2"], record["r_natural"])
+        positions = record["replay_positions"]
+        assert record["rec_train_2"] == _record(record["r_natural"], positions, record["num_experts"])
         # Without replay the training pass records what a forward pass on the same weights routes.
         assert torch.equal(record["r_train_1"], record["r_perturbed"])
 
@@ -192,14 +194,36 @@ def test_training_pass_computes_its_loss_under_the_replayed_routing(actor_runs, 
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.parametrize("nproc, layout", LAYOUTS)
+def test_a_routing_record_holds_the_recorded_positions_and_replays_as_the_dense_routing(actor_runs, nproc, layout):
+    """A pass given the positions to keep returns a compact RoutingRecord of exactly the dense routing there, on
+    every rank; replaying a record of every position is replaying the dense tensor, bit for bit."""
+    for record in actor_runs(nproc, layout):
+        positions = record["replay_positions"]
+        compact = record["rec_perturbed"]
+        assert compact.experts.dtype == torch.uint8 and compact.rows == positions.shape[0]
+        assert torch.equal(compact.positions_mask(positions.shape[1]), positions)
+        assert compact == _record(record["r_perturbed"], positions, record["num_experts"])
+        assert torch.equal(record["lp_replayed_rec"], record["lp_replayed_0"])
+
+
+def _record(dense: torch.Tensor, positions: torch.Tensor, num_experts: int):
+    from sapo_megatron.routing_layout import RoutingRecord
+
+    return RoutingRecord.from_dense(dense, positions, num_experts)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_recomputation_replays_the_forward_routing(actor_runs):
     """Full activation recomputation re-runs the routers in backward: the gradients must not change."""
     (plain,) = actor_runs(1, "tp1-pp1-ep1")
     (recompute,) = actor_runs(1, "tp1-pp1-ep1-recompute")
     for key in ("metrics_1", "metrics_2"):
         assert plain[key] == recompute[key]
-    for key in ("r_train_1", "r_train_2", "lp_replayed", "lp_free"):
+    for key in ("r_train_1", "lp_replayed", "lp_free"):
         assert torch.equal(plain[key], recompute[key]), key
+    assert plain["rec_train_2"] == recompute["rec_train_2"]
 
 
 # -- in-process: layout conversion and validation (no megatron process needed) ---------------------------------

@@ -174,6 +174,15 @@ def test_data_parallel_shares_give_the_whole_batch_step(runs, layout, mode):
                 diff = _max_diff(local["weights"][step][name], tensor)
                 assert diff <= TOLERANCE, f"{what} step {step} {name}: weights differ by {diff:.2e}"
             step_kept = kept[MINI_BATCHES[step]]
+            if step == 0:
+                # Mini-batch A replayed the old routing (a record of the replay positions here, the dense tensor
+                # in the fixed run): the update's routing, recorded at the loss positions, is that routing.
+                step_mask = make_batch(0)["loss_mask"][MINI_BATCHES[step]]
+                routing_width = local["routing_train"][step].shape[1]
+                assert torch.equal(
+                    local["routing_train"][step][step_mask[:, :routing_width]],
+                    fixed["routing_train"][step][:, :routing_width][step_mask[:, :routing_width]],
+                ), what
             width = local["logprobs_train"][step].shape[1]
             _assert_values_close(
                 local["logprobs_train"][step][step_kept[:, :width]],

@@ -9,13 +9,16 @@ routings [B, S, layers, topk], ``ent_*`` router entropies [B, S, layers], all as
   forced     compute_logprobs replaying the reference's forced routing -> lp_forced, r_forced
   -- every router's weight is perturbed --
   perturbed  compute_logprobs, recorded                           -> lp_perturbed, r_perturbed
+  record     compute_logprobs, recorded as a RoutingRecord of the replay positions -> rec_perturbed
   replayed 0 compute_logprobs replaying r_natural (same weights)  -> lp_replayed_0, r_replayed_0
+  replayed R compute_logprobs replaying r_natural as a RoutingRecord of every position -> lp_replayed_rec
   train 1    train_mini_batch, recorded                           -> metrics_1, r_train_1
   free       compute_logprobs, recorded (weights after step 1)    -> lp_free, r_free
   replayed   compute_logprobs replaying r_natural                 -> lp_replayed, r_replayed
-  train 2    train_mini_batch replaying r_natural, recorded       -> metrics_2, r_train_2
-plus ``loss_expected_{1,2}`` (the policy loss of the log-probs the training pass should have seen) and
-``loss_free_2`` (the loss had step 2 not replayed).
+  train 2    train_mini_batch replaying r_natural (as a RoutingRecord of every position), recorded as a
+             RoutingRecord of the replay positions               -> metrics_2, rec_train_2
+plus ``loss_expected_{1,2}`` (the policy loss of the log-probs the training pass should have seen),
+``loss_free_2`` (the loss had step 2 not replayed), ``replay_positions`` and ``num_experts``.
 """
 
 import sys
@@ -67,6 +70,7 @@ def main(out_dir: str, hf_dir: str, reference_file: str, *layouts: str) -> None:
     from sapo_megatron.actor.cpu_compat import MegatronCpuCompat
     from sapo_megatron.actor.factory import build_actor
     from sapo_megatron.actor.parallel import destroy_distributed, init_distributed
+    from sapo_megatron.routing_layout import RoutingRecord, replay_positions
 
     reference = torch.load(reference_file)
     tokens = reference["input_ids"]
@@ -90,11 +94,17 @@ def main(out_dir: str, hf_dir: str, reference_file: str, *layouts: str) -> None:
             out["lp_forced"], out["r_forced"] = policy.compute_logprobs(
                 data, record_routing=True, replay_routing=reference["forced_routing"]
             )
+            num_experts = out["num_experts"] = actor.model.config.num_moe_experts
+            positions = out["replay_positions"] = replay_positions(loss_mask)
+            # The natural routing as a record of every position: replaying it must be replaying the dense tensor.
+            natural_record = RoutingRecord.from_dense(out["r_natural"], torch.ones_like(loss_mask), num_experts)
             perturb_routers(actor.ddp_chunks)
             out["lp_perturbed"], out["r_perturbed"] = policy.compute_logprobs(data, record_routing=True)
+            _, out["rec_perturbed"] = policy.compute_logprobs(data, record_routing=True, routing_positions=positions)
             out["lp_replayed_0"], out["r_replayed_0"] = policy.compute_logprobs(
                 data, record_routing=True, replay_routing=out["r_natural"]
             )
+            out["lp_replayed_rec"] = policy.compute_logprobs(data, replay_routing=natural_record)
             # Off-policy against the natural routing's log-probs, so the SAPO gate is away from r = 1.
             train = data.with_(logprobs_old=out["lp_natural"])
             out["metrics_1"], out["r_train_1"] = policy.train_mini_batch(train, record_routing=True)
@@ -102,8 +112,8 @@ def main(out_dir: str, hf_dir: str, reference_file: str, *layouts: str) -> None:
             out["lp_replayed"], out["r_replayed"] = policy.compute_logprobs(
                 data, record_routing=True, replay_routing=out["r_natural"]
             )
-            out["metrics_2"], out["r_train_2"] = policy.train_mini_batch(
-                train, record_routing=True, replay_routing=out["r_natural"]
+            out["metrics_2"], out["rec_train_2"] = policy.train_mini_batch(
+                train, record_routing=True, routing_positions=positions, replay_routing=natural_record
             )
 
             def loss_of(logprobs):

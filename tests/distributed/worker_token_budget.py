@@ -14,7 +14,9 @@ Writes OUT_DIR/<layout>/<mode>-rank<r>.pt.
 Under data parallelism two more modes hand the actor only this rank's share, as the trainer does (``local=True``):
 ``local`` (fixed micro-batches) and ``local-budget``. Rank ``d`` of ``D`` holds the ``d``-th of ``D`` equal blocks
 of each mini-batch (:func:`share_rows`); its per-token results are gathered back into batch order here, so
-that they compare with the whole-batch runs row for row.
+that they compare with the whole-batch runs row for row. As in the trainer, routing travels as compact
+``RoutingRecord`` s there: the old pass records its replay positions, mini-batch A replays the old routing as a
+record of those positions, and the updates record their loss positions (densified here for the comparison).
 
 The batch is length-skewed like an RL rollout: most responses are short, a few run to the width, and one row
 (44 tokens) is longer than the 40-token budget on its own.
@@ -84,6 +86,7 @@ def run(out_dir: str, hf_dir: str, *layouts: str) -> None:
     from sapo_megatron.actor.model import export_hf_weights
     from sapo_megatron.actor.parallel import destroy_distributed, init_distributed
     from sapo_megatron.config import load_config
+    from sapo_megatron.routing_layout import RoutingRecord, replay_positions
 
     data = make_batch(AutoTokenizer.from_pretrained(hf_dir).pad_token_id)
     batch = TrainBatch(tokens=data["tokens"], loss_mask=data["loss_mask"], advantages=data["advantages"])
@@ -127,11 +130,16 @@ def run(out_dir: str, hf_dir: str, *layouts: str) -> None:
                     # Cut to the share's own longest row, as the trainer's collate does.
                     width = int(torch.where(batch.loss_mask[rows_of_share], torch.arange(SEQ_LEN), -1).max()) + 2
                     share = batch.select(rows_of_share).narrowed(width)
+                    logprobs, record, router_entropy = policy.compute_logprobs(
+                        share,
+                        record_routing=True,
+                        routing_positions=replay_positions(share.loss_mask),
+                        record_router_entropy=True,
+                        local=True,
+                    )
                     logprobs, routing, router_entropy = (
                         _in_batch_order(t, rows_of_share, batch.size)
-                        for t in policy.compute_logprobs(
-                            share, record_routing=True, record_router_entropy=True, local=True
-                        )
+                        for t in (logprobs, record.dense(share.seq_len, dtype=torch.int32), router_entropy)
                     )
                 else:
                     logprobs, routing, router_entropy = policy.compute_logprobs(
@@ -153,12 +161,18 @@ def run(out_dir: str, hf_dir: str, *layouts: str) -> None:
                     if local:
                         block = (rows.stop - rows.start) // data_parallel
                         mine = torch.arange(rows.start + dp_rank * block, rows.start + (dp_rank + 1) * block)
-                        replay = saved["routing"][mine] if step == 0 else None
-                        step_metrics, step_routing, step_logprobs = policy.train_mini_batch(
-                            train.select(mine), replay_routing=replay, record_routing=True, return_logprobs=True,
-                            local=True,
+                        mine_batch = train.select(mine)
+                        replay = None
+                        if step == 0:
+                            num_experts = actor.model.config.num_moe_experts
+                            old_positions = replay_positions(mine_batch.loss_mask)
+                            replay = RoutingRecord.from_dense(saved["routing"][mine], old_positions, num_experts)
+                        step_metrics, step_record, step_logprobs = policy.train_mini_batch(
+                            mine_batch, replay_routing=replay, record_routing=True,
+                            routing_positions=mine_batch.loss_mask, return_logprobs=True, local=True,
                         )
                         offset = mine - rows.start
+                        step_routing = step_record.dense(mine_batch.seq_len, dtype=torch.int32)
                         step_routing = _in_batch_order(step_routing, offset, rows.stop - rows.start)
                         step_logprobs = _in_batch_order(step_logprobs, offset, rows.stop - rows.start)
                     else:

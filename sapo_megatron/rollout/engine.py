@@ -34,6 +34,7 @@ import torch
 from sapo_megatron.config import RolloutConfig
 from sapo_megatron.rollout.cpu_expert_load import EXPERT_KERNEL_PARAMS
 from sapo_megatron.rollout.weight_transfer import BACKEND, check_update, checkpoint_schema, register
+from sapo_megatron.routing_layout import routing_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,10 @@ FinishReason = Literal["eos", "length"]
 class RolloutBatch:
     """Generated samples, one row per sample, prompt-major (``n`` consecutive rows per prompt).
 
-    ``routed_experts[i]`` (when collected) is an int32 tensor ``[len(prompt_ids[i]) + len(response_ids[i]) - 1,
-    num_moe_layers, top_k]``: the experts chosen for each token that was fed through the model, sorted
-    ascending per token (see :mod:`sapo_megatron.rollout.routing`).
+    ``routed_experts[i]`` (when collected) is a tensor ``[len(prompt_ids[i]) + len(response_ids[i]) - 1,
+    num_moe_layers, top_k]`` in the compact id dtype (:func:`~sapo_megatron.routing_layout.routing_dtype`: uint8
+    up to 256 experts): the experts chosen for each token that was fed through the model, sorted ascending per
+    token (see :mod:`sapo_megatron.rollout.routing`).
     """
 
     prompt_ids: list[list[int]]
@@ -269,7 +271,13 @@ class RolloutEngine:
                     "experts through vLLM's reload_weights",
                     blocker,
                 )
-        self._router_capture = RouterCapture() if (collect_routed_experts and device == "cpu") else None
+        # Routed experts travel as compact ids (uint8 up to 256 experts): they are pickled with the rollout.
+        # The published Qwen3-MoE configs say num_experts; transformers 5 writes num_local_experts.
+        self.num_experts = int(hf_config.get("num_experts") or hf_config.get("num_local_experts") or 0)
+        self.routing_dtype = routing_dtype(self.num_experts) if self.num_experts else torch.int32
+        self._router_capture = (
+            RouterCapture(self.routing_dtype) if (collect_routed_experts and device == "cpu") else None
+        )
         if collect_routed_experts and self.num_moe_layers == 0:
             self.close()
             raise ValueError(
@@ -399,7 +407,11 @@ class RolloutEngine:
                 if routed and self.device == "cuda":
                     if completion.routed_experts is None:
                         raise RuntimeError(f"prompt {i}: vLLM returned no routed experts although they were enabled")
-                    gpu_routing.append(torch.as_tensor(completion.routed_experts).to(torch.int32).sort(dim=-1).values)
+                    routed_ids = torch.as_tensor(completion.routed_experts)
+                    if routed_ids.numel() and (int(routed_ids.min()) < 0 or int(routed_ids.max()) >= self.num_experts):
+                        # A cast to uint8 would wrap such an id silently into another expert's.
+                        raise RuntimeError(f"prompt {i}: vLLM returned expert ids outside [0, {self.num_experts})")
+                    gpu_routing.append(routed_ids.to(self.routing_dtype).sort(dim=-1).values)
 
         routed_experts = None
         if routed:

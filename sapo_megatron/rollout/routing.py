@@ -9,10 +9,13 @@ GPU capturer uses, called with the logical expert ids before any EPLB remapping)
 the engine's MoE kernel used for that forward pass.
 
 Layout (shared with the GPU path): for a sequence of ``L = prompt_len + response_len`` tokens the result
-is an int32 tensor ``[L - 1, num_moe_layers, top_k]``; row ``t`` holds the experts chosen for token ``t``
+is a tensor ``[L - 1, num_moe_layers, top_k]`` in the compact id dtype
+(:func:`~sapo_megatron.routing_layout.routing_dtype`: uint8 up to 256 experts, a quarter of int32's bytes in
+the pickled rollout and in the capture's buffers); row ``t`` holds the experts chosen for token ``t``
 (the last sampled token is never fed through the model, so it has no routing), layers are the MoE layers in
 layer order, and the ``top_k`` ids of a token are sorted ascending (vLLM's top-k is unordered, and the set
-is what routing replay needs).
+is what routing replay needs). :meth:`~sapo_megatron.routing_layout.RoutingRecord.from_sequences` turns a
+share's rows into the record the trainer keeps.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class CapturedForward:
 
     token_ids: torch.Tensor  # [rows] int64
     positions: torch.Tensor  # [rows] int64
-    experts: torch.Tensor  # [rows, num_moe_layers, top_k] int32, sorted ascending per row
+    experts: torch.Tensor  # [rows, num_moe_layers, top_k] in the capture's id dtype, sorted ascending per row
 
 
 class RouterCapture:
@@ -38,10 +41,12 @@ class RouterCapture:
 
     ``install(model)`` sets vLLM's router capture callback on each MoE layer plus a forward pre-hook on the
     model; ``remove()`` takes both away again. The object must live in the process that runs the model
-    (the in-process uni executor).
+    (the in-process uni executor). ``dtype``: what the ids are kept as (the compact
+    :func:`~sapo_megatron.routing_layout.routing_dtype` of the model's expert count).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.int32) -> None:
+        self.dtype = dtype
         self._routers: list = []
         self._layer_ids: list[int] = []
         self._blocks: dict[int, list[torch.Tensor]] = {}
@@ -87,10 +92,11 @@ class RouterCapture:
 
     def _recorder(self, layer_id: int):
         blocks = self._blocks[layer_id]
+        dtype = self.dtype
 
         def record(topk_ids: torch.Tensor) -> None:
             # The router may reuse its buffers across steps, so keep a copy.
-            blocks.append(topk_ids.detach().to("cpu", torch.int32, copy=True))
+            blocks.append(topk_ids.detach().to("cpu", dtype, copy=True))
 
         return record
 
@@ -190,7 +196,7 @@ def rescore_routed_experts(
     packed into requests the scheduler prefills in one step each; ``skip_reading_prefix_cache`` forces every
     token through the model (a prefix-cache hit skips the forward, and with it the routing). The recorded
     token ids and positions attribute every row to its sequence, and any mismatch raises.
-    Returns one int32 tensor ``[len(seq) - 1, num_moe_layers, top_k]`` per sequence.
+    Returns one tensor ``[len(seq) - 1, num_moe_layers, top_k]`` (in ``capture.dtype``) per sequence.
     """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt

@@ -396,6 +396,23 @@ class LaunchConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    # The routing records the diagnostics compare (rollout vs old pass, old pass vs each update) keep at most this
+    # many response tokens per data-parallel rank: a seeded sample, the same tokens in every record of a step
+    # (sapo_megatron.routing_layout.sample_positions). 0 = every response token. docs/diagnostics.md says which
+    # metrics then are sample estimates and what the records cost.
+    routing_sample_tokens: int = 0
+
+    def validate(self, prefix: str) -> None:
+        value = self.routing_sample_tokens
+        if value < 0:
+            raise ConfigError(
+                f"{prefix}.routing_sample_tokens={value!r}: must be >= 0 (0 = every response token, N = at most N "
+                "response tokens per data-parallel rank)"
+            )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -406,6 +423,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -437,6 +455,13 @@ class Config:
             raise ConfigError(
                 "algorithm.routing_replay=rollout with rollout.collect_routed_experts=false: the engine's routing is "
                 "what gets replayed; set rollout.collect_routed_experts=true"
+            )
+        if replay != "off" and self.diagnostics.routing_sample_tokens:
+            raise ConfigError(
+                f"diagnostics.routing_sample_tokens={self.diagnostics.routing_sample_tokens} with "
+                f"algorithm.routing_replay={replay!r}: a replayed routing needs every token up to the last response "
+                "token, so it is recorded whole anyway; set diagnostics.routing_sample_tokens=0 or "
+                "algorithm.routing_replay=off"
             )
         if replay != "off" and self.parallel.context > 1:
             raise ConfigError(

@@ -308,3 +308,16 @@ def test_diagnostics_on_a_sample_are_the_dense_diagnostics_on_the_sampled_mask()
         expert_load_stats(old_record, sample, num_experts), expert_load_stats(old, sample, num_experts)
     )
 
+
+def test_routing_sample_tokens_config():
+    from sapo_megatron.config import ConfigError, load_config
+
+    assert load_config(None).diagnostics.routing_sample_tokens == 0
+    assert load_config(None, ["diagnostics.routing_sample_tokens=4096"]).diagnostics.routing_sample_tokens == 4096
+    with pytest.raises(ConfigError, match=r"diagnostics.routing_sample_tokens=-1: must be >= 0"):
+        load_config(None, ["diagnostics.routing_sample_tokens=-1"])
+    # A replay needs every position up to the last response token: sampling it is refused, naming the fix.
+    for replay in ("old", "rollout"):
+        with pytest.raises(ConfigError, match=r"routing_sample_tokens=8 with algorithm.routing_replay=.*set "
+                                              r"diagnostics.routing_sample_tokens=0 or algorithm.routing_replay=off"):
+            load_config(None, ["diagnostics.routing_sample_tokens=8", f"algorithm.routing_replay={replay}"])

@@ -32,6 +32,7 @@ from sapo_megatron import collectives
 from sapo_megatron.collectives import rank, world_size
 from sapo_megatron.config import Config, ConfigError
 from sapo_megatron.models import resolve_model_dir
+from sapo_megatron.routing_layout import RoutingRecord, replay_positions, sample_positions
 from sapo_megatron.sharding import DataShare
 
 DRIVER_RANK = 0
@@ -142,6 +143,8 @@ class Rollout:
     # Rows whose rollout log-probs were not finite: kept in their group (rewards, advantages) but out of the loss.
     excluded_rows: list[int] = field(default_factory=list)
     empty_responses: int = 0
+    # Each row's prompt index in the step's batch (the share's rows are not the batch's first ones).
+    prompt_index: list[int] = field(default_factory=list)
 
 
 def screen_logprobs(logprobs_rollout: list[list[float]]) -> tuple[list[list[float]], list[int]]:
@@ -195,6 +198,7 @@ def generate_and_score(ctx: "RunContext", examples: list, indices: list[int], *,
         samples_per_engine=list(ctx.fleet.samples_per_engine),
         excluded_rows=excluded,
         empty_responses=empty,
+        prompt_index=list(out.prompt_index),
     )
 
 
@@ -268,6 +272,7 @@ class RunContext:
     sandbox: Any = None  # the share's leader only
     logger: Any = None  # driver only
     share: DataShare = field(default_factory=DataShare)
+    reference: Any = None  # the KL term's frozen reference policy (algorithm.kl_coef > 0)
     offloader: dict = field(default_factory=dict)
     weight_version: int = 0
     step: int = 0
@@ -321,7 +326,6 @@ class RunContext:
 
 def train_step(ctx: RunContext, step: int) -> dict[str, float]:
     """One RL step. Every rank runs it on its data-parallel share; the driver logs."""
-    from sapo_megatron.actor.routing import rollout_routing_to_train
     from sapo_megatron.algorithms import compute_advantages
 
     cfg, actor, share, timer = ctx.cfg, ctx.actor, ctx.share, StepTimer()
@@ -337,26 +341,35 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
     rewards = torch.tensor(rollout.rewards, dtype=torch.float32)
     advantages = compute_advantages(rewards, cfg.rollout.n_samples, cfg.algorithm.advantage)
     batch = build_train_batch(rollout, advantages, pad_id=ctx.tokenizer.pad_token_id)
+    replay = cfg.algorithm.routing_replay
+    positions = routing_positions(ctx, rollout, batch, step)
     routing_rollout = None
     if rollout.routed_experts is not None:
-        routing_rollout = rollout_routing_to_train(rollout.routed_experts, batch.seq_len)
+        # Compact records of the positions kept (docs/diagnostics.md); the engines' per-sample arrays go.
+        kept = positions["full"] if replay == "rollout" else positions["diagnostics"]
+        routing_rollout = RoutingRecord.from_sequences(rollout.routed_experts, kept, actor.model.config.num_moe_experts)
+        rollout.routed_experts = None
 
-    replay = cfg.algorithm.routing_replay
     with timer("old_logprob"):
         old = actor.policy.compute_logprobs(
             batch,
             record_routing=ctx.is_moe,
+            routing_positions=(positions["full"] if replay == "old" else positions["diagnostics"]) if ctx.is_moe else None,
             record_router_entropy=ctx.is_moe,
             replay_routing=routing_rollout if replay == "rollout" else None,
             local=True,
         )
     logprobs_old, routing_old, router_entropy_old = old if ctx.is_moe else (old, None, None)
     batch = batch.with_(logprobs_old=logprobs_old)
+    if ctx.reference is not None:
+        with timer("ref_logprob"):
+            batch = batch.with_(logprobs_ref=ctx.reference.compute_logprobs(batch, local=True))
 
     metrics = rollout_metrics(share, rollout, rewards, batch)
     with timer("diagnostics"):
         metrics.update(prefixed("mismatch/", diag.mismatch(batch)))
-        diag.rollout_vs_old(batch, routing_rollout, routing_old, router_entropy_old)
+        diag.rollout_vs_old(batch, routing_rollout, routing_old, router_entropy_old,
+                            routing_mask=positions.get("diagnostics"))
 
     diagnostics_before_update = timer.seconds.get("diagnostics", 0.0)
     with timer("update"):
@@ -365,18 +378,21 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
             mb = batch.select(mb_index)
             replay_mb = None
             if replay == "old" and routing_old is not None:
-                replay_mb = routing_old[mb_index]
+                replay_mb = routing_old.select(mb_index)
             elif replay == "rollout" and routing_rollout is not None:
-                replay_mb = routing_rollout[mb_index]
+                replay_mb = routing_rollout.select(mb_index)
+            mb_positions = positions["diagnostics"][mb_index] if ctx.is_moe else None
             out = actor.policy.train_mini_batch(
-                mb, record_routing=ctx.is_moe, replay_routing=replay_mb, return_logprobs=True, local=True
+                mb, record_routing=ctx.is_moe, routing_positions=mb_positions, replay_routing=replay_mb,
+                return_logprobs=True, local=True,
             )
             mb_metrics, *rest = out
             routing_mb = rest[0] if ctx.is_moe else None
             logprobs_mb = rest[-1]
             metrics.update(prefixed(f"ratio/mb{k}/", mb_metrics))
             with timer("diagnostics"):
-                diag.update_mini_batch(k, mb, logprobs_mb, None if routing_old is None else routing_old[mb_index], routing_mb)
+                diag.update_mini_batch(k, mb, logprobs_mb, None if routing_old is None else routing_old.select(mb_index),
+                                       routing_mb, routing_mask=mb_positions)
     # The per-mini-batch diagnostics ran inside the update's timer: count them once, as diagnostics.
     timer.seconds["update"] -= timer.seconds.get("diagnostics", 0.0) - diagnostics_before_update
     for key in ("loss", "pg_loss", "kl_loss", "entropy_loss", "grad_norm"):
@@ -393,6 +409,21 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
     metrics["time/step"] = sum(timer.seconds.values())
     metrics["time/diagnostics_frac"] = timer.seconds.get("diagnostics", 0.0) / metrics["time/step"]
     return metrics
+
+
+def routing_positions(ctx: RunContext, rollout: Rollout, batch, step: int) -> dict[str, torch.Tensor]:
+    """Which positions the step's routing records keep, bool ``[rows, seq]``: ``diagnostics`` (the response
+    positions, or a seeded sample of at most ``diagnostics.routing_sample_tokens`` of them per rank) and
+    ``full`` (every position up to each row's last response token: what a replay needs). Empty for a dense
+    model."""
+    if not ctx.is_moe:
+        return {}
+    n = ctx.cfg.rollout.n_samples
+    # Each row's index in the step's whole batch: the sample is the same whatever the sharding.
+    row_ids = torch.tensor(rollout.prompt_index, dtype=torch.int64) * n + torch.arange(batch.size) % n
+    diagnostics = sample_positions(batch.loss_mask, row_ids, ctx.cfg.diagnostics.routing_sample_tokens,
+                                   seed=ctx.cfg.trainer.seed, step=step)
+    return {"diagnostics": diagnostics, "full": replay_positions(batch.loss_mask)}
 
 
 def rollout_metrics(share: DataShare, rollout: Rollout, rewards: torch.Tensor, batch) -> dict[str, float]:
@@ -455,7 +486,9 @@ class StepDiagnostics:
             return local
         return reduce_mismatch_metrics(self.share.gather_objects(local))
 
-    def rollout_vs_old(self, batch, routing_rollout, routing_old, router_entropy_old=None) -> None:
+    def rollout_vs_old(self, batch, routing_rollout, routing_old, router_entropy_old=None, routing_mask=None) -> None:
+        """``routing_mask``: the positions the routing records hold (default: the loss mask); the routing
+        diagnostics are computed over them (a sample when ``diagnostics.routing_sample_tokens`` is set)."""
         from sapo_megatron.diagnostics.attribution import finalize_variance_attribution, routing_variance_stats
         from sapo_megatron.diagnostics.routing import (
             expert_load_stats,
@@ -469,19 +502,20 @@ class StepDiagnostics:
         self.delta = (batch.logprobs_old - batch.logprobs_rollout)[mask]
         if router_entropy_old is not None:
             self.metrics.update(prefixed("routing/", router_entropy_metrics(router_entropy_old, mask, total)))
+        routed = mask if routing_mask is None else routing_mask
         if routing_old is not None:
             num_experts = self.ctx.actor.model.config.num_moe_experts
-            load = finalize_expert_load(total(expert_load_stats(routing_old, mask, num_experts)))
+            load = finalize_expert_load(total(expert_load_stats(routing_old, routed, num_experts)))
             self.metrics.update(prefixed("routing/expert_load/", {k: v for k, v in load.items() if v.dim() <= 1}))
         if routing_rollout is None or routing_old is None:
             return
-        change = finalize_routing_change(total(routing_change_stats(routing_rollout, routing_old, mask)))
+        change = finalize_routing_change(total(routing_change_stats(routing_rollout, routing_old, routed)))
         self.metrics.update(prefixed("routing/rollout_vs_old/", change))
-        delta = torch.where(mask, batch.logprobs_old - batch.logprobs_rollout, 0.0)
-        attribution = finalize_variance_attribution(total(routing_variance_stats(delta, mask, routing_rollout, routing_old)))
+        delta = torch.where(routed, batch.logprobs_old - batch.logprobs_rollout, 0.0)
+        attribution = finalize_variance_attribution(total(routing_variance_stats(delta, routed, routing_rollout, routing_old)))
         self.metrics.update(prefixed("attribution/rollout_vs_old/", _scalars(attribution)))
 
-    def update_mini_batch(self, k: int, mb, logprobs, routing_old, routing_update) -> None:
+    def update_mini_batch(self, k: int, mb, logprobs, routing_old, routing_update, routing_mask=None) -> None:
         from sapo_megatron.diagnostics.attribution import finalize_variance_attribution, routing_variance_stats
         from sapo_megatron.diagnostics.mismatch import ratio_quantiles
         from sapo_megatron.diagnostics.routing import changed_layer_count, finalize_routing_change, routing_change_stats
@@ -498,13 +532,18 @@ class StepDiagnostics:
         if routing_old is None or routing_update is None:
             self.log_ratio["stable"].append(log_ratio[mask])
             return
-        change = finalize_routing_change(total(routing_change_stats(routing_old, routing_update, mask)))
+        routed = mask if routing_mask is None else routing_mask
+        change = finalize_routing_change(total(routing_change_stats(routing_old, routing_update, routed)))
         self.metrics.update(prefixed(f"routing/old_vs_mb{k}/", change))
-        attribution = finalize_variance_attribution(total(routing_variance_stats(log_ratio, mask, routing_old, routing_update)))
+        routed_log_ratio = torch.where(routed, log_ratio, 0.0)
+        attribution = finalize_variance_attribution(
+            total(routing_variance_stats(routed_log_ratio, routed, routing_old, routing_update))
+        )
         self.metrics.update(prefixed(f"attribution/old_vs_mb{k}/", _scalars(attribution)))
-        changed = changed_layer_count(routing_old, routing_update, mask) > 0
-        self.log_ratio["stable"].append(log_ratio[mask & ~changed])
-        self.log_ratio["routing_changed"].append(log_ratio[mask & changed])
+        changed = changed_layer_count(routing_old, routing_update, routed)
+        # Over the recorded positions only: an unsampled token is neither stable nor changed.
+        self.log_ratio["stable"].append(log_ratio[routed & (changed == 0)])
+        self.log_ratio["routing_changed"].append(log_ratio[routed & (changed > 0)])
 
     def finish(self) -> dict[str, float]:
         from sapo_megatron.diagnostics.run_logger import histogram_summary, merge_histogram_summaries
@@ -682,10 +721,15 @@ def data_share() -> DataShare:
 def resume_or_start(ctx: RunContext) -> None:
     """Loads the newest complete checkpoint of the run directory, or runs the warm-up of a new run."""
     from sapo_megatron.actor.checkpoint import load_checkpoint
+    from sapo_megatron.actor.reference import ReferencePolicy
 
     ckpt_root = Path(ctx.cfg.trainer.run_dir) / "checkpoints"
-    loaded = load_checkpoint(ctx.actor, ckpt_root) if ctx.cfg.trainer.resume else None
+    kl = ctx.cfg.algorithm.kl_coef > 0
+    # A resumed run's reference is its initial policy, saved with its checkpoints: a holder to load it into.
+    reference = ReferencePolicy.capture(ctx.actor.policy) if kl and ctx.cfg.trainer.resume else None
+    loaded = load_checkpoint(ctx.actor, ckpt_root, reference=reference) if ctx.cfg.trainer.resume else None
     if loaded is not None:
+        ctx.reference = reference
         step, state = loaded
         ctx.load_trainer_state(state)
         if ctx.is_driver:
@@ -700,6 +744,8 @@ def resume_or_start(ctx: RunContext) -> None:
     if ctx.cfg.trainer.sft_warmup_steps:
         supervised_warmup(ctx)
         sync_weights(ctx)
+    # The KL term pulls towards the weights RL starts from (after the warm-up).
+    ctx.reference = ReferencePolicy.capture(ctx.actor.policy) if kl else None
 
 
 def save(ctx: RunContext) -> None:
@@ -714,6 +760,7 @@ def save(ctx: RunContext) -> None:
         ctx.step,
         ctx.trainer_state(),
         keep_last=ctx.cfg.trainer.keep_checkpoints or None,
+        reference=ctx.reference,
     )
 
 

@@ -724,6 +724,239 @@ def engine_layout_lines(shape: ModelShape, cfg: Config, budget_bytes: int) -> li
     return lines
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The step's data per rank: rollout, training batch, routing records, diagnostics
+# ----------------------------------------------------------------------------------------------------------
+
+# CPython 3.11 on 64-bit: a list holds an 8-byte pointer per item; an int below 2**30 is a 28-byte object and a
+# float a 24-byte one, both rounded up to pymalloc's 16-byte size classes (32 bytes). Token ids come back from
+# the engines through pickle, which does not share int objects between rows, so every id is an object of its
+# own (ids below 257 are cached singletons; counting them as objects makes this an upper bound).
+PY_POINTER_BYTES = 8
+PY_INT_BYTES = 32
+PY_FLOAT_BYTES = 32
+PY_LIST_BYTES = 64  # the list object with its GC header (56 bytes), in its size class
+# diagnostics.routing reads a RoutingRecord a chunk of whole rows at a time (at most its DENSE_CHUNK_IDS dense
+# ids, one row at least), densified to the batch's width. What it allocates at its peak per dense id of a chunk:
+# both records' chunks as int64 (16 bytes) and check_routing's sort of one of them (values and indices, 16),
+# plus masks. Measured (VmHWM, with malloc returning every freed block) on 16 rows of 9,163 positions, 4 rows a
+# chunk: 33.6 for routing_change_stats, changed_layer_count and routing_variance_stats, 25.3 for
+# expert_load_stats (one record); tests/distributed/test_data_memory.py checks it.
+DIAGNOSTIC_BYTES_PER_DENSE_ID = 33.6
+# The fixed-edge histograms of trainer.StepDiagnostics (bins each): log r of stable and routing-changed
+# tokens, the ratio for positive and negative advantages, and the rollout/old mismatch.
+DIAGNOSTIC_HISTOGRAM_BINS = (100, 100, 120, 120, 100)
+# A logged scalar is a dict entry: its key (~70 bytes), a float, and the dict's slot.
+DIAGNOSTIC_SCALAR_BYTES = 160
+# Per MoE layer, the metrics one step logs: changed fraction and overlap for rollout vs old and for each
+# mini-batch, plus expert load (max/mean, cv, entropy, normalised entropy) and router entropy (2).
+DIAGNOSTIC_LAYER_SERIES_FIXED = 6
+# Prompts and responses of the "typical" column: a quarter of their maximum on average, the longest at the
+# maximum (so every [b, S] tensor stays as wide as in the worst case). An illustration, not a measurement:
+# the token-proportional items scale linearly with it.
+TYPICAL_LENGTH_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class DataState:
+    """Bytes one rank holds for one RL step's data (``data_state_bytes``). Counts are per rank: its
+    data-parallel share of the rollout (tensor-, pipeline- and context-parallel peers hold the same copy)."""
+
+    sequences: int
+    seq_len: int
+    record_tokens: int  # tokens of each step-long routing record (0: none)
+    update_record_tokens: int  # tokens of one update mini-batch's record
+    # host, held through the step
+    rollout_lists: int  # Rollout: prompt ids, response ids, rollout log-probs, rewards, finish reasons
+    train_batch: int  # TrainBatch [b, S] tensors + advantages [b]
+    routing_rollout: int  # the engines' routing (rollout.collect_routed_experts)
+    routing_old: int  # the old-logprob pass's routing (MoE)
+    routing_update: int  # one update mini-batch's routing (MoE)
+    router_entropy: int  # the old pass's router entropy, float32 [b, S, layers] (MoE)
+    diagnostics: int  # histograms and logged scalars
+    # host, transient
+    diagnostics_transient: int  # the largest moment of the diagnostics (a densified chunk, [b, S] counts)
+    # device
+    device_micro_batch: int  # one micro-batch's inputs on the GPU
+    device_router_entropy: int  # the old pass's router entropy, on the GPU until the pass ends (MoE)
+
+    @property
+    def host_resident(self) -> int:
+        return (
+            self.rollout_lists + self.train_batch + self.routing_rollout + self.routing_old + self.routing_update
+            + self.router_entropy + self.diagnostics
+        )  # fmt: skip
+
+    @property
+    def host_peak(self) -> int:
+        return self.host_resident + self.diagnostics_transient
+
+    @property
+    def device(self) -> int:
+        """The data's most on the GPU: at the end of the old-logprob pass (a forward pass, whose activations
+        stay below training's), its router entropy next to the last micro-batch."""
+        return self.device_micro_batch + self.device_router_entropy
+
+
+def routing_record_bytes(tokens: int, rows: int, num_moe_layers: int, topk: int, num_experts: int) -> int:
+    """A packed routing record (``routing_layout.RoutingRecord``): the recorded tokens' expert ids
+    ``[tokens, num_moe_layers, topk]`` (uint8 up to 256 experts, else int16), their positions (int32) and
+    ``rows + 1`` int64 row offsets."""
+    id_bytes = 1 if num_experts <= 256 else 2
+    return tokens * (num_moe_layers * topk * id_bytes + 4) + 8 * (rows + 1)
+
+
+def data_state_bytes(
+    *,
+    sequences: int,
+    prompt_tokens: int,
+    response_tokens: int,
+    seq_len: int,
+    num_moe_layers: int,
+    topk: int,
+    num_experts: int,
+    record_rollout: bool,
+    record_old: bool,
+    replay: bool,
+    kl: bool,
+    num_mini_batches: int = 1,
+    micro_batch_size: int = 1,
+    routing_sample_tokens: int = 0,
+    dense_chunk_ids: int | None = None,
+) -> DataState:
+    """The step's data on one rank, from its share's exact token totals (a test passes measured lengths).
+
+    ``sequences`` rows (``b``) with ``prompt_tokens`` and ``response_tokens`` in total (prompts counted once
+    per row: every sample holds its own copy), ``seq_len`` the TrainBatch width ``S`` (longest prompt +
+    response + 1). ``record_rollout``: the engines' routing is kept (``rollout.collect_routed_experts``);
+    ``record_old``: the trainer records its routing and router entropy (an MoE model); ``replay``:
+    ``algorithm.routing_replay`` is not ``off``, so records cover prompt positions too; ``kl``:
+    ``algorithm.kl_coef > 0`` adds ``logprobs_ref``. ``routing_sample_tokens > 0`` caps each
+    diagnostics-only record at that many response tokens (refused with replay, as the config refuses it).
+    ``dense_chunk_ids``: how many dense ids the routing diagnostics densify at once (default: theirs).
+
+    Host: the Rollout's Python lists (8-byte pointer + 32-byte int or float object per token; a list object
+    per row), the TrainBatch (tokens int64, loss_mask bool, logprobs_rollout / logprobs_old (/ logprobs_ref)
+    float32, advantages float32 [b]), the routing records (``routing_record_bytes``; the update's covers
+    ``1 / num_mini_batches`` of the share), the router entropy, the histograms and logged scalars, and the
+    largest transient of the diagnostics (a densified chunk of the records, ``[b, S]`` tensors). Device: one micro-batch of ``micro_batch_size`` rows as the actor
+    moves it (tokens and labels int64, loss mask, logprobs_old (and ref), advantages, position ids, the
+    [S, S] bool causal mask ``actor.causal_attention_mask`` builds, and with replay the int32 routing the
+    routers are forced to).
+    """
+    if routing_sample_tokens < 0:
+        raise ValueError(f"routing_sample_tokens={routing_sample_tokens}: must be >= 0 (0 records every token)")
+    if replay and routing_sample_tokens:
+        raise ValueError("routing_sample_tokens > 0 with routing replay: replay needs the routing of every token")
+    b, s, layers, k = sequences, seq_len, num_moe_layers, topk
+    mini = max(1, num_mini_batches)
+
+    pointer_and_object = PY_POINTER_BYTES + PY_INT_BYTES  # ints and floats cost the same
+    rollout_lists = (
+        pointer_and_object * (prompt_tokens + 2 * response_tokens)  # prompt ids, response ids, log-probs
+        + (PY_POINTER_BYTES + PY_FLOAT_BYTES) * b  # rewards
+        + PY_POINTER_BYTES * b  # finish reasons: two shared strings
+        + PY_LIST_BYTES * 3 * b  # a list per row of the first three
+        + 5 * (PY_LIST_BYTES + PY_POINTER_BYTES * b)  # the five outer lists
+    )
+    logprob_rows = 2 + (1 if kl else 0)  # rollout, old (, ref)
+    train_batch = b * s * (8 + 1 + 4 * logprob_rows) + 4 * b
+
+    moe = layers > 0 and topk > 0
+    if not moe:
+        record_rollout = record_old = False
+    # Replay records every position up to each row's last loss position (routing_layout.replay_positions):
+    # the prompt and the response but the last token.
+    tokens = prompt_tokens + response_tokens - b if replay else response_tokens
+    if routing_sample_tokens:
+        tokens = min(tokens, routing_sample_tokens)
+    update_tokens = math.ceil(tokens / mini)
+    record = routing_record_bytes(tokens, b, layers, k, num_experts)
+    update_record = routing_record_bytes(update_tokens, math.ceil(b / mini), layers, k, num_experts)
+    routing_rollout = record if record_rollout else 0
+    routing_old = record if record_old else 0
+    routing_update = update_record if record_old else 0
+    router_entropy = 4 * b * s * layers if record_old else 0
+
+    histogram_bins = sum(DIAGNOSTIC_HISTOGRAM_BINS)
+    histograms = 8 * histogram_bins + 4 * (histogram_bins + len(DIAGNOSTIC_HISTOGRAM_BINS))  # int64 counts, edges
+    expert_load = 8 * layers * num_experts if record_old else 0  # float64 [layers, experts] counts
+    layer_series = (2 * (mini + (1 if record_rollout else 0)) + DIAGNOSTIC_LAYER_SERIES_FIXED) if record_old else 0
+    diagnostics = histograms + expert_load + DIAGNOSTIC_SCALAR_BYTES * layer_series * layers
+
+    # The routing diagnostics densify one chunk of rows at a time (diagnostics.routing.DENSE_CHUNK_IDS).
+    if dense_chunk_ids is None:
+        from sapo_megatron.diagnostics.routing import DENSE_CHUNK_IDS as dense_chunk_ids
+    mini_rows = math.ceil(b / mini)
+    per_row = s * layers * k
+    chunk = 0
+    if record_old and per_row:
+        chunk = math.ceil(DIAGNOSTIC_BYTES_PER_DENSE_ID * min(b, max(1, dense_chunk_ids // per_row)) * per_row)
+    # Rollout vs old over the share: a chunk, the changed-layer count (int64) and the log-prob difference
+    # (float32) of every position. Each update mini-batch: its log-probs and log r (float32), about five bool
+    # masks (advantage sign, changed routing) and its changed-layer count, over [b / K, S], and a chunk.
+    old_phase = chunk + b * s * (8 + 4)
+    update_phase = chunk + mini_rows * s * (4 + 4 + 5 + 8)
+    diagnostics_transient = max(old_phase, update_phase)
+
+    m = micro_batch_size
+    device_micro_batch = (
+        m * s * (8 + 8 + 1 + 4 * (1 + (1 if kl else 0)))  # tokens, labels, loss mask, logprobs_old (, ref)
+        + 4 * m  # advantages
+        + 8 * s  # position ids (expanded over the rows, not copied)
+        + s * s  # the causal mask, bool [1, 1, S, S]
+        + (4 * m * s * layers * k if replay and moe else 0)  # int32 replay routing, every layer at once
+    )
+    # actor.routing keeps each micro-batch's router entropy on the device it was computed on, then assembles
+    # the share's [b, S, L] float32 there before moving it to the host: twice the tensor at the end of the pass.
+    device_router_entropy = 2 * router_entropy
+    return DataState(
+        sequences=b,
+        seq_len=s,
+        record_tokens=tokens if (record_rollout or record_old) else 0,
+        update_record_tokens=update_tokens if record_old else 0,
+        rollout_lists=rollout_lists,
+        train_batch=train_batch,
+        routing_rollout=routing_rollout,
+        routing_old=routing_old,
+        routing_update=routing_update,
+        router_entropy=router_entropy,
+        diagnostics=diagnostics,
+        diagnostics_transient=diagnostics_transient,
+        device_micro_batch=device_micro_batch,
+        device_router_entropy=device_router_entropy,
+    )
+
+
+def sequences_per_rank(cfg: Config, data_parallel: int) -> int:
+    """Rows of the largest data-parallel share: prompt groups are never split over ranks."""
+    return math.ceil(cfg.data.prompts_per_step / data_parallel) * cfg.rollout.n_samples
+
+
+def data_memory(shape: ModelShape, cfg: Config, layout: Layout, length_fraction: float = 1.0) -> DataState:
+    """``data_state_bytes`` for one rank at the config's size; every prompt and response at
+    ``length_fraction`` of ``data.max_prompt_length`` / ``rollout.max_new_tokens`` on average, the longest
+    at the maximum (``S`` is ``sequence_length(cfg)`` either way)."""
+    b = sequences_per_rank(cfg, layout.data)
+    moe = any(shape.moe_layers) and not cfg.model.dense
+    return data_state_bytes(
+        sequences=b,
+        prompt_tokens=math.ceil(b * cfg.data.max_prompt_length * length_fraction),
+        response_tokens=math.ceil(b * cfg.rollout.max_new_tokens * length_fraction),
+        seq_len=sequence_length(cfg),
+        num_moe_layers=sum(shape.moe_layers) if moe else 0,
+        topk=shape.top_k if moe else 0,
+        num_experts=shape.num_experts,
+        record_rollout=moe and cfg.rollout.collect_routed_experts,
+        record_old=moe,
+        replay=cfg.algorithm.routing_replay != "off",
+        kl=cfg.algorithm.kl_coef > 0,
+        num_mini_batches=cfg.algorithm.num_mini_batches,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        routing_sample_tokens=cfg.diagnostics.routing_sample_tokens,
+    )
+
+
 @dataclass(frozen=True)
 class Scenario:
     """Peak bytes per GPU in each phase for one combination of offload switches."""
@@ -762,6 +995,7 @@ def _scenario(
     states = state_memory(shape, scenario_cfg, layout)
     activations = activation_memory(shape, cfg, layout)
     engine = engine_memory(shape, cfg)
+    data = data_memory(shape, cfg, layout)
     colocated = layout.rollout_mode == "colocated"
     train = sync = rollout = host = 0
     for state, act in zip(states, activations):
@@ -772,7 +1006,7 @@ def _scenario(
         optimizer = state.optimizer_gpu_bytes
         activation = act.recompute if recompute else act.no_recompute
         # Train: the colocated engine sleeps (weights to host, KV cache freed); the actor holds everything.
-        train = max(train, params + grads + optimizer + activation)
+        train = max(train, params + grads + optimizer + activation + data.device_micro_batch)
         if colocated:
             # Sync: engine weights awake, actor parameters read by the export; grads and optimizer states can
             # already be on the host when they are phase-offloaded.
@@ -791,7 +1025,9 @@ def _scenario(
         # full tensors in host memory until every engine has them (rollout.fleet: staging_device="cpu"), then
         # loads them one tensor at a time (the largest_tensor_bytes of the sync phase); pinned host memory stays
         # cached by torch, so the offloaded state and the staging count at once.
-        host = max(host, offloaded + (engine.weight_bytes if colocated else 0))
+        # The step's data (rollout, batch, routing records) lives on the host from the rollout to the end of the
+        # weight sync, next to both; its diagnostics transient comes while the staging buffers sit in the cache.
+        host = max(host, offloaded + (engine.weight_bytes if colocated else 0) + data.host_peak)
     rollout_gpu = 0 if colocated else engine.weight_bytes + engine.kv_cache_bytes
     return Scenario(
         name=name,
@@ -843,6 +1079,8 @@ class Plan:
     activations: list[ActivationMemory]
     engine: EngineMemory
     scenarios: list[Scenario]
+    data: DataState  # per rank, every prompt and response at its maximum length
+    data_typical: DataState  # per rank, lengths at TYPICAL_LENGTH_FRACTION of the maximum on average
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -868,7 +1106,8 @@ class Plan:
             )
         if launch.host_memory_gib and peak.host_per_node > launch.host_memory_gib * GIB:
             raise PlanError(
-                f"launch.host_memory_gib={launch.host_memory_gib:g}: offloaded state and sleeping engines need "
+                f"launch.host_memory_gib={launch.host_memory_gib:g}: offloaded state, sleeping engines and the step's "
+                "data need "
                 f"{_gib(peak.host_per_node)} GiB per node; turn off some optimizer.offload_* switches or add host "
                 "memory"
             )
@@ -910,6 +1149,8 @@ def make_plan(cfg: Config, preset: str | None = None) -> Plan:
         activations=activation_memory(shape, cfg, layout),
         engine=engine,
         scenarios=scenarios(cfg, shape, layout),
+        data=data_memory(shape, cfg, layout),
+        data_typical=data_memory(shape, cfg, layout, TYPICAL_LENGTH_FRACTION),
         warnings=warnings,
     )
 
@@ -1045,6 +1286,8 @@ def format_plan(plan: Plan) -> str:
     for line in engine_layout_lines(plan.shape, cfg, plan.budget_bytes):
         add(line)
     add("")
+    out.extend(data_lines(plan))
+    add("")
     budget = plan.budget_bytes
     add(
         f"peak per GPU ({unit}; budget {launch.gpu_memory_gib:g} - {launch.gpu_reserved_gib:g} GiB reserved = "
@@ -1075,3 +1318,56 @@ def format_plan(plan: Plan) -> str:
     for warning in plan.warnings:
         add(f"warning: {warning}")
     return "\n".join(out)
+
+
+def data_lines(plan: Plan) -> list[str]:
+    """The step's data per rank (``data_state_bytes``): worst case and typical lengths side by side."""
+    cfg, worst, typical = plan.cfg, plan.data, plan.data_typical
+    mib = 1024**2
+    b, s = worst.sequences, worst.seq_len
+    shape = plan.shape
+    moe_layers = sum(shape.moe_layers) if any(shape.moe_layers) and not cfg.model.dense else 0
+    k = shape.top_k
+    id_type = "uint8" if shape.num_experts <= 256 else "int16"
+    header = (
+        f"step data per rank (MiB, host unless marked GPU): {cfg.data.prompts_per_step} prompts x "
+        f"{cfg.rollout.n_samples} samples over DP {plan.layout.data} = {b} sequences, S = {s}; worst: every "
+        f"prompt {cfg.data.max_prompt_length} and every response {cfg.rollout.max_new_tokens} tokens; typical: "
+        f"{TYPICAL_LENGTH_FRACTION:g} of that on average, the longest at the maximum:"
+    )
+    lines = textwrap.wrap(header, width=110, subsequent_indent="  ")
+    lines.append(f"  {'item':<78}{'worst':>9}{'typical':>9}")
+
+    def row(label: str, name: str) -> None:
+        lines.append(f"  {label:<78}{getattr(worst, name) / mib:>9.1f}{getattr(typical, name) / mib:>9.1f}")
+
+    replay = cfg.algorithm.routing_replay
+    covered = "prompt + response" if replay != "off" else "response"
+    if cfg.diagnostics.routing_sample_tokens:
+        covered = "sampled response"
+    row("rollout lists: prompt, response ids, log-probs (Python objects, 40 B/token)", "rollout_lists")
+    logprobs = "rollout, old" + (", ref" if cfg.algorithm.kl_coef > 0 else "")
+    row(f"train batch [{b}, {s}]: tokens int64, mask, log-probs f32 ({logprobs})", "train_batch")
+    if worst.record_tokens:
+        tokens = f"{worst.record_tokens:,} {covered} tokens x ({moe_layers} x {k} {id_type} + int32)"
+        if worst.routing_rollout:
+            row(f"routing_rollout record: {tokens}", "routing_rollout")
+        row(f"routing_old record: {tokens}", "routing_old")
+        row(f"routing of one update mini-batch (1/{cfg.algorithm.num_mini_batches})", "routing_update")
+        row(f"router entropy of the old pass: f32 [{b}, {s}, {moe_layers}]", "router_entropy")
+    row("diagnostics: histograms, expert load, logged scalars", "diagnostics")
+    row("resident through the step", "host_resident")
+    transient = "diagnostics transient: "
+    transient += ("a chunk of rows of the records as int64, [b, S] counts" if worst.record_tokens
+                  else "one mini-batch's log r and masks")
+    row(transient, "diagnostics_transient")
+    row("host peak", "host_peak")
+    micro = cfg.trainer.micro_batch_size
+    row(f"GPU: one micro-batch [{micro}, {s}] with its [{s}, {s}] bool causal mask", "device_micro_batch")
+    if worst.device_router_entropy:
+        row(f"GPU, end of the old pass: router entropy, 2 x f32 [{b}, {s}, {moe_layers}]", "device_router_entropy")
+    lines.append(
+        f"  peak table below: host/node adds {plan.layout.gpus_per_node} x the worst host peak, train the GPU "
+        "micro-batch"
+    )
+    return lines

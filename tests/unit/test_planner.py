@@ -20,6 +20,7 @@ from sapo_megatron.planner import (
     ModelShape,
     PlanError,
     attention_bytes_per_token,
+    data_state_bytes,
     format_plan,
     make_plan,
     mlp_bytes_per_token,
@@ -320,3 +321,109 @@ def test_engine_layouts_in_closed_form_and_the_suggestion_for_the_recipe():
     # 128 prompts x 16 samples over 32 GPUs = 64 per GPU; 32 in flight is the smallest TP 2 reaches.
     assert "suggested: engine TP 2 (the smallest with room for 32 full-length sequences per GPU; the batch gives " \
            "each engine GPU 64); configured: 1" in format_plan(plan)
+
+
+def _small_data_case(**changes):
+    args = dict(sequences=4, prompt_tokens=10, response_tokens=20, seq_len=9, num_moe_layers=3, topk=2,
+                num_experts=8, record_rollout=True, record_old=True, replay=False, kl=True, num_mini_batches=2,
+                micro_batch_size=1, dense_chunk_ids=108)  # fmt: skip
+    return data_state_bytes(**{**args, **changes})
+
+
+def test_data_state_by_hand():
+    state = _small_data_case()
+    # Lists: 40 bytes per prompt id, response id and log-prob (pointer + object), 40 per reward, 8 per finish
+    # reason, a 64-byte list per row of the three token lists, five outer lists of 64 + 8 per row.
+    assert state.rollout_lists == 40 * (10 + 20 + 20) + 40 * 4 + 8 * 4 + 64 * 3 * 4 + 5 * (64 + 8 * 4) == 3440
+    # [4, 9]: tokens int64, mask bool, rollout / old / ref log-probs float32; advantages float32 [4].
+    assert state.train_batch == 4 * 9 * (8 + 1 + 3 * 4) + 4 * 4 == 772
+    # Diagnostics-only records hold the 20 response tokens: 3 layers x top-2 uint8 ids and an int32 position
+    # each, and 5 int64 row offsets.
+    assert state.record_tokens == 20
+    assert state.routing_rollout == state.routing_old == 20 * (3 * 2 + 4) + 8 * 5 == 240
+    assert state.routing_update == 10 * (3 * 2 + 4) + 8 * 3 == 124  # half the share: 10 tokens, 2 rows
+    assert state.router_entropy == 4 * 4 * 9 * 3
+    histograms = 8 * 540 + 4 * (540 + 5)  # 100 + 100 + 120 + 120 + 100 bins of int64, their float32 edges
+    scalars = 160 * 3 * (2 * (2 + 1) + 6)  # per layer: 2 series per comparison (rollout vs old + 2 mini-batches) + 6
+    assert state.diagnostics == histograms + 8 * 3 * 8 + scalars
+    # The diagnostics densify 108 ids at a time = 2 rows of 9 x 3 x 2, at 33.6 bytes per dense id; rollout vs
+    # old adds the changed-layer count (int64) and log-prob difference (float32) of the [4, 9] positions.
+    assert state.diagnostics_transient == math.ceil(33.6 * 2 * 9 * 3 * 2) + 4 * 9 * (8 + 4) == 4061
+    # GPU: tokens and labels int64, mask, old and ref log-probs of one row; its advantage; position ids; mask [9, 9].
+    assert state.device_micro_batch == 9 * (8 + 8 + 1 + 4 + 4) + 4 + 8 * 9 + 81
+    assert state.device == state.device_micro_batch + 2 * 432
+    assert state.host_resident == 3440 + 772 + 240 + 240 + 124 + 432 + state.diagnostics
+    assert state.host_peak == state.host_resident + state.diagnostics_transient
+
+    # Replay needs every position up to the last loss position (prompt + response - 1 a row), and the routing
+    # on the GPU.
+    replay = _small_data_case(replay=True)
+    assert replay.routing_old == (10 + 20 - 4) * (3 * 2 + 4) + 8 * 5
+    assert replay.device_micro_batch == state.device_micro_batch + 4 * 9 * 3 * 2
+    with pytest.raises(ValueError, match="replay"):
+        _small_data_case(replay=True, routing_sample_tokens=8)
+    # Sampled diagnostics: at most that many response tokens per record.
+    sampled = _small_data_case(routing_sample_tokens=8)
+    assert sampled.routing_old == 8 * 10 + 8 * 5 and sampled.routing_update == 4 * 10 + 8 * 3
+    # Above 256 experts the ids take int16.
+    assert _small_data_case(num_experts=512).routing_old == 20 * (3 * 2 * 2 + 4) + 8 * 5
+    # The diagnostics' chunk is whole rows: one row at least, the share at most.
+    assert _small_data_case(dense_chunk_ids=1).diagnostics_transient == math.ceil(33.6 * 54) + 432
+    assert _small_data_case(dense_chunk_ids=10**9).diagnostics_transient == math.ceil(33.6 * 4 * 54) + 432
+    # A dense model records nothing.
+    dense = _small_data_case(num_moe_layers=0, topk=0)
+    assert dense.routing_rollout == dense.routing_old == dense.routing_update == dense.router_entropy == 0
+    assert dense.device_router_entropy == 0
+
+
+def test_recipe_data_per_rank():
+    plan = make_plan(_sapo_cfg())
+    worst = plan.data
+    b, s = 128 * 16 // 32, 1024 + 8192 + 1
+    assert (worst.sequences, worst.seq_len) == (64, 9217)
+    prompt, response = b * 1024, b * 8192
+    assert worst.rollout_lists == 40 * (prompt + 2 * response) + 48 * b + 64 * 3 * b + 5 * (64 + 8 * b) == 44_582_720
+    assert worst.train_batch == b * s * (8 + 1 + 4 + 4) + 4 * b == 10_028_352  # no KL: no reference log-probs
+    # routing_replay off: both records hold the 524,288 response tokens: 48 layers x top-8 one-byte ids and an
+    # int32 position each.
+    record = response * (L * K + 4) + 8 * (b + 1)
+    assert worst.routing_rollout == worst.routing_old == record == 203_424_264
+    assert worst.routing_update == response // 4 * (L * K + 4) + 8 * (b // 4 + 1) == 50_856_072
+    assert worst.router_entropy == 4 * b * s * L == 113_258_496
+    # 5 histograms (540 bins), expert load [48, 128] float64, 16 per-layer series of 160-byte scalars.
+    assert worst.diagnostics == 8 * 540 + 4 * 545 + 8 * L * E + 160 * L * (2 * (4 + 1) + 6) == 178_532
+    assert worst.host_resident == 44_582_720 + 10_028_352 + 2 * 203_424_264 + 50_856_072 + 113_258_496 + 178_532
+    # diagnostics.routing densifies 2**24 ids at a time in whole rows: 4 rows of 9,217 x 48 x 8.
+    assert worst.diagnostics_transient == math.ceil(33.6 * 4 * s * L * K) + b * s * 12 == 482_764_340
+    assert worst.device_micro_batch == s * (8 + 8 + 1 + 4) + 4 + 8 * s + s * s == 85_220_386  # the mask: 85 MB
+    # The old pass keeps its router entropy on the GPU per micro-batch, then assembles it there: twice.
+    assert worst.device_router_entropy == 2 * 4 * b * s * L
+    assert worst.device == worst.device_micro_batch + worst.device_router_entropy
+    # Each of DP ranks holds 1/DP: 16 DP ranks hold twice the rows and records.
+    dp16 = make_plan(_sapo_cfg("launch.nnodes=2", "rollout.num_engines=16")).data
+    assert dp16.sequences == 2 * b and dp16.routing_old == 2 * response * (L * K + 4) + 8 * (2 * b + 1)
+    # Sampled diagnostics shrink the records.
+    sampled = make_plan(_sapo_cfg("diagnostics.routing_sample_tokens=65536"))
+    assert sampled.data.routing_old == 65536 * (L * K + 4) + 8 * (b + 1) == 25_428_488
+    assert "routing_old record: 65,536 sampled response tokens" in format_plan(sampled)
+    # The plan's phases count it: the GPU micro-batch in train, the host peak of each GPU's rank in host/node.
+    by_name = {sc.name: sc for sc in plan.scenarios}
+    (state,), (act,), engine = plan.states, plan.activations, plan.engine
+    pad = state.dense_padding_bound + state.expert_padding_bound
+    params, grads = state.param_bytes + 2 * pad, state.grad_bytes + 4 * pad
+    assert by_name["configured"].train == (
+        params + grads + state.optimizer_gpu_bytes + act.recompute + worst.device_micro_batch
+    )
+    assert by_name["configured"].host_per_node == 8 * (
+        params + state.optimizer_gpu_bytes + engine.weight_bytes + worst.host_peak
+    )
+    typical = plan.data_typical
+    assert typical.routing_old == response // 4 * (L * K + 4) + 8 * (b + 1)
+    assert typical.train_batch == worst.train_batch
+    assert "routing_old record: 524,288 response tokens x (48 x 8 uint8 + int32)" in format_plan(plan)
+
+
+def test_planner_follows_the_diagnostics_chunk():
+    from sapo_megatron.diagnostics.routing import DENSE_CHUNK_IDS
+
+    assert _small_data_case(dense_chunk_ids=None) == _small_data_case(dense_chunk_ids=DENSE_CHUNK_IDS)

@@ -15,6 +15,7 @@ position needs no communication.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -620,7 +621,8 @@ def supervised_warmup(ctx: RunContext) -> None:
     eos = ctx.tokenizer.eos_token_id
     lr = cfg.trainer.sft_lr or cfg.optimizer.lr
     # The warm-up runs outside the RL schedule: its own rate, and the scheduler does not count its steps.
-    rl_loss, policy.policy_loss = policy.policy_loss, nll_loss
+    # The NLL in place of the policy loss, and no KL term (the warm-up's batches have no reference log-probs).
+    rl_loss, policy.loss = policy.loss, dataclasses.replace(policy.loss, policy_loss=nll_loss, kl_coef=0.0)
     scheduler, policy.scheduler = policy.scheduler, None
     try:
         for i in range(cfg.trainer.sft_warmup_steps):
@@ -638,7 +640,7 @@ def supervised_warmup(ctx: RunContext) -> None:
             if ctx.is_driver and (i + 1) % 10 == 0:
                 print(f"[warm-up] step {i + 1}/{cfg.trainer.sft_warmup_steps} nll {metrics['loss']:.3f}", flush=True)
     finally:
-        policy.policy_loss = rl_loss
+        policy.loss = rl_loss
         policy.scheduler = scheduler
         scheduler.step(increment=0)  # back to the schedule's rate
 

@@ -289,3 +289,40 @@ class QuietConsole:
         )
         self.terminal_err.write(text)
         self.log.write(text)
+
+
+class Progress:
+    """One line per step on the driver: step, reward, loss and the step-time breakdown."""
+
+    def __init__(self, total: int, done: int, *, enabled: bool):
+        self.enabled = enabled
+        self.total = total
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            # The bar's redraws go to the terminal only; the log gets one plain line per step instead.
+            self.bar = tqdm(
+                total=total, initial=done, desc="sapo", unit="step", dynamic_ncols=True, file=terminal(sys.stdout)
+            )
+
+    def update(self, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        parts = {
+            "reward": f"{m.get('reward/mean', float('nan')):.3f}",
+            "loss": f"{m.get('loss/loss', float('nan')):+.4f}",
+            "t(roll/old/upd/sync)": "/".join(
+                f"{m.get(f'time/{k}', 0.0):.1f}" for k in ("rollout", "old_logprob", "update", "sync")
+            ),
+        }
+        if "reward/val_mean" in m:
+            parts["val"] = f"{m['reward/val_mean']:.3f}"
+        self.bar.set_postfix(parts, refresh=False)
+        self.bar.update(1)
+        log_only(sys.stdout, f"[step {step}/{self.total}] " + ", ".join(f"{k}={v}" for k, v in parts.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+

@@ -13,8 +13,12 @@ import socket
 import subprocess
 import time
 import sys
+import json
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from sapo_megatron.config import Config, ConfigError, save_config
 
 
 def free_port() -> int:
@@ -155,3 +159,45 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def check_launch(cfg: Config, env) -> None:
+    """Refuses a trainer rank that the launch put in the wrong place: a rollout node (which serves vLLM), or a
+    torchrun world that is not the actor's (launch.nnodes x launch.nproc_per_node ranks)."""
+    role = env.get("SAPO_NODE_ROLE", "actor")
+    if role != "actor":
+        raise ConfigError(
+            f"SAPO_NODE_ROLE={role}: this node runs the rollout servers (`sapo-megatron serve`), not trainer ranks; "
+            "start the trainer's torchrun on the actor nodes only"
+        )
+    if "WORLD_SIZE" in env and int(env["WORLD_SIZE"]) != cfg.launch.world_size:
+        raise ConfigError(
+            f"torchrun started WORLD_SIZE={env['WORLD_SIZE']} ranks, but launch.nnodes={cfg.launch.nnodes} x "
+            f"launch.nproc_per_node={cfg.launch.nproc_per_node} = {cfg.launch.world_size}: the trainer's torchrun "
+            "must span exactly the actor's nodes (rollout nodes run `sapo-megatron serve`)"
+        )
+
+
+def launch_ranks(cfg: Config, *, verbose: bool = False) -> Optional[dict]:
+    """Starts ``launch.nproc_per_node`` ranks of this trainer with torchrun on this node and waits.
+
+    The ranks inherit this terminal and each sends library output to its own log file (``verbose``: not)."""
+    if cfg.launch.nnodes > 1:
+        raise ConfigError("launch.nnodes > 1: start the ranks with torchrun/srun (see slurm/), not from here")
+    run_dir = Path(cfg.trainer.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    save_config(cfg, config_path)
+    result = run_torchrun(
+        ["-m", "sapo_megatron.trainer", str(config_path), *(["--verbose"] if verbose else [])],
+        cfg.launch.nproc_per_node,
+        timeout=7 * 24 * 3600,
+        capture=False,
+        die_with_parent=True,
+    )
+    if result.returncode != 0:
+        logs = "" if verbose else f"; each rank's full log, library output included, is in {run_dir / 'logs'}"
+        raise RuntimeError(f"the training ranks exited with code {result.returncode}{logs}")
+    summary_path = run_dir / "summary.json"
+    return json.loads(summary_path.read_text()) if summary_path.exists() else {}
+

@@ -743,7 +743,7 @@ PY_LIST_BYTES = 64  # the list object with its GC header (56 bytes), in its size
 # chunk: 33.6 for routing_change_stats, changed_layer_count and routing_variance_stats, 25.3 for
 # expert_load_stats (one record); tests/distributed/test_data_memory.py checks it.
 DIAGNOSTIC_BYTES_PER_DENSE_ID = 33.6
-# The fixed-edge histograms of trainer.StepDiagnostics (bins each): log r of stable and routing-changed
+# The fixed-edge histograms of diagnostics.step.StepDiagnostics (bins each): log r of stable and routing-changed
 # tokens, the ratio for positive and negative advantages, and the rollout/old mismatch.
 DIAGNOSTIC_HISTOGRAM_BINS = (100, 100, 120, 120, 100)
 # A logged scalar is a dict entry: its key (~70 bytes), a float, and the dict's slot.

@@ -23,16 +23,22 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from sapo_megatron import collectives
 from sapo_megatron.collectives import rank, world_size
 from sapo_megatron.config import Config, ConfigError
+from sapo_megatron.console import Progress
+from sapo_megatron.data.sources import build_prompt_streams, encode_prompt
+from sapo_megatron.diagnostics.run_logger import flatten_metrics
+from sapo_megatron.diagnostics.step import StepDiagnostics, rollout_metrics
+from sapo_megatron.diagnostics.summary import summarize
+from sapo_megatron.launch import check_launch, launch_ranks
 from sapo_megatron.models import resolve_model_dir
+from sapo_megatron.rewards.registry import reward_function
 from sapo_megatron.routing_layout import RoutingRecord, replay_positions, sample_positions
 from sapo_megatron.sharding import DataShare
 
@@ -51,66 +57,6 @@ def resolve_device(cfg: Config) -> torch.device:
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu")
     return torch.device(wanted)
-
-
-def is_toy_source(source: str) -> bool:
-    return source.startswith("toy:")
-
-
-def build_prompt_streams(cfg: Config, tokenizer):
-    """The resumable training stream and the fixed validation examples (``.prompt`` / ``.answer`` each)."""
-    from sapo_megatron.data.prompts import PromptStream, load_prompts
-    from sapo_megatron.data.toy import ToyTaskStream, parse_toy_source
-
-    if is_toy_source(cfg.data.train):
-        task = parse_toy_source(cfg.data.train)
-        train_stream = ToyTaskStream(task, seed=cfg.data.seed, split="train")
-        val_source = cfg.data.validation or cfg.data.train
-        val_task = parse_toy_source(val_source) if is_toy_source(val_source) else None
-        if val_task is not None:
-            val_examples = ToyTaskStream(val_task, seed=cfg.data.seed, split="heldout").take(cfg.trainer.val_prompts)
-            return train_stream, val_examples
-    else:
-        count = partial(count_prompt_tokens, tokenizer)
-        examples, stats = load_prompts(cfg.data.train, count_tokens=count, max_prompt_length=cfg.data.max_prompt_length)
-        if not examples:
-            raise ConfigError(f"data.train={cfg.data.train!r}: no usable prompt ({stats.summary()})")
-        print(f"[data] {cfg.data.train}: {stats.summary()}", flush=True)
-        train_stream = PromptStream(examples, seed=cfg.data.seed)
-        val_source = cfg.data.validation
-    if not val_source:
-        return train_stream, []
-    count = partial(count_prompt_tokens, tokenizer)
-    val_examples, stats = load_prompts(val_source, count_tokens=count, max_prompt_length=cfg.data.max_prompt_length)
-    print(f"[data] {val_source}: {stats.summary()}", flush=True)
-    return train_stream, val_examples[: cfg.trainer.val_prompts]
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a prompt: through the chat template when the tokenizer has one, else as plain text."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def count_prompt_tokens(tokenizer, text: str) -> int:
-    return len(encode_prompt(tokenizer, text))
-
-
-def reward_function(cfg: Config) -> Callable[[str, str], float]:
-    """A picklable ``(response, answer) -> reward`` for the sandbox workers."""
-    from sapo_megatron.rewards.math import math_reward
-    from sapo_megatron.rewards.toy import toy_reward
-
-    name = cfg.reward.fn
-    if name == "auto":
-        name = "toy" if is_toy_source(cfg.data.train) else "math"
-    if name == "toy":
-        return toy_reward
-    if name == "toy_exact":
-        return partial(toy_reward, partial_credit=False)
-    return math_reward
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,20 +174,6 @@ def sync_weights(ctx: "RunContext", *, version: Optional[int] = None) -> dict[st
     return {"sync/bytes": float(stats.bytes), "sync/tensors": float(stats.num_tensors)}
 
 
-def prefixed(prefix: str, metrics: dict) -> dict[str, float]:
-    """Flattens 0-dim and 1-d tensors/numbers under ``prefix``; 1-d values become ``<name>/layer{i}``."""
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, torch.Tensor) and value.dim() == 1:
-            for i, v in enumerate(value.tolist()):
-                out[f"{prefix}{key}/layer{i}"] = float(v)
-        elif isinstance(value, torch.Tensor) and value.dim() > 1:
-            continue  # matrices (expert load) go to histograms, not scalars
-        else:
-            out[f"{prefix}{key}"] = float(value)
-    return out
-
-
 class StepTimer:
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -330,7 +262,8 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
     from sapo_megatron.algorithms import compute_advantages
 
     cfg, actor, share, timer = ctx.cfg, ctx.actor, ctx.share, StepTimer()
-    diag = StepDiagnostics(ctx, step)
+    diag = StepDiagnostics(step, share=share, num_experts=actor.model.config.num_moe_experts if ctx.is_moe else 0,
+                           logger=ctx.logger)
     examples = ctx.train_stream.take(cfg.data.prompts_per_step)
     indices = share.prompt_indices(len(examples), cfg.algorithm.num_mini_batches)
 
@@ -368,7 +301,7 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
 
     metrics = rollout_metrics(share, rollout, rewards, batch)
     with timer("diagnostics"):
-        metrics.update(prefixed("mismatch/", diag.mismatch(batch)))
+        metrics.update(flatten_metrics(diag.mismatch(batch), "mismatch/"))
         diag.rollout_vs_old(batch, routing_rollout, routing_old, router_entropy_old,
                             routing_mask=positions.get("diagnostics"))
 
@@ -390,7 +323,7 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
             mb_metrics, *rest = out
             routing_mb = rest[0] if ctx.is_moe else None
             logprobs_mb = rest[-1]
-            metrics.update(prefixed(f"ratio/mb{k}/", mb_metrics))
+            metrics.update(flatten_metrics(mb_metrics, f"ratio/mb{k}/"))
             with timer("diagnostics"):
                 diag.update_mini_batch(k, mb, logprobs_mb, None if routing_old is None else routing_old.select(mb_index),
                                        routing_mb, routing_mask=mb_positions)
@@ -425,168 +358,6 @@ def routing_positions(ctx: RunContext, rollout: Rollout, batch, step: int) -> di
     diagnostics = sample_positions(batch.loss_mask, row_ids, ctx.cfg.diagnostics.routing_sample_tokens,
                                    seed=ctx.cfg.trainer.seed, step=step)
     return {"diagnostics": diagnostics, "full": replay_positions(batch.loss_mask)}
-
-
-def rollout_metrics(share: DataShare, rollout: Rollout, rewards: torch.Tensor, batch) -> dict[str, float]:
-    """The step's reward, response and rollout numbers: sums and counts of every share, added (one collective)."""
-    lengths = batch.loss_mask.sum(1)
-    (rows, reward_sum, exact, failures, nonfinite, empty, length_sum, truncated) = share.sum(
-        len(rollout.rewards),
-        float(rewards.double().sum()),
-        float((rewards == 1.0).sum()),
-        rollout.reward_failures,
-        len(rollout.excluded_rows),
-        rollout.empty_responses,
-        float(lengths.sum()),
-        sum(r == "length" for r in rollout.finish_reasons),
-    )
-    metrics = {
-        "reward/mean": reward_sum / rows,
-        "reward/exact_frac": exact / rows,
-        "reward/failures": failures,
-        "rollout/nonfinite_logprob_samples": nonfinite,
-        "response/empty": empty,
-        "response/length_mean": length_sum / rows,
-        "response/truncated_frac": truncated / rows,
-        "weights/rollout_version": float(rollout.weight_version),
-    }
-    metrics.update({f"rollout/engine{i}/samples": float(k) for i, k in enumerate(rollout.samples_per_engine)})
-    return metrics
-
-
-class StepDiagnostics:
-    """The routing-induced ratio-variance diagnostics of one step (docs/diagnostics.md defines each one).
-
-    Pairs of passes are compared token by token: the rollout engine vs the old-logprob recompute (their
-    log-prob difference is the train/rollout mismatch), and the old-logprob pass vs each update
-    mini-batch's forward (their difference is log r, the ratio SAPO gates). Histograms go to
-    ``histograms.jsonl`` for the dashboard.
-
-    Each rank computes on its share: sufficient statistics (sums, counts) are added over the shares before they
-    become metrics, quantiles are exact order statistics over every share's tokens, and histograms add their
-    counts; so the numbers are the whole batch's (one share: the same code path, bit for bit).
-    """
-
-    LOG_RATIO_EDGES = torch.linspace(-0.5, 0.5, 101)
-    RATIO_EDGES = torch.linspace(0.0, 3.0, 121)
-    DELTA_EDGES = torch.linspace(-0.05, 0.05, 101)
-
-    def __init__(self, ctx: RunContext, step: int):
-        self.ctx, self.step, self.share = ctx, step, ctx.share
-        self.metrics: dict[str, float] = {}
-        self.log_ratio: dict[str, list[torch.Tensor]] = {"stable": [], "routing_changed": []}
-        self.ratio: dict[str, list[torch.Tensor]] = {"adv_pos": [], "adv_neg": []}
-        self.delta: Optional[torch.Tensor] = None
-
-    def mismatch(self, batch) -> dict[str, torch.Tensor]:
-        """Train/rollout mismatch of the step (docs/diagnostics.md), combined over the shares."""
-        from sapo_megatron.diagnostics.mismatch import mismatch_metrics, reduce_mismatch_metrics
-
-        local = mismatch_metrics(batch.logprobs_old, batch.logprobs_rollout, batch.loss_mask)
-        if self.share.size == 1:
-            return local
-        return reduce_mismatch_metrics(self.share.gather_objects(local))
-
-    def rollout_vs_old(self, batch, routing_rollout, routing_old, router_entropy_old=None, routing_mask=None) -> None:
-        """``routing_mask``: the positions the routing records hold (default: the loss mask); the routing
-        diagnostics are computed over them (a sample when ``diagnostics.routing_sample_tokens`` is set)."""
-        from sapo_megatron.diagnostics.attribution import finalize_variance_attribution, routing_variance_stats
-        from sapo_megatron.diagnostics.routing import (
-            expert_load_stats,
-            finalize_expert_load,
-            finalize_routing_change,
-            routing_change_stats,
-        )
-
-        total = self.share.sum_tensors
-        mask = batch.loss_mask
-        self.delta = (batch.logprobs_old - batch.logprobs_rollout)[mask]
-        if router_entropy_old is not None:
-            self.metrics.update(prefixed("routing/", router_entropy_metrics(router_entropy_old, mask, total)))
-        routed = mask if routing_mask is None else routing_mask
-        if routing_old is not None:
-            num_experts = self.ctx.actor.model.config.num_moe_experts
-            load = finalize_expert_load(total(expert_load_stats(routing_old, routed, num_experts)))
-            self.metrics.update(prefixed("routing/expert_load/", {k: v for k, v in load.items() if v.dim() <= 1}))
-        if routing_rollout is None or routing_old is None:
-            return
-        change = finalize_routing_change(total(routing_change_stats(routing_rollout, routing_old, routed)))
-        self.metrics.update(prefixed("routing/rollout_vs_old/", change))
-        delta = torch.where(routed, batch.logprobs_old - batch.logprobs_rollout, 0.0)
-        attribution = finalize_variance_attribution(total(routing_variance_stats(delta, routed, routing_rollout, routing_old)))
-        self.metrics.update(prefixed("attribution/rollout_vs_old/", _scalars(attribution)))
-
-    def update_mini_batch(self, k: int, mb, logprobs, routing_old, routing_update, routing_mask=None) -> None:
-        from sapo_megatron.diagnostics.attribution import finalize_variance_attribution, routing_variance_stats
-        from sapo_megatron.diagnostics.mismatch import ratio_quantiles
-        from sapo_megatron.diagnostics.routing import changed_layer_count, finalize_routing_change, routing_change_stats
-
-        total = self.share.sum_tensors
-        mask = mb.loss_mask
-        log_ratio = torch.where(mask, logprobs - mb.logprobs_old, 0.0)
-        quantiles = ratio_quantiles(logprobs, mb.logprobs_old, mask, group=self.share.group if self.share.size > 1 else None)
-        self.metrics.update(prefixed(f"ratio/mb{k}/", quantiles))
-        positive = mask & (mb.advantages > 0)[:, None]
-        negative = mask & (mb.advantages < 0)[:, None]
-        self.ratio["adv_pos"].append(log_ratio[positive].exp())
-        self.ratio["adv_neg"].append(log_ratio[negative].exp())
-        if routing_old is None or routing_update is None:
-            self.log_ratio["stable"].append(log_ratio[mask])
-            return
-        routed = mask if routing_mask is None else routing_mask
-        change = finalize_routing_change(total(routing_change_stats(routing_old, routing_update, routed)))
-        self.metrics.update(prefixed(f"routing/old_vs_mb{k}/", change))
-        routed_log_ratio = torch.where(routed, log_ratio, 0.0)
-        attribution = finalize_variance_attribution(
-            total(routing_variance_stats(routed_log_ratio, routed, routing_old, routing_update))
-        )
-        self.metrics.update(prefixed(f"attribution/old_vs_mb{k}/", _scalars(attribution)))
-        changed = changed_layer_count(routing_old, routing_update, routed)
-        # Over the recorded positions only: an unsampled token is neither stable nor changed.
-        self.log_ratio["stable"].append(log_ratio[routed & (changed == 0)])
-        self.log_ratio["routing_changed"].append(log_ratio[routed & (changed > 0)])
-
-    def finish(self) -> dict[str, float]:
-        from sapo_megatron.diagnostics.run_logger import histogram_summary, merge_histogram_summaries
-
-        wanted = [(f"log_ratio/{name}", _cat(parts), self.LOG_RATIO_EDGES) for name, parts in self.log_ratio.items()]
-        wanted += [(f"ratio/{name}", _cat(parts), self.RATIO_EDGES) for name, parts in self.ratio.items()]
-        if self.delta is not None:
-            wanted.append(("mismatch/delta", self.delta, self.DELTA_EDGES))
-        # Bin counts (and the sums TensorBoard shows) add over the shares: one small exchange for all of them.
-        local = [histogram_summary(self.step, name, values, edges) for name, values, edges in wanted]
-        parts = self.share.gather_objects(local)
-        logger = self.ctx.logger
-        if logger is not None:
-            for index in range(len(local)):
-                logger.log_histogram_summary(merge_histogram_summaries([p[index] for p in parts]))
-        return self.metrics
-
-
-def router_entropy_metrics(router_entropy: torch.Tensor, mask: torch.Tensor, combine=None) -> dict[str, torch.Tensor]:
-    """``router_entropy`` [layers] (mean over the valid tokens of the per-token router entropy
-    ``[B, S, layers]``, nats) and ``router_entropy_mean`` over layers; 0 without valid tokens. ``combine`` adds
-    the statistics of the other shares (:meth:`~sapo_megatron.sharding.DataShare.sum_tensors`)."""
-    from sapo_megatron.diagnostics.routing import finalize_router_entropy, token_entropy_stats
-
-    stats = token_entropy_stats(router_entropy, mask)
-    return finalize_router_entropy(combine(stats) if combine is not None else stats)
-
-
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
-def _scalars(metrics: dict) -> dict:
-    """The 0-dim entries (per-group vectors of the attribution are indexed by changed-layer count, not layer)."""
-    out = {}
-    for key, value in metrics.items():
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            out[key] = value
-        elif value.dim() == 1:
-            for i, v in enumerate(value.tolist()):
-                out[f"{key}/{i}"] = v
-    return out
 
 
 def mini_batch_slices(size: int, num_mini_batches: int) -> list[slice]:
@@ -829,112 +600,16 @@ def run(ctx: RunContext) -> dict:
         if due(step, cfg.trainer.save_interval, cfg.trainer.steps):
             save(ctx)
     progress.close()
-    summary = summarize(ctx, time.perf_counter() - started)
+    summary = {"step": ctx.step}
+    if ctx.is_driver:
+        summary = summarize(run_dir, policy_loss=cfg.algorithm.policy_loss, data_source=cfg.data.train, step=ctx.step,
+                            weight_version=ctx.weight_version, seconds=time.perf_counter() - started)
     return summary
 
 
 def log(ctx: RunContext, step: int, metrics: dict) -> None:
     if ctx.is_driver and metrics:
         ctx.logger.log(step, metrics)
-
-
-class Progress:
-    """One line per step on the driver: step, reward, loss and the step-time breakdown."""
-
-    def __init__(self, total: int, done: int, *, enabled: bool):
-        from sapo_megatron.console import terminal
-
-        self.enabled = enabled
-        self.total = total
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            # The bar's redraws go to the terminal only; the log gets one plain line per step instead.
-            self.bar = tqdm(
-                total=total, initial=done, desc="sapo", unit="step", dynamic_ncols=True, file=terminal(sys.stdout)
-            )
-
-    def update(self, step: int, m: dict) -> None:
-        from sapo_megatron.console import log_only
-
-        if not self.enabled:
-            return
-        parts = {
-            "reward": f"{m.get('reward/mean', float('nan')):.3f}",
-            "loss": f"{m.get('loss/loss', float('nan')):+.4f}",
-            "t(roll/old/upd/sync)": "/".join(
-                f"{m.get(f'time/{k}', 0.0):.1f}" for k in ("rollout", "old_logprob", "update", "sync")
-            ),
-        }
-        if "reward/val_mean" in m:
-            parts["val"] = f"{m['reward/val_mean']:.3f}"
-        self.bar.set_postfix(parts, refresh=False)
-        self.bar.update(1)
-        log_only(sys.stdout, f"[step {step}/{self.total}] " + ", ".join(f"{k}={v}" for k, v in parts.items()))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def summarize(ctx: RunContext, seconds: float) -> dict:
-    """Writes summary.json and reward_curve.png (driver), prints the summary, returns it on every rank."""
-    if not ctx.is_driver:
-        return {"step": ctx.step}
-    from sapo_megatron.diagnostics.run_logger import read_metrics
-
-    run_dir = Path(ctx.cfg.trainer.run_dir)
-    records = read_metrics(run_dir)
-    val = [(r["step"], r["reward/val_mean"]) for r in records if r.get("reward/val_mean") is not None]
-    train_rewards = [r["reward/mean"] for r in records if r.get("reward/mean") is not None]
-    step_times = [r["time/step"] for r in records if r.get("time/step") is not None]
-    summary = {
-        "run_dir": str(run_dir),
-        "policy_loss": ctx.cfg.algorithm.policy_loss,
-        "steps": ctx.step,
-        "val_reward_first": val[0][1] if val else None,
-        "val_reward_last": val[-1][1] if val else None,
-        "val_reward_best": max(v for _, v in val) if val else None,
-        "train_reward_first": train_rewards[0] if train_rewards else None,
-        "train_reward_last": train_rewards[-1] if train_rewards else None,
-        "mean_step_seconds": sum(step_times) / len(step_times) if step_times else None,
-        "wall_seconds_this_session": seconds,
-        "weight_version": ctx.weight_version,
-    }
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, run_dir / "summary.json")
-    plot_reward_curve(records, run_dir / "reward_curve.png", title=f"{ctx.cfg.algorithm.policy_loss} on {ctx.cfg.data.train}")
-    print("\n== summary ==", flush=True)
-    for key, value in summary.items():
-        print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}", flush=True)
-    return summary
-
-
-def plot_reward_curve(records: list[dict], path: Path, *, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["reward/mean"]) for r in records if r.get("reward/mean") is not None]
-    val = [(r["step"], r["reward/val_mean"]) for r in records if r.get("reward/val_mean") is not None]
-    if train:
-        ax.plot(*zip(*train), label="train (rollout) reward", alpha=0.6)
-    if val:
-        ax.plot(*zip(*val), marker="o", label="held-out reward")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def shutdown(ctx: RunContext) -> None:
@@ -947,50 +622,6 @@ def shutdown(ctx: RunContext) -> None:
             except Exception as exc:  # shutting down: report, keep closing the rest
                 print(f"[shutdown] {type(closer).__name__}.close(): {exc}", file=sys.stderr)
     destroy_distributed()
-
-
-def check_launch(cfg: Config, env) -> None:
-    """Refuses a trainer rank that the launch put in the wrong place: a rollout node (which serves vLLM), or a
-    torchrun world that is not the actor's (launch.nnodes x launch.nproc_per_node ranks)."""
-    role = env.get("SAPO_NODE_ROLE", "actor")
-    if role != "actor":
-        raise ConfigError(
-            f"SAPO_NODE_ROLE={role}: this node runs the rollout servers (`sapo-megatron serve`), not trainer ranks; "
-            "start the trainer's torchrun on the actor nodes only"
-        )
-    if "WORLD_SIZE" in env and int(env["WORLD_SIZE"]) != cfg.launch.world_size:
-        raise ConfigError(
-            f"torchrun started WORLD_SIZE={env['WORLD_SIZE']} ranks, but launch.nnodes={cfg.launch.nnodes} x "
-            f"launch.nproc_per_node={cfg.launch.nproc_per_node} = {cfg.launch.world_size}: the trainer's torchrun "
-            "must span exactly the actor's nodes (rollout nodes run `sapo-megatron serve`)"
-        )
-
-
-def launch_ranks(cfg: Config, *, verbose: bool = False) -> Optional[dict]:
-    """Starts ``launch.nproc_per_node`` ranks of this trainer with torchrun on this node and waits.
-
-    The ranks inherit this terminal and each sends library output to its own log file (``verbose``: not)."""
-    from sapo_megatron.config import save_config
-    from sapo_megatron.launch import run_torchrun
-
-    if cfg.launch.nnodes > 1:
-        raise ConfigError("launch.nnodes > 1: start the ranks with torchrun/srun (see slurm/), not from here")
-    run_dir = Path(cfg.trainer.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    save_config(cfg, config_path)
-    result = run_torchrun(
-        ["-m", "sapo_megatron.trainer", str(config_path), *(["--verbose"] if verbose else [])],
-        cfg.launch.nproc_per_node,
-        timeout=7 * 24 * 3600,
-        capture=False,
-        die_with_parent=True,
-    )
-    if result.returncode != 0:
-        logs = "" if verbose else f"; each rank's full log, library output included, is in {run_dir / 'logs'}"
-        raise RuntimeError(f"the training ranks exited with code {result.returncode}{logs}")
-    summary_path = run_dir / "summary.json"
-    return json.loads(summary_path.read_text()) if summary_path.exists() else {}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 process per GPU) and writes ``DIR/slice_<i>_of_<n>.json``; a slice already written is kept, so a requeued job
 only does what is missing. ``merge`` combines the slices into ``DIR/summary.json`` and prints the accuracy.
 
-Prompts are encoded and responses scored exactly as the trainer's validation does (``trainer.encode_prompt``,
+Prompts are encoded and responses scored exactly as the trainer's validation does (``data.sources.encode_prompt``,
 the math answer verifier); sampling follows the recipe's ``rollout`` section (temperature, top-p,
 max_new_tokens). Accuracy is the mean reward over all samples of all problems: with ``--samples 16`` that is
 avg@16, the usual estimate of pass@1 for sampled decoding.
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from sapo_megatron.data.prompts import load_prompts
     from sapo_megatron.rewards.math import math_reward
     from sapo_megatron.rollout.engine import RolloutEngine
-    from sapo_megatron.trainer import encode_prompt
+    from sapo_megatron.data.sources import encode_prompt
 
     cfg = load_config(args.recipe, args.overrides)
     if not cfg.data.validation:

@@ -1,8 +1,9 @@
 """Synthetic run directories in the trainer's format, to try the dashboard without training and to test it.
 
-The metrics are computed by the real diagnostics and loss functions on random tensors (so every name and
-value range is what a run writes), with a train/rollout mismatch and routing changes that grow over the
-steps, and routing-changed tokens given a wider log-ratio spread than stable ones::
+The metrics and histograms are computed by the trainer's own step diagnostics
+(:class:`~sapo_megatron.diagnostics.step.StepDiagnostics`) and loss functions on random tensors (so every name,
+bin and value range is what a run writes), with a train/rollout mismatch and routing changes that grow over
+the steps, and routing-changed tokens given a wider log-ratio spread than stable ones::
 
     python -c "from sapo_megatron.dashboard.example_runs import write_example_run as w; \\
                w('runs/demo_sapo'); w('runs/demo_grpo', policy_loss='clip', seed=1)"
@@ -34,20 +35,13 @@ def write_example_run(
     """
     import torch
 
+    from sapo_megatron.actor.batch import TrainBatch
     from sapo_megatron.algorithms.policy_losses import policy_loss_from_config
     from sapo_megatron.config import load_config, save_config
-    from sapo_megatron.diagnostics.attribution import finalize_variance_attribution, routing_variance_stats
-    from sapo_megatron.diagnostics.mismatch import mismatch_metrics
-    from sapo_megatron.diagnostics.routing import (
-        changed_layer_count,
-        expert_load_stats,
-        finalize_expert_load,
-        finalize_router_entropy,
-        finalize_routing_change,
-        router_entropy_stats,
-        routing_change_stats,
-    )
+    from sapo_megatron.diagnostics.routing import changed_layer_count, softmax_entropy
     from sapo_megatron.diagnostics.run_logger import RunLogger, flatten_metrics, write_custom_scalars_layout
+    from sapo_megatron.diagnostics.step import StepDiagnostics
+    from sapo_megatron.sharding import DataShare
 
     run_dir = Path(run_dir)
     cfg = load_config(
@@ -66,9 +60,6 @@ def write_example_run(
 
     gen = torch.Generator().manual_seed(seed)
     batch, seq, num_experts, topk = 16, 48, 8, 2
-    log_ratio_edges = torch.linspace(-0.5, 0.5, 41, dtype=torch.float64)
-    ratio_edges = torch.linspace(0.5, 1.5, 41, dtype=torch.float64)
-    delta_edges = torch.linspace(-0.3, 0.3, 41, dtype=torch.float64)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
@@ -101,72 +92,39 @@ def write_example_run(
             }
             if step % 4 == 0:
                 metrics["reward/val_mean"] = float(0.15 + 0.5 * progress + 0.02 * randn(1))
-            metrics |= flatten_metrics(mismatch_metrics(logprobs_old, logprobs_rollout, mask), "mismatch/")
+            advantages = randn(batch).sign()
+            rows = TrainBatch(tokens=torch.zeros(batch, seq, dtype=torch.long), loss_mask=mask, advantages=advantages,
+                              logprobs_rollout=logprobs_rollout, logprobs_old=logprobs_old)
+            diag = StepDiagnostics(step, share=DataShare(), num_experts=num_experts if moe else 0, logger=logger)
+            metrics |= flatten_metrics(diag.mismatch(rows), "mismatch/")
             if moe:
-                metrics |= flatten_metrics(
-                    finalize_routing_change(routing_change_stats(routing_rollout, routing_old, mask)),
-                    "routing/rollout_vs_old/",
-                )
-                attribution = finalize_variance_attribution(
-                    routing_variance_stats(delta, mask, routing_rollout, routing_old)
-                )
-                metrics |= flatten_metrics(
-                    {k: v for k, v in attribution.items() if v.dim() == 0}, "attribution/rollout_vs_old/"
-                )
                 # Routers grow more decided as training goes on: sharper logits, lower entropy.
                 router_logits = randn(batch, seq, num_layers, num_experts) * (1.0 + 2.0 * progress)
-                metrics |= flatten_metrics(
-                    finalize_router_entropy(router_entropy_stats(mask, router_logits=router_logits)), "routing/"
-                )
-                load = finalize_expert_load(expert_load_stats(routing_old, mask, num_experts))
-                metrics |= flatten_metrics({k: v for k, v in load.items() if v.dim() <= 1}, "routing/expert_load/")
+                diag.rollout_vs_old(rows, routing_rollout, routing_old, softmax_entropy(router_logits).float())
+            else:
+                diag.rollout_vs_old(rows, None, None)
 
-            advantages = randn(batch).sign()
             pg_losses = []
             for k in range(num_mini_batches):
                 routing_update = perturb(routing_old, 0.01 + 0.04 * progress) if k > 0 else routing_old
                 changed_update = changed_layer_count(routing_old, routing_update, mask).clamp(min=0)
                 # The policy drifts from pi_old over the mini-batches; routing-changed tokens drift further.
                 log_ratio = randn(batch, seq) * (0.01 + 0.04 * k) + randn(batch, seq) * (0.12 * changed_update)
-                loss, loss_metrics = loss_fn(logprobs_old + log_ratio, logprobs_old, advantages, mask)
+                logprobs = torch.where(mask, logprobs_old + log_ratio, 0.0)
+                loss, loss_metrics = loss_fn(logprobs, logprobs_old, advantages, mask)
                 pg_losses.append(float(loss))
                 metrics |= flatten_metrics(loss_metrics, f"ratio/mb{k}/")
-                if moe and k > 0:
-                    metrics |= flatten_metrics(
-                        finalize_routing_change(routing_change_stats(routing_old, routing_update, mask)),
-                        f"routing/old_vs_mb{k}/",
-                    )
-                    attribution = finalize_variance_attribution(
-                        routing_variance_stats(log_ratio, mask, routing_old, routing_update)
-                    )
-                    metrics |= flatten_metrics(
-                        {key: v for key, v in attribution.items() if v.dim() == 0}, f"attribution/old_vs_mb{k}/"
-                    )
+                diag.update_mini_batch(k, rows, logprobs, routing_old if moe else None, routing_update if moe else None)
             metrics["loss/pg_loss"] = sum(pg_losses) / len(pg_losses)
             metrics["loss/loss"] = metrics["loss/pg_loss"]  # no KL or entropy term, as in the demo recipes
             # The trainer's gradient norm before clipping: ~1, two orders above the loss (no random draw, so
             # the other series do not depend on it).
             metrics["loss/grad_norm"] = 1.6 - 0.8 * progress + 5.0 * abs(metrics["loss/pg_loss"])
+            metrics |= diag.finish()  # also writes the step's histograms
             metrics |= {"time/rollout": 4.0 + randn(1).abs().item(), "time/old_logprob": 0.8, "time/update": 2.5,
                         "time/sync": 0.4}
             metrics["time/step"] = sum(metrics[f"time/{p}"] for p in ("rollout", "old_logprob", "update", "sync"))
             logger.log(step, metrics)
-
-            valid = mask
-            if moe:
-                logger.log_histogram(
-                    step, "log_ratio/stable", log_ratio[valid & (changed_update == 0)], log_ratio_edges
-                )
-                logger.log_histogram(
-                    step, "log_ratio/routing_changed", log_ratio[valid & (changed_update > 0)], log_ratio_edges
-                )
-            else:
-                logger.log_histogram(step, "log_ratio/stable", log_ratio[valid], log_ratio_edges)
-            advantages_tok = advantages[:, None].expand(batch, seq)
-            ratio = log_ratio.exp()
-            logger.log_histogram(step, "ratio/adv_pos", ratio[valid & (advantages_tok > 0)], ratio_edges)
-            logger.log_histogram(step, "ratio/adv_neg", ratio[valid & (advantages_tok < 0)], ratio_edges)
-            logger.log_histogram(step, "mismatch/delta", delta[valid], delta_edges)
     finally:
         logger.close()
     return run_dir

@@ -239,28 +239,36 @@ def histogram_record(step: int, name: str, values: torch.Tensor, edges: torch.Te
     }
 
 
-def flatten_metrics(metrics: Mapping[str, torch.Tensor | float], prefix: str = "") -> dict[str, float]:
-    """Scalars as ``prefix + name``; 1-d per-layer tensors as ``prefix + name + "/layer{i}"``, one key per entry.
+def flatten_metrics(
+    metrics: Mapping[str, torch.Tensor | float], prefix: str = "", *, index: str = "layer"
+) -> dict[str, float]:
+    """Scalars as ``prefix + name``; 1-d tensors as ``prefix + name + "/" + index + str(i)``, one key per entry.
 
-    The run directory's scalar naming (docs/diagnostics.md): a per-layer vector such as
-    ``routing_changed_frac`` [layers] becomes ``.../routing_changed_frac/layer0``, ``.../layer1``, ...
-    Tensors with more than one dimension (e.g. the expert load [layers, experts]) are rejected: pick a
-    per-layer summary of them instead.
+    The run directory's scalar naming (docs/diagnostics.md), and the only flattener of the package: a per-layer
+    vector such as ``routing_changed_frac`` [layers] becomes ``.../routing_changed_frac/layer0``, ``.../layer1``,
+    ...; a vector indexed by something else passes ``index`` (the variance attribution's per-group vectors,
+    indexed by changed-layer count: ``index=""`` gives ``.../0``, ``.../1``). Tensors with more than one
+    dimension (e.g. the expert load [layers, experts]) are rejected: pick a per-layer summary of them, or log
+    them as a histogram.
     """
     import torch
 
     out: dict[str, float] = {}
     for name, value in metrics.items():
-        tensor = torch.as_tensor(value).detach()
+        if not isinstance(value, torch.Tensor):
+            # A Python number keeps its float64 digits (torch.as_tensor would round it to float32).
+            out[prefix + name] = float(value)
+            continue
+        tensor = value.detach()
         if tensor.dim() == 0:
             out[prefix + name] = float(tensor)
         elif tensor.dim() == 1:
-            for index, entry in enumerate(tensor.to("cpu", torch.float64).tolist()):
-                out[f"{prefix}{name}/layer{index}"] = entry
+            for position, entry in enumerate(tensor.to("cpu", torch.float64).tolist()):
+                out[f"{prefix}{name}/{index}{position}"] = entry
         else:
             raise ValueError(
-                f"metric {prefix + name!r} has shape {tuple(tensor.shape)}; only scalars and 1-d per-layer "
-                f"vectors can be logged"
+                f"metric {prefix + name!r} has shape {tuple(tensor.shape)}; only scalars and 1-d vectors can be "
+                f"logged (summarise a matrix per layer, or log it as a histogram)"
             )
     return out
 

@@ -284,11 +284,12 @@ def test_routing_replay_config():
 
 
 def test_router_entropy_metric_is_the_mean_over_valid_tokens_per_layer():
-    from sapo_megatron.trainer import prefixed, router_entropy_metrics
+    from sapo_megatron.diagnostics.run_logger import flatten_metrics
+    from sapo_megatron.diagnostics.step import router_entropy_metrics
 
     entropy = torch.tensor([[[1.0, 2.0], [3.0, 5.0], [9.0, 9.0]], [[0.5, 4.0], [7.0, 7.0], [0.0, 0.0]]])
     mask = torch.tensor([[True, True, False], [True, False, False]])
-    metrics = prefixed("routing/", router_entropy_metrics(entropy, mask))
+    metrics = flatten_metrics(router_entropy_metrics(entropy, mask), "routing/")
     assert metrics == {
         "routing/router_entropy/layer0": pytest.approx(4.5 / 3),
         "routing/router_entropy/layer1": pytest.approx(11.0 / 3),

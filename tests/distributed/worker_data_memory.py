@@ -129,7 +129,7 @@ def exact_allocator() -> ctypes.CDLL:
 
 
 def rollout_vs_old(batch, routing_rollout: RoutingRecord, routing_old: RoutingRecord) -> None:
-    """The routing diagnostics of trainer.StepDiagnostics.rollout_vs_old, in its order."""
+    """The routing diagnostics of diagnostics.step.StepDiagnostics.rollout_vs_old, in its order."""
     mask = batch.loss_mask
     expert_load_stats(routing_old, mask, EXPERTS)
     routing_change_stats(routing_rollout, routing_old, mask)

@@ -192,7 +192,7 @@ def test_disaggregated_dry_run(tmp_path, capsys):
 
 def test_the_trainer_refuses_a_world_or_node_role_that_is_not_the_actors():
     from sapo_megatron.config import ConfigError, load_config
-    from sapo_megatron.trainer import check_launch
+    from sapo_megatron.launch import check_launch
 
     cfg = load_config(ROOT / "recipes" / "qwen3_30b_a3b_sapo.yaml", []).validate()
     check_launch(cfg, {"WORLD_SIZE": "32", "SAPO_NODE_ROLE": "actor"})

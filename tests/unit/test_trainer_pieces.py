@@ -10,7 +10,10 @@ import torch
 
 from sapo_megatron.algorithms.supervised import nll_loss
 from sapo_megatron.config import load_config
-from sapo_megatron.trainer import Rollout, build_train_batch, due, mini_batches, plot_reward_curve, prefixed, reward_function
+from sapo_megatron.diagnostics.run_logger import flatten_metrics
+from sapo_megatron.diagnostics.summary import plot_reward_curve
+from sapo_megatron.rewards.registry import reward_function
+from sapo_megatron.trainer import Rollout, build_train_batch, due, mini_batches
 
 
 def _rollout():
@@ -46,9 +49,13 @@ def test_mini_batches_are_contiguous_equal_slices():
     assert torch.equal(parts[1].tokens, batch.tokens[1:2])
 
 
-def test_prefixed_flattens_per_layer_vectors_and_skips_matrices():
-    out = prefixed("routing/x/", {"a": torch.tensor(0.5), "per_layer": torch.tensor([0.1, 0.2]), "m": torch.ones(2, 2), "b": 3})
+def test_the_one_flattener_names_per_layer_and_other_vectors_and_refuses_matrices():
+    out = flatten_metrics({"a": torch.tensor(0.5), "per_layer": torch.tensor([0.1, 0.2]), "b": 3}, "routing/x/")
     assert out == {"routing/x/a": 0.5, "routing/x/per_layer/layer0": pytest.approx(0.1), "routing/x/per_layer/layer1": pytest.approx(0.2), "routing/x/b": 3.0}
+    # The variance attribution's per-group vectors are indexed by changed-layer count, not by layer.
+    assert flatten_metrics({"var": torch.tensor([1.0, 2.0])}, "attribution/", index="") == {"attribution/var/0": 1.0, "attribution/var/1": 2.0}
+    with pytest.raises(ValueError, match="histogram"):
+        flatten_metrics({"m": torch.ones(2, 2)}, "routing/x/")
 
 
 def test_due_fires_on_interval_and_last_step_only():

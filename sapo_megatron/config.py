@@ -261,6 +261,10 @@ class RolloutConfig:
     # The address the engines reach trainer rank 0 at for the weight-transfer rendezvous (remote mode);
     # empty = this host's name. Never a loopback address on a cluster.
     sync_host: str = ""
+    # Remote mode: the weight-transfer group's bound, in seconds, on forming at start-up (a server that does not
+    # join within it fails the run, naming the server and sync_host:port) and on every wait inside a push (a
+    # server that dies mid-push fails the push within it). It must exceed an engine's load of the full model.
+    sync_timeout_s: float = 300.0
 
     def validate(self, prefix: str) -> None:
         if self.n_samples < 1:
@@ -275,6 +279,8 @@ class RolloutConfig:
             raise ConfigError(f"{prefix}.kv_cache_memory_bytes={self.kv_cache_memory_bytes!r}: must be > 0")
         if self.num_engines < 0 or self.engine_tensor_parallel < 1:
             raise ConfigError(f"{prefix}: num_engines must be >= 0 (0 = automatic) and engine_tensor_parallel >= 1")
+        if not (self.sync_timeout_s > 0 and math.isfinite(self.sync_timeout_s)):
+            raise ConfigError(f"{prefix}.sync_timeout_s={self.sync_timeout_s!r}: must be a finite number of seconds > 0")
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(

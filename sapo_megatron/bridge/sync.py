@@ -35,9 +35,11 @@ API
     serves its previous version.
 ``WeightReceiver(engine, group, *, staging_device=None).receive() -> SyncStats``
     The engine's side of a remote push.
-``SyncGroup.from_torch(group=None)``, ``SyncGroup.connect(host, port, *, rank, world_size, backend="gloo")``
+``SyncGroup.from_torch(group=None)``, ``SyncGroup.connect(host, port, *, rank, world_size, backend="gloo", timeout_s=300)``
     A group of the running torch.distributed job (colocated), or a standalone group with its own
     rendezvous (remote: gloo on CPU, NCCL on GPU) that does not disturb the trainer's default group.
+    ``timeout_s`` bounds forming it (:class:`SyncGroupJoinError` names the ranks that did not arrive) and
+    every wait inside it.
 
 Protocol (one push)
 -------------------
@@ -83,7 +85,8 @@ Failures
 Validation problems (step 1) and errors while packing, receiving or rebuilding (step 2) leave the engine
 untouched. An error inside vLLM after loading has started makes the engine unusable (it says so on every
 later call) rather than serving mixed weights. A rank that dies mid-transfer makes the others' sends and
-receives fail with the group's transport error (or its timeout); nothing was loaded.
+receives fail with the group's transport error (or its timeout); nothing was loaded if that happens before
+the outcome exchange of step 3 completes.
 """
 
 from __future__ import annotations
@@ -111,10 +114,30 @@ DEFAULT_BUCKET_BYTES = 512 * 1024**2
 _ALIGN = 64
 # Packed buckets a sender holds at once: one on the wire while the next is packed.
 _MAX_IN_FLIGHT = 2
+# A standalone group's bound on forming and on every wait inside it (rollout.sync_timeout_s sets it for runs).
+DEFAULT_GROUP_TIMEOUT_S = 300.0
 
 
 class WeightSyncError(RuntimeError):
     """A push that did not make its version current; the message says where the engine stands."""
+
+
+class SyncGroupJoinError(RuntimeError):
+    """A standalone sync group did not form within its timeout. ``missing``: the ranks that never arrived at the
+    rendezvous ``address`` (empty: all arrived but could not connect to each other; ``None``: unknown, because
+    rank 0, which holds the rendezvous store, had already given up; rank 0 itself always knows)."""
+
+    def __init__(self, message: str, *, address: str, missing: list[int] | None, timeout_s: float) -> None:
+        super().__init__(message)
+        self.address = address
+        self.missing = missing
+        self.timeout_s = timeout_s
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line: torch.distributed's errors append a C++ stack trace."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 @dataclass(frozen=True)
@@ -188,29 +211,64 @@ class SyncGroup:
         rank: int,
         world_size: int,
         backend: str = "gloo",
-        timeout_s: float = 1800.0,
+        timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
     ) -> "SyncGroup":
         """A standalone group over ``world_size`` processes that rendezvous at ``host:port`` (rank 0 hosts the
         store). It is independent of the default torch.distributed group, so trainer ranks and a rollout
-        process started separately can share it. ``backend="nccl"`` needs a CUDA device per process."""
+        process started separately can share it. ``backend="nccl"`` needs a CUDA device per process.
+
+        ``timeout_s`` bounds every wait: forming the group (a rank that never arrives makes the others raise
+        :class:`SyncGroupJoinError` naming it, instead of waiting), and then each send, receive and collective
+        (gloo raises; a peer that died or hangs fails a push within it rather than stalling it). It must exceed
+        the longest legitimate wait inside one push: an engine's load, while the trainer ranks wait for its
+        outcome."""
         import torch.distributed as dist
 
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"SyncGroup.connect(backend={backend!r}): use 'gloo' (CPU) or 'nccl' (GPU)")
         if not 0 <= rank < world_size:
             raise ValueError(f"SyncGroup.connect(rank={rank}, world_size={world_size}): need 0 <= rank < world_size")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+            raise ValueError(f"SyncGroup.connect(timeout_s={timeout_s!r}): must be a finite number of seconds > 0")
+        address = f"{host}:{port}"
         timeout = timedelta(seconds=timeout_s)
-        store = dist.TCPStore(
-            host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
-        )
+        try:
+            store = dist.TCPStore(
+                host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+            )
+        except Exception as exc:  # DistNetworkError and friends: their text carries a C++ trace
+            raise SyncGroupJoinError(
+                f"rank {rank} could not reach the sync group's rendezvous at {address} within {timeout_s:g} s: "
+                f"{_first_line(exc)}", address=address, missing=[rank], timeout_s=timeout_s,
+            ) from None
+        # Each rank says it arrived before the backend's own rendezvous, whose timeout names only store keys:
+        # after a failure the ranks that never came are read from here.
+        arrivals = dist.PrefixStore("sapo_megatron.arrived", store)
+        arrivals.set(str(rank), socket.gethostname())
         prefixed = dist.PrefixStore("sapo_megatron.weight_sync", store)
-        if backend == "gloo":
-            return cls(dist.ProcessGroupGloo(prefixed, rank, world_size, timeout), rank, world_size,
-                       torch.device("cpu"), store=store)
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
-        return cls(pg, rank, world_size, torch.device("cuda", torch.cuda.current_device()), store=store)
+        try:
+            if backend == "gloo":
+                return cls(dist.ProcessGroupGloo(prefixed, rank, world_size, timeout), rank, world_size,
+                           torch.device("cpu"), store=store)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
+            return cls(pg, rank, world_size, torch.device("cuda", torch.cuda.current_device()), store=store)
+        except Exception as exc:
+            try:
+                missing = [r for r in range(world_size) if not arrivals.check([str(r)])]
+            except Exception:  # rank 0, which holds the store, already gave up
+                missing = None
+            if missing:
+                what = f"rank(s) {', '.join(map(str, missing))} of {world_size} did not arrive"
+            elif missing is None:
+                what = "the ranks that did not arrive are unknown (the rendezvous store is gone)"
+            else:
+                what = "every rank arrived, but they did not connect to each other"
+            raise SyncGroupJoinError(
+                f"the sync group at {address} did not form within {timeout_s:g} s: {what} ({_first_line(exc)})",
+                address=address, missing=missing, timeout_s=timeout_s,
+            ) from None
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (pickled: the peers are this job's own processes)."""
@@ -951,7 +1009,9 @@ __all__ = [
     "DEFAULT_BUCKET_BYTES",
     "ColocatedTransport",
     "RemoteTransport",
+    "DEFAULT_GROUP_TIMEOUT_S",
     "SyncGroup",
+    "SyncGroupJoinError",
     "SyncStats",
     "Transport",
     "WeightReceiver",

@@ -563,10 +563,16 @@ class ServerClient:
 
     def health(self) -> bool:
         """``GET /health`` answers 200 (within ``timeout_s``)."""
-        try:
-            return self._http.get("/health", timeout=self.timeout_s).status_code == 200
-        except httpx.HTTPError:
-            return False
+        for _ in range(2):
+            try:
+                return self._http.get("/health", timeout=self.timeout_s).status_code == 200
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                # A kept-alive connection the server closed (vLLM's server drops one after a failed request,
+                # exactly when the caller asks whether it is still alive): once more, on a fresh connection.
+                continue
+            except httpx.HTTPError:
+                return False
+        return False
 
     # -- generation -----------------------------------------------------------------------------------------
 

@@ -16,8 +16,15 @@ joins the same standalone gloo group: trainer ranks first, then one rank per ser
 3. ``/finish_weight_update`` with the version, ``/reset_prefix_cache``, and a check that ``/weight_info`` of
    every server names ``v``; then ``/resume``.
 
-A push that fails before the transfer leaves every server on its previous version (the trainer ranks raise
-:class:`~sapo_megatron.bridge.sync.WeightSyncError` naming the cause); the servers are resumed either way.
+Failures (docs/rollout.md has the table, with what each test shows). ``rollout.sync_timeout_s`` bounds the group:
+forming it (a server that does not join fails :meth:`ServerFleet.build` on every rank, naming the server and
+the address it was told to reach) and every wait inside a push. A push that fails raises
+:class:`~sapo_megatron.bridge.sync.WeightSyncError` on every trainer rank with one message that names each
+server and what it holds afterwards, read from the server: a failure before the engines' outcome exchange
+loads nothing anywhere; a server that loaded before the push failed elsewhere is labelled with the new version
+(``/weight_info`` and the samples' version spans stay true); a server whose weights are in doubt stays paused.
+Live servers in no doubt are resumed. After a server died, a transport error or a doubt, the fleet refuses
+every later push: the group cannot make one version current on every server again.
 
 On one machine (the CPU demo, tests) with ``rollout.server_urls`` empty, the driver starts
 ``rollout.num_engines`` servers itself on 127.0.0.1; on a cluster ``slurm/train_disaggregated.sbatch`` starts
@@ -29,6 +36,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,23 +63,66 @@ class _Failure:
         raise self.kind(self.message)
 
 
-def _threads(calls: dict[str, Any]) -> dict[str, BaseException | None]:
-    """Runs ``url -> callable`` concurrently; returns url -> the exception it raised (or None)."""
-    errors: dict[str, BaseException | None] = {}
+def _start_threads(calls: dict[str, Any], outcomes: dict[str, BaseException | None]) -> list[threading.Thread]:
+    """Starts ``url -> callable`` concurrently; each thread records in ``outcomes[url]`` the exception its call
+    raised, or None, when the call ends (so a caller that stops waiting still sees the ones that did end)."""
 
     def run(url: str, call) -> None:
         try:
             call()
-            errors[url] = None
+            outcomes[url] = None
         except BaseException as exc:  # reported by the caller, with the server's name
-            errors[url] = exc
+            outcomes[url] = exc
 
     threads = [threading.Thread(target=run, args=(u, c), name=f"server-rpc {u}", daemon=True) for u, c in calls.items()]
     for t in threads:
         t.start()
+    return threads
+
+
+def _join_threads(threads: list[threading.Thread], timeout_s: float | None) -> None:
+    """Waits for every thread, at most ``timeout_s`` in all (None: until each ends, which every HTTP call's own
+    timeout bounds)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     for t in threads:
-        t.join()
-    return errors
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+def _brief(error: BaseException | str, limit: int = 400) -> str:
+    """One line of an error for a message that lists several (server replies can carry whole tracebacks, and
+    torch.distributed's errors a C++ stack after their message)."""
+    text = str(error).split("Exception raised from")[0].split(" This is typically caused by")[0]
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _join_failure_message(error, errors, address, timeout_s, members, urls, replies, sync_host) -> str:
+    """Why the weight-transfer group did not form: who did not join, the address they were told to reach, and
+    what each server's /init_weight_transfer_engine call said."""
+    missing = getattr(error, "missing", None)
+    if missing:
+        who = list(dict.fromkeys(members[r] if r < len(members) else f"rank {r}" for r in missing))
+        head = f"{', '.join(who)} did not join it"
+    else:
+        first = error if error is not None else next(e for e in errors if e)
+        head = _brief(first)
+    lines = [
+        f"the weight-transfer group at {address} did not form within {timeout_s:g} s (rollout.sync_timeout_s): "
+        f"{head}.",
+        f"Every server was told to reach trainer rank 0 at {address}: rollout.sync_host "
+        f"({sync_host!r}; empty means this node's name) must be an address of trainer rank 0's node that the rollout "
+        "nodes can reach, with that port open to them; a server that died or hung cannot join either.",
+        "The servers' /init_weight_transfer_engine replies:",
+    ]
+    for url in urls:
+        if url not in replies:
+            state = f"no reply within {_REPLY_GRACE_S:g} s after the trainer gave up"
+        elif replies[url] is None:
+            state = "joined"
+        else:
+            state = _brief(replies[url])
+        lines.append(f"  {url}: {state}")
+    return "\n".join(lines)
 
 
 class ServerFleet(RolloutFleet):
@@ -85,6 +136,8 @@ class ServerFleet(RolloutFleet):
         self.processes = list(processes)  # servers this fleet started (driver, single node)
         self.config = config
         self.samples_per_engine = [0] * len(urls)
+        # Why no push can succeed any more (same text on every rank), or None; see push().
+        self.broken: str | None = None
 
     @property
     def is_driver(self) -> bool:
@@ -120,7 +173,6 @@ class ServerFleet(RolloutFleet):
         host = rollout.sync_host or ("127.0.0.1" if local else socket.getfqdn())
         port = _broadcast(free_port() if rank == 0 else None)
         backend = "nccl" if device == "cuda" else "gloo"
-        init = {}
         pool = failure = workers = None
         if rank == 0:
             try:
@@ -135,23 +187,44 @@ class ServerFleet(RolloutFleet):
         if isinstance(workers, _Failure):
             workers.raise_()
         size = world + sum(workers)
+        timeout_s = rollout.sync_timeout_s
+        address = f"{host}:{port}"
+        members: list[str] = [f"trainer rank {r}" for r in range(world)]  # group rank -> who
+        replies: dict[str, BaseException | None] = {}  # driver: url -> its /init_weight_transfer_engine outcome
         if rank == 0:
+            for url, count in zip(urls, workers):
+                members += [url] * count
+            for client in pool.clients:
+                # A failed push's /update_weights ends within the group's timeout (its receive gives up then);
+                # the HTTP limit must leave it that long, or a live server would look dead.
+                client.weight_update_timeout_s = max(client.weight_update_timeout_s, timeout_s + _HTTP_MARGIN_S)
             first = world
+            calls = {}
             for url, client, count in zip(urls, pool.clients, workers):
                 info = {"host": host, "port": port, "rank": first, "world_size": size, "num_engines": sum(workers),
-                        "expert_load": rollout.cpu_expert_load, "backend": backend}
-                init[url] = (lambda c=client, info=info: c.init_weight_transfer_engine(info))
+                        "expert_load": rollout.cpu_expert_load, "backend": backend, "timeout_s": timeout_s}
+                calls[url] = (lambda c=client, info=info: c.init_weight_transfer_engine(info))
                 first += count
             # The servers join the group from inside their HTTP call; run them while this rank joins too.
-            holder: dict = {}
-            waiter = threading.Thread(target=lambda: holder.update(errors=_threads(init)), daemon=True)
-            waiter.start()
-        group = SyncGroup.connect(host, port, rank=rank, world_size=size, backend=backend)
+            waiters = _start_threads(calls, replies)
+        group = error = None
+        try:
+            group = SyncGroup.connect(host, port, rank=rank, world_size=size, backend=backend, timeout_s=timeout_s)
+        except Exception as exc:  # every rank takes part in the exchange below, so that all raise together
+            error = exc
+        errors = collectives.all_gather_object(None if error is None else str(error))
         failure = None
         if rank == 0:
-            waiter.join()
-            failed = {u: e for u, e in holder["errors"].items() if e is not None}
-            if failed:
+            # After a failed rendezvous a server's own attempt may still be running (a client of the store retries
+            # for up to twice the timeout): what it said by then is reported, the rest is named as silent.
+            grace = None if not any(errors) else _REPLY_GRACE_S
+            _join_threads(waiters, grace)
+            replies = dict(replies)  # a snapshot: a call still running may add its reply meanwhile
+            failed = {u: e for u, e in replies.items() if e is not None}
+            if any(errors):
+                failure = _Failure(RuntimeError, _join_failure_message(
+                    error, errors, address, timeout_s, members, urls, replies, rollout.sync_host))
+            elif failed:
                 failure = _Failure(RuntimeError, "weight-transfer set-up failed on " + "; ".join(
                     f"{u}: {e}" for u, e in failed.items()))
         failure = _broadcast(failure)
@@ -221,10 +294,16 @@ class ServerFleet(RolloutFleet):
     # -- weights ----------------------------------------------------------------------------------------------
 
     def push(self, model_chunks, version: int):
+        """Every trainer rank: makes ``version`` every server's weights, or raises :class:`WeightSyncError` with the
+        same message on every rank (see the module docstring for what each server holds then). After a failure
+        that leaves the weight-transfer group unusable (a server died, a wait timed out) or a server in doubt,
+        every later push raises at once: the fleet cannot make one version current on every server again."""
         from sapo_megatron.bridge.sync import WeightSyncError
 
+        if self.broken is not None:
+            # Every rank holds the same reason (from the driver's broadcast), so all refuse without talking.
+            raise WeightSyncError(f"weight sync to version {version} refused: {self.broken}")
         failure = None
-        updates: dict = {}
         if self.is_driver:
             try:
                 if self.pool.dead:
@@ -243,24 +322,32 @@ class ServerFleet(RolloutFleet):
         failure = _broadcast(failure)
         if failure is not None:
             failure.raise_()
+        replies: dict[str, BaseException | None] = {}
         if self.is_driver:
             calls = {c.url: (lambda c=c: c.update_weights({"version": version})) for c in self.pool.clients}
-            updates["thread"] = threading.Thread(target=lambda: updates.update(errors=_threads(calls)), daemon=True)
-            updates["thread"].start()
+            threads = _start_threads(calls, replies)
         stats, error = None, None
         try:
             stats = self.weight_sync.push(model_chunks, version)
-        except WeightSyncError as exc:
+        except Exception as exc:
+            # Transport errors and timeouts too (a server died mid-push): every rank must reach the exchange below,
+            # or the ranks that did would wait there for the others.
             error = exc
-        failure = None
+        trainer_errors = collectives.all_gather_object(
+            None if error is None else (isinstance(error, WeightSyncError), _brief(error, 1000)))
+        outcome = None
         if self.is_driver:
-            updates["thread"].join()
-            http = {u: e for u, e in updates["errors"].items() if e is not None}
-            try:
-                if error is None and http:
-                    raise WeightSyncError(f"weight sync to version {version}: " + "; ".join(
-                        f"{u}: {e}" for u, e in http.items()))
-                if error is None:
+            _join_threads(threads, None)  # each call is bounded by the client's weight_update_timeout_s
+            keep_paused: list[str] = []
+            if any(trainer_errors) or any(e is not None for e in replies.values()):
+                try:
+                    outcome = self._after_failed_push(version, trainer_errors, replies, keep_paused)
+                except Exception as exc:  # still tell the other ranks, who wait in the broadcast below
+                    outcome = {"message": f"weight sync to version {version} failed ({trainer_errors}); reading "
+                                          f"the servers' states then failed too: {exc!r}", "broken": True}
+                    keep_paused += [c.url for c in self.pool.clients]
+            else:
+                try:
                     for client in self.pool.clients:
                         client.finish_weight_update(version)
                         client.reset_prefix_cache()
@@ -268,21 +355,88 @@ class ServerFleet(RolloutFleet):
                     wrong = {u: v for u, v in versions.items() if v != version}
                     if wrong:
                         raise WeightSyncError(f"after the push of version {version} the servers report {wrong}")
-            except Exception as exc:
-                failure = _Failure(WeightSyncError, str(exc))
-            self._resume_quietly()
-        failure = _broadcast(failure)
-        if error is not None:
-            raise error
-        if failure is not None:
-            failure.raise_()
+                except Exception as exc:
+                    outcome = {"message": f"weight sync to version {version}: {exc}", "broken": False}
+            self._resume_quietly(keep_paused)
+        outcome = _broadcast(outcome)
+        if outcome is not None:
+            if outcome["broken"]:
+                self.broken = outcome["message"]
+            raise WeightSyncError(outcome["message"]) from error
         return stats
 
-    def _resume_quietly(self) -> None:
-        try:
-            self.pool.resume()
-        except Exception:  # the failure being reported matters more; a dead server is named there
-            pass
+    def _after_failed_push(self, version: int, trainer_errors: list, replies: dict, keep_paused: list[str]) -> dict:
+        """The driver, after a push that failed somewhere: each server's state, read rather than assumed, with
+        its label made true (a server that loaded the version is labelled with it), and whether the fleet can go
+        on. Servers whose weights are in doubt are added to ``keep_paused`` so that they serve nothing."""
+        from sapo_megatron.rollout.servers import ServerUnreachable
+        from sapo_megatron.rollout.weight_transfer import UNUSABLE
+
+        states, dead = [], []
+        doubt = False
+        for client in self.pool.clients:
+            url = client.url
+            reply = replies.get(url)
+            if url in replies and reply is None:
+                # Its /update_weights returned: it received, checked and loaded the whole version before the push
+                # failed elsewhere. Labelling it keeps /weight_info and the samples' version spans true.
+                try:
+                    client.finish_weight_update(version)
+                    client.reset_prefix_cache()
+                    states.append(f"{url}: loaded version {version} before the failure and serves it "
+                                  f"(/weight_info says {version})")
+                except Exception as exc:
+                    doubt = True
+                    keep_paused.append(url)
+                    states.append(f"{url}: loaded version {version}, but labelling it failed ({_brief(exc)}): left "
+                                  "paused, since its /weight_info does not name the weights it holds")
+            elif not client.health():
+                dead.append(url)
+                states.append(f"{url}: died during the push (no answer on /health; /update_weights: {_brief(reply)})")
+            elif UNUSABLE in str(reply):
+                doubt = True
+                keep_paused.append(url)
+                states.append(f"{url}: its load failed inside vLLM, so its weights may mix versions: left paused; "
+                              f"restart it ({_brief(reply)})")
+            elif isinstance(reply, ServerUnreachable):
+                doubt = True
+                keep_paused.append(url)
+                states.append(f"{url}: gave no answer to /update_weights, so whether it loaded version {version} is "
+                              f"unknown: left paused ({_brief(reply)})")
+            else:
+                # Its backend raises only when it loaded nothing (or, above, when vLLM's load broke).
+                try:
+                    served = f"serves version {client.weight_version()}"
+                except Exception as exc:
+                    served = f"its /weight_info failed ({_brief(exc)})"
+                states.append(f"{url}: did not load version {version}; it {served} ({_brief(reply)})")
+        causes = [text for item in trainer_errors if item for text in item[1:]]
+        # A WeightSyncError is a failure all members of the group raised together; anything else (a closed
+        # connection, a timeout) leaves the group unusable.
+        transport = any(item and not item[0] for item in trainer_errors)
+        head = f"weight sync to version {version} failed"
+        if dead:
+            head += f": rollout server(s) {', '.join(dead)} died during the push"
+        cause = causes[0] if causes else "the trainer ranks finished, but a server's /update_weights failed"
+        message = f"{head} ({cause}).\nServers after the failure:\n  " + "\n  ".join(states)
+        broken = bool(dead) or transport or doubt
+        if broken:
+            why = ("the weight-transfer group lost a member" if dead else
+                   "the weight-transfer group is in an unknown state after a transport error or timeout" if transport
+                   else "a server's weights are in doubt")
+            message += (f"\n{why[0].upper()}{why[1:]}: no later push can make one version current on every server, so "
+                        "this fleet refuses every further push. Restart the run: it resumes from the last checkpoint "
+                        "with a fresh fleet.")
+        return {"message": message, "broken": broken}
+
+    def _resume_quietly(self, keep_paused: list[str] = ()) -> None:
+        for client in self.pool.clients:
+            if client.url in keep_paused or client.url in self.pool.dead:
+                continue
+            try:
+                client.resume()
+            except Exception:  # the failure being reported matters more; a dead server is named there
+                pass
 
     def pause(self, mode="wait") -> None:
         if self.is_driver:
@@ -303,6 +457,10 @@ class ServerFleet(RolloutFleet):
 
 # Servers on rollout nodes start with the job (a 30B model loads in minutes); the trainer waits this long.
 SERVER_WAIT_S = 1800.0
+# Beyond the group's timeout, for the HTTP calls that run inside the group (a server's reply after its own wait).
+_HTTP_MARGIN_S = 60.0
+# After a failed rendezvous, how long the driver still waits for the servers' replies, to quote them.
+_REPLY_GRACE_S = 10.0
 
 
 def _wait_for_servers(pool, timeout_s: float) -> None:

@@ -20,7 +20,11 @@ Two ways in, one load path:
   "world_size", "num_engines"}`` joins the trainer ranks' standalone gloo group as one of its last
   ``num_engines`` ranks; ``update_info={"version": v}`` runs the receiving side of one
   :meth:`WeightSync.push` (metadata, bounded buckets from each owner, outcome, load outcome) while the
-  trainer ranks send. The HTTP ``/update_weights`` call returns when the load is done (or failed).
+  trainer ranks send. The HTTP ``/update_weights`` call returns when the load is done (or failed). It succeeds
+  exactly when this engine loaded the whole version, even if the push then failed elsewhere (the trainer
+  labels such a server with the version); a failure of vLLM's own load answers with :data:`UNUSABLE`. After a
+  transport error or timeout (a member of the group died) the group is not used again:
+  ``start_weight_update`` refuses until ``init_weight_transfer_engine`` joins a new one.
 
 The load (:func:`load_named_tensors`): every tensor's name, shape and finiteness are checked first, so a bad
 update changes nothing; then the non-expert tensors go through vLLM's in-place layer-wise reload, and the MoE
@@ -40,6 +44,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 BACKEND = "sapo_reshard"
+# Begins the error of a remote update whose load failed inside vLLM: the trainer's driver reads it in the server's
+# reply and keeps that server paused (its weights may mix two versions).
+UNUSABLE = "sapo_reshard: engine unusable"
 ExpertLoad = Literal["direct", "reload"]
 
 
@@ -184,7 +191,8 @@ class SapoReshardInitInfo:
     rank: int = -1
     world_size: int = 0
     num_engines: int = 1
-    timeout_s: float = 1800.0
+    # Bounds joining the group and every wait of a push inside it (the trainer sends rollout.sync_timeout_s).
+    timeout_s: float = 300.0
     expert_load: ExpertLoad = "direct"
     # The version of the weights the engine holds now (-1: dummy weights, nothing real yet).
     weight_version: int = 0
@@ -238,6 +246,8 @@ def _make_engine_class():
             self.expert_load: ExpertLoad = "reload"
             self.repack = False
             self.broken: str | None = None
+            # Why the sync group can no longer carry a push (a member died or a wait timed out), or None.
+            self.group_failed: str | None = None
 
         def init_transfer_engine(self, init_info: SapoReshardInitInfo) -> None:
             from sapo_megatron.rollout.vllm_cpu_fixes import cpu_moe_repack_needed
@@ -271,6 +281,7 @@ def _make_engine_class():
                     f"{init_info.num_engines} ranks of a group of {init_info.world_size}"
                 )
             self.num_engines = init_info.num_engines
+            self.group, self.group_failed = None, None
             self.group = SyncGroup.connect(
                 init_info.host, init_info.port, rank=rank, world_size=init_info.world_size,
                 backend=init_info.backend, timeout_s=init_info.timeout_s,
@@ -279,6 +290,12 @@ def _make_engine_class():
         def start_weight_update(self) -> None:
             if self.broken is not None:
                 raise RuntimeError(f"the engine is unusable because {self.broken}; restart it")
+            if self.group_failed is not None:
+                # A push over it would wait for a member that is gone, then time out.
+                raise RuntimeError(
+                    f"the weight-transfer group can no longer carry a push ({self.group_failed}); this server "
+                    f"serves weight_version {self.weight_version}: join a new group (init_weight_transfer_engine)"
+                )
 
         def finish_weight_update(self) -> None:
             pass
@@ -300,10 +317,32 @@ def _make_engine_class():
                     "sapo_reshard: no tensors in update_info and no sync group; call init_weight_transfer_engine "
                     "with the trainer's rendezvous first"
                 )
-            from sapo_megatron.bridge.sync import WeightReceiver
+            from sapo_megatron.bridge.sync import WeightReceiver, WeightSyncError
 
-            with torch.no_grad():
-                WeightReceiver(_ModelTarget(self), self.group, num_engines=self.num_engines).receive()
+            before = self.weight_version
+            try:
+                with torch.no_grad():
+                    WeightReceiver(_ModelTarget(self), self.group, num_engines=self.num_engines).receive()
+            except Exception as exc:
+                if not isinstance(exc, WeightSyncError):
+                    # A transport error or timeout (a member died or hung): the group's state is unknown, so no
+                    # later push may use it. A WeightSyncError is a failure every member raised together.
+                    first = (str(exc).strip().splitlines() or [""])[0]  # gloo appends a C++ stack
+                    self.group_failed = f"push of version {update_info.version}: {type(exc).__name__}: {first}"
+                if self.broken is not None:
+                    raise RuntimeError(
+                        f"{UNUSABLE}: {self.broken}; its weights may mix weight_version {before} and "
+                        f"{update_info.version}: serve nothing from it and restart it"
+                    ) from exc
+                if self.weight_version == before:
+                    raise
+                # This engine loaded the whole update before the push failed elsewhere (another engine's load
+                # or the final outcome exchange): it serves the new version, so the call succeeds and the
+                # trainer labels it with that version rather than leaving the old label on the new weights.
+                logger.warning(
+                    "sapo_reshard: this engine loaded weight_version %s, but the push failed elsewhere: %s",
+                    self.weight_version, exc,
+                )
 
         def load(self, named, version: int, expert_load: ExpertLoad | None = None, repack: bool | None = None) -> None:
             """A checked update (``named`` complete); the version becomes current only if every layer loaded."""

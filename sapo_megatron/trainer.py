@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from sapo_megatron import collectives
+from sapo_megatron.algorithms import compute_advantages
 from sapo_megatron.collectives import rank, world_size
 from sapo_megatron.config import Config, ConfigError
 from sapo_megatron.console import Progress
@@ -175,16 +176,38 @@ def sync_weights(ctx: "RunContext", *, version: Optional[int] = None) -> dict[st
 
 
 class StepTimer:
+    """Seconds per phase of a step; a phase timed inside another (:meth:`apart`) is not counted twice."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self._inner = 0.0
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        start, inner = time.perf_counter(), self._inner
+        try:
+            yield
+        finally:
+            # Time spent in nested apart() phases belongs to them.
+            elapsed = time.perf_counter() - start - (self._inner - inner)
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+
+    @contextmanager
+    def apart(self, name: str) -> Iterator[None]:
+        """Times ``name`` inside another phase and takes it out of that phase's time."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            self._inner += elapsed
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"time/{name}": seconds for name, seconds in self.seconds.items()}
+        out["time/step"] = sum(self.seconds.values())
+        out["time/diagnostics_frac"] = self.seconds.get("diagnostics", 0.0) / out["time/step"]
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,6 +240,11 @@ class RunContext:
     @property
     def is_moe(self) -> bool:
         return bool(self.actor.model.config.num_moe_experts) and not self.cfg.model.dense
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer (0 for a dense model)."""
+        return int(self.actor.model.config.num_moe_experts) if self.is_moe else 0
 
     # -- colocated phases: who holds the device memory when ------------------------------------------------
     # rollout: the engine's weights + KV cache; the actor's offloaded state (optimizer.offload_*) on the host.
@@ -259,90 +287,101 @@ class RunContext:
 
 def train_step(ctx: RunContext, step: int) -> dict[str, float]:
     """One RL step. Every rank runs it on its data-parallel share; the driver logs."""
-    from sapo_megatron.algorithms import compute_advantages
-
-    cfg, actor, share, timer = ctx.cfg, ctx.actor, ctx.share, StepTimer()
-    diag = StepDiagnostics(step, share=share, num_experts=actor.model.config.num_moe_experts if ctx.is_moe else 0,
-                           logger=ctx.logger)
-    examples = ctx.train_stream.take(cfg.data.prompts_per_step)
-    indices = share.prompt_indices(len(examples), cfg.algorithm.num_mini_batches)
-
+    cfg, timer = ctx.cfg, StepTimer()
+    diag = StepDiagnostics(step, share=ctx.share, num_experts=ctx.num_experts, logger=ctx.logger)
     with timer("rollout"):
-        ctx.enter_rollout_phase()
-        rollout = generate_and_score(ctx, [examples[i] for i in indices], indices,
-                                     n=cfg.rollout.n_samples, seed=cfg.rollout.seed + step)
-        ctx.enter_train_phase()
-    rewards = torch.tensor(rollout.rewards, dtype=torch.float32)
-    advantages = compute_advantages(rewards, cfg.rollout.n_samples, cfg.algorithm.advantage)
-    batch = build_train_batch(rollout, advantages, pad_id=ctx.tokenizer.pad_token_id)
-    replay = cfg.algorithm.routing_replay
-    positions = routing_positions(ctx, rollout, batch, step)
-    routing_rollout = None
-    if rollout.routed_experts is not None:
-        # Compact records of the positions kept (docs/diagnostics.md); the engines' per-sample arrays go.
-        kept = positions["full"] if replay == "rollout" else positions["diagnostics"]
-        routing_rollout = RoutingRecord.from_sequences(rollout.routed_experts, kept, actor.model.config.num_moe_experts)
-        rollout.routed_experts = None
-
+        rollout = rollout_share(ctx, step)
+    batch, positions = train_batch(ctx, rollout, step)
     with timer("old_logprob"):
-        old = actor.policy.compute_logprobs(
-            batch,
-            record_routing=ctx.is_moe,
-            routing_positions=(positions["full"] if replay == "old" else positions["diagnostics"]) if ctx.is_moe else None,
-            record_router_entropy=ctx.is_moe,
-            replay_routing=routing_rollout if replay == "rollout" else None,
-            local=True,
-        )
-    logprobs_old, routing_old, router_entropy_old = old if ctx.is_moe else (old, None, None)
-    batch = batch.with_(logprobs_old=logprobs_old)
-    if ctx.reference is not None:
-        with timer("ref_logprob"):
-            batch = batch.with_(logprobs_ref=ctx.reference.compute_logprobs(batch, local=True))
-
-    metrics = rollout_metrics(share, rollout, rewards, batch)
+        batch, router_entropy = old_logprobs(ctx, batch, positions)
+    metrics = rollout_metrics(ctx.share, rollout, torch.tensor(rollout.rewards, dtype=torch.float32), batch)
     with timer("diagnostics"):
         metrics.update(flatten_metrics(diag.mismatch(batch), "mismatch/"))
-        diag.rollout_vs_old(batch, routing_rollout, routing_old, router_entropy_old,
+        diag.rollout_vs_old(batch, batch.routing_rollout, batch.routing_old, router_entropy,
                             routing_mask=positions.get("diagnostics"))
-
-    diagnostics_before_update = timer.seconds.get("diagnostics", 0.0)
     with timer("update"):
-        # The share holds its block of every mini-batch, in mini-batch order: mini-batch k is its k-th slice.
-        for k, mb_index in enumerate(mini_batch_slices(batch.size, cfg.algorithm.num_mini_batches)):
-            mb = batch.select(mb_index)
-            replay_mb = None
-            if replay == "old" and routing_old is not None:
-                replay_mb = routing_old.select(mb_index)
-            elif replay == "rollout" and routing_rollout is not None:
-                replay_mb = routing_rollout.select(mb_index)
-            mb_positions = positions["diagnostics"][mb_index] if ctx.is_moe else None
-            out = actor.policy.train_mini_batch(
-                mb, record_routing=ctx.is_moe, routing_positions=mb_positions, replay_routing=replay_mb,
-                return_logprobs=True, local=True,
-            )
-            mb_metrics, *rest = out
-            routing_mb = rest[0] if ctx.is_moe else None
-            logprobs_mb = rest[-1]
-            metrics.update(flatten_metrics(mb_metrics, f"ratio/mb{k}/"))
-            with timer("diagnostics"):
-                diag.update_mini_batch(k, mb, logprobs_mb, None if routing_old is None else routing_old.select(mb_index),
-                                       routing_mb, routing_mask=mb_positions)
-    # The per-mini-batch diagnostics ran inside the update's timer: count them once, as diagnostics.
-    timer.seconds["update"] -= timer.seconds.get("diagnostics", 0.0) - diagnostics_before_update
-    for key in ("loss", "pg_loss", "kl_loss", "entropy_loss", "grad_norm"):
-        values = [v for name, v in metrics.items() if name.startswith("ratio/mb") and name.endswith(f"/{key}")]
-        if values:
-            metrics[f"loss/{key}"] = sum(values) / len(values)
-    metrics["optimizer/lr"] = float(actor.optimizer.param_groups[0]["lr"])
-
+        updates = update_mini_batches(ctx, batch, positions, diag, timer, metrics)
+    metrics.update(step_losses(updates))
+    metrics["optimizer/lr"] = float(ctx.actor.optimizer.param_groups[0]["lr"])
     with timer("sync"):
         metrics.update(sync_weights(ctx))
     with timer("diagnostics"):
         metrics.update(diag.finish())
-    metrics.update({f"time/{name}": seconds for name, seconds in timer.seconds.items()})
-    metrics["time/step"] = sum(timer.seconds.values())
-    metrics["time/diagnostics_frac"] = timer.seconds.get("diagnostics", 0.0) / metrics["time/step"]
-    return metrics
+    return metrics | timer.metrics()
+
+
+def rollout_share(ctx: RunContext, step: int) -> Rollout:
+    """The step's prompts (drawn identically on every rank), this share's of them sampled and scored."""
+    cfg = ctx.cfg
+    examples = ctx.train_stream.take(cfg.data.prompts_per_step)
+    indices = ctx.share.prompt_indices(len(examples), cfg.algorithm.num_mini_batches)
+    ctx.enter_rollout_phase()
+    rollout = generate_and_score(ctx, [examples[i] for i in indices], indices, n=cfg.rollout.n_samples,
+                                 seed=cfg.rollout.seed + step)
+    ctx.enter_train_phase()
+    return rollout
+
+
+def train_batch(ctx: RunContext, rollout: Rollout, step: int):
+    """The share's batch: advantages, token tensors and the rollout's routing record; and the positions that
+    the step's routing records keep (:func:`routing_positions`)."""
+    cfg = ctx.cfg
+    rewards = torch.tensor(rollout.rewards, dtype=torch.float32)
+    advantages = compute_advantages(rewards, cfg.rollout.n_samples, cfg.algorithm.advantage)
+    batch = build_train_batch(rollout, advantages, pad_id=ctx.tokenizer.pad_token_id)
+    positions = routing_positions(ctx, rollout, batch, step)
+    if rollout.routed_experts is not None:
+        # Compact records of the positions kept (docs/diagnostics.md); the engines' per-sample arrays go.
+        kept = positions["full"] if cfg.algorithm.routing_replay == "rollout" else positions["diagnostics"]
+        batch = batch.with_(routing_rollout=RoutingRecord.from_sequences(rollout.routed_experts, kept, ctx.num_experts))
+        rollout.routed_experts = None
+    return batch, positions
+
+
+def old_logprobs(ctx: RunContext, batch, positions: dict):
+    """The batch with the old policy's log-probs and routing (and the reference's log-probs with a KL term);
+    and the old pass's router entropy (MoE)."""
+    replay = ctx.cfg.algorithm.routing_replay
+    old = ctx.actor.policy.compute_logprobs(
+        batch,
+        record_routing=ctx.is_moe,
+        routing_positions=positions.get("full" if replay == "old" else "diagnostics"),
+        record_router_entropy=ctx.is_moe,
+        replay_routing=batch.routing_rollout if replay == "rollout" else None,
+        local=True,
+    )
+    batch = batch.with_(logprobs_old=old.logprobs, routing_old=old.routing)
+    if ctx.reference is not None:
+        batch = batch.with_(logprobs_ref=ctx.reference.compute_logprobs(batch, local=True).logprobs)
+    return batch, old.router_entropy
+
+
+def update_mini_batches(ctx: RunContext, batch, positions: dict, diag: StepDiagnostics, timer: "StepTimer",
+                        metrics: dict) -> list:
+    """One optimizer step per mini-batch (the share holds its block of every mini-batch, in mini-batch order:
+    mini-batch ``k`` is its ``k``-th slice), each step's numbers into ``metrics``; returns the results."""
+    replay = ctx.cfg.algorithm.routing_replay
+    updates = []
+    for k, rows in enumerate(mini_batch_slices(batch.size, ctx.cfg.algorithm.num_mini_batches)):
+        mb = batch.select(rows)
+        mb_positions = positions["diagnostics"][rows] if ctx.is_moe else None
+        update = ctx.actor.policy.train_mini_batch(
+            mb, record_routing=ctx.is_moe, routing_positions=mb_positions,
+            replay_routing={"old": mb.routing_old, "rollout": mb.routing_rollout}.get(replay),
+            return_logprobs=True, local=True,
+        )
+        updates.append(update)
+        metrics.update(flatten_metrics(update.metrics, f"ratio/mb{k}/"))
+        metrics.update(flatten_metrics(update.losses, f"loss/mb{k}/"))
+        with timer.apart("diagnostics"):
+            diag.update_mini_batch(k, mb, update.logprobs, mb.routing_old, update.routing, routing_mask=mb_positions)
+    return updates
+
+
+def step_losses(updates: list) -> dict[str, float]:
+    """The step's loss, its terms and the gradient norm: means over its mini-batches."""
+    keys = [k for k in ("loss", "pg_loss", "kl_loss", "entropy_loss", "grad_norm") if k in updates[0].losses]
+    return {f"loss/{key}": sum(u.losses[key] for u in updates) / len(updates) for key in keys}
 
 
 def routing_positions(ctx: RunContext, rollout: Rollout, batch, step: int) -> dict[str, torch.Tensor]:
@@ -393,8 +432,7 @@ def supervised_warmup(ctx: RunContext) -> None:
     lr = cfg.trainer.sft_lr or cfg.optimizer.lr
     # The warm-up runs outside the RL schedule: its own rate, and the scheduler does not count its steps.
     # The NLL in place of the policy loss, and no KL term (the warm-up's batches have no reference log-probs).
-    rl_loss, policy.loss = policy.loss, dataclasses.replace(policy.loss, policy_loss=nll_loss, kl_coef=0.0)
-    scheduler, policy.scheduler = policy.scheduler, None
+    warmup_loss = dataclasses.replace(policy.loss, policy_loss=nll_loss, kl_coef=0.0)
     try:
         for i in range(cfg.trainer.sft_warmup_steps):
             for group in ctx.actor.optimizer.param_groups:
@@ -407,13 +445,12 @@ def supervised_warmup(ctx: RunContext) -> None:
             batch = TrainBatch(
                 tokens=tokens, loss_mask=mask, advantages=torch.zeros(len(examples)), logprobs_old=torch.zeros(tokens.shape)
             )
-            metrics = policy.train_mini_batch(batch)
+            update = policy.train_mini_batch(batch, loss=warmup_loss, advance_schedule=False)
             if ctx.is_driver and (i + 1) % 10 == 0:
-                print(f"[warm-up] step {i + 1}/{cfg.trainer.sft_warmup_steps} nll {metrics['loss']:.3f}", flush=True)
+                print(f"[warm-up] step {i + 1}/{cfg.trainer.sft_warmup_steps} nll {update.losses['loss']:.3f}", flush=True)
     finally:
-        policy.loss = rl_loss
-        policy.scheduler = scheduler
-        scheduler.step(increment=0)  # back to the schedule's rate
+        if policy.scheduler is not None:
+            policy.scheduler.step(increment=0)  # back to the schedule's rate
 
 
 # ----------------------------------------------------------------------------------------------------------

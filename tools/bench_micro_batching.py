@@ -97,7 +97,7 @@ def main(argv=None) -> None:
         init_distributed(cfg.parallel, "cpu", seed=1)
         actor = build_actor(cfg, hf_dir, device=torch.device("cpu"), total_steps=2 * (args.repeats + 1))
         policy = actor.policy
-        batch = batch.with_(logprobs_old=policy.compute_logprobs(batch))
+        batch = batch.with_(logprobs_old=policy.compute_logprobs(batch).logprobs)
         modes = {"fixed": 0, "token-budget": budget}
         padded, seconds = {}, {mode: [] for mode in modes}
         for mode, max_tokens in modes.items():

@@ -11,9 +11,9 @@ Megatron's own averaging, so the update equals the algorithm core's loss on the 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,40 @@ from sapo_megatron.algorithms.loss import TrainingLoss
 def causal_attention_mask(seq_len: int) -> torch.Tensor:
     """Megatron's convention: True marks a position that may NOT be attended to. [1, 1, S, S]."""
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), diagonal=1)[None, None]
+
+
+@dataclass
+class ForwardPass:
+    """What :meth:`MegatronPolicy.compute_logprobs` returns; what it was not asked for is ``None``.
+
+    ``logprobs`` (and ``entropy``) ``[B, S]``; ``routing``: a
+    :class:`~sapo_megatron.routing_layout.RoutingRecord` of the requested positions, or the dense int32
+    ``[B, S, layers, topk]``; ``router_entropy`` float32 ``[B, S, layers]`` (nats)."""
+
+    logprobs: torch.Tensor
+    entropy: Optional[torch.Tensor] = None
+    routing: Any = None
+    router_entropy: Optional[torch.Tensor] = None
+
+
+@dataclass
+class UpdateResult:
+    """What :meth:`MegatronPolicy.train_mini_batch` returns.
+
+    ``losses``: the step's loss and its terms (``loss``, ``pg_loss``, and ``kl_loss`` / ``entropy_loss`` when
+    the loss has them), each the mini-batch's value summed over micro-batches and ranks, plus ``grad_norm``
+    (before clipping) and ``update_skipped``. ``metrics``: the policy loss's own statistics, reduced exactly
+    over micro-batches and ranks (ratio moments, gate or clip fractions, ``kl_mean``...). ``routing`` and
+    ``logprobs`` (the update forward's ``[B, S]``) when asked for."""
+
+    losses: dict[str, float]
+    metrics: dict[str, float]
+    routing: Any = None
+    logprobs: Optional[torch.Tensor] = None
+
+    def scalars(self) -> dict[str, float]:
+        """Every number of the step in one dict (tests compare them across layouts)."""
+        return {**self.metrics, **self.losses}
 
 
 class MegatronPolicy:
@@ -128,6 +162,8 @@ class MegatronPolicy:
         micro-batches, and the results, are those of the whole batch split over the ranks."""
         dp_rank, dp_size = self._dp()
         budget = self.max_tokens_per_micro_batch
+        # A pass takes its replay routing as an argument: the batch's records do not ride in the micro-batches.
+        batch = batch.without_routing()
         if local:
             multiple = 1 if budget else self.micro_batch_size
             rows_needed, width_needed = batch.size + (-batch.size) % multiple, batch.seq_len
@@ -283,7 +319,7 @@ class MegatronPolicy:
         :mod:`sapo_megatron.actor.routing`).
         ``record_router_entropy`` appends each MoE router's per-token entropy (nats) of its softmax over all
         experts, float32 ``[B, S, num_moe_layers]``.
-        Returns ``logprobs``, or the tuple ``(logprobs[, entropy][, routing][, router_entropy])``.
+        Returns a :class:`ForwardPass`.
         """
         from sapo_megatron.actor.routing import open_routing_pass
 
@@ -320,19 +356,16 @@ class MegatronPolicy:
             outputs = self._run_schedule(micro, layout, forward_step, forward_only=True)
         for m in self.model:
             m.train()
-        keys = ["logprobs"] + (["entropy"] if with_entropy else [])
-        result = {key: self._gather_token_outputs(outputs, key, layout, batch) for key in keys}
+        result = ForwardPass(logprobs=self._gather_token_outputs(outputs, "logprobs", layout, batch))
+        if with_entropy:
+            result.entropy = self._gather_token_outputs(outputs, "entropy", layout, batch)
         if record_routing:
-            result["routing"] = self._routing_result(routing, batch, routing_positions)
-            keys.append("routing")
+            result.routing = self._routing_result(routing, batch, routing_positions)
         if record_router_entropy:
-            result["router_entropy"] = self._beyond_loss_filled(
+            result.router_entropy = self._beyond_loss_filled(
                 routing.gather_entropy(batch.size, batch.seq_len), batch, 0.0
             )
-            keys.append("router_entropy")
-        if len(keys) > 1:
-            return tuple(result[key] for key in keys)
-        return result["logprobs"]
+        return result
 
     def _routing_result(self, routing, batch: TrainBatch, positions: Optional[torch.Tensor]):
         """The pass's recorded routing: a record of ``positions``, or (without) the dense layout."""
@@ -381,8 +414,13 @@ class MegatronPolicy:
         replay_routing: Optional[torch.Tensor | RoutingRecord] = None,
         return_logprobs: bool = False,
         local: bool = False,
+        loss: Optional[TrainingLoss] = None,
+        advance_schedule: bool = True,
     ):
-        """One optimizer step with the policy loss on ``batch`` (a mini-batch). Returns scalar metrics.
+        """One optimizer step with the policy loss on ``batch`` (a mini-batch). Returns an :class:`UpdateResult`.
+
+        ``loss``: this step's loss instead of the policy's own (the supervised warm-up's NLL);
+        ``advance_schedule=False``: the LR scheduler does not count the step (steps outside the RL schedule).
 
         ``local=True``: ``batch`` is this data-parallel rank's share of the mini-batch (the loss is normalised
         by the counts summed over the ranks, so the step equals the whole mini-batch's); the per-token
@@ -393,15 +431,17 @@ class MegatronPolicy:
         update's forward (and any recomputation); ``record_routing`` adds the routing the update used (a record
         of ``routing_positions`` when given, as in :meth:`compute_logprobs`); ``return_logprobs`` adds the
         per-token log-probs [B, S] of the update's forward (before the step: the ``logprobs`` of the ratio the
-        loss saw). Returns ``metrics``, or the tuple ``(metrics[, routing][, logprobs])``.
+        loss saw). See :class:`UpdateResult`.
         """
         from sapo_megatron.actor.routing import open_routing_pass
 
         if batch.logprobs_old is None:
             raise ValueError("train_mini_batch needs batch.logprobs_old (run compute_logprobs first)")
-        if self.kl_coef > 0 and batch.logprobs_ref is None:
+        loss = self.loss if loss is None else loss
+        if loss is None or self.optimizer is None:
+            raise ValueError("train_mini_batch needs a loss (MegatronPolicy(loss=...) or loss=) and an optimizer")
+        if loss.needs_reference and batch.logprobs_ref is None:
             raise ValueError("algorithm.kl_coef > 0 needs batch.logprobs_ref (the reference model's log-probs)")
-        assert self.policy_loss is not None and self.optimizer is not None
         num_global_tokens, num_global_seqs = batch.num_valid_tokens(), batch.num_valid_sequences()
         if local:
             num_global_tokens, num_global_seqs = self._over_data_parallel(
@@ -422,14 +462,14 @@ class MegatronPolicy:
         )
         _, dp_size = self._dp()
         scale = MegatronLossScale(num_microbatches=len(micro), data_parallel_size=dp_size)
-        need_entropy = self.entropy_coef != 0
+        need_entropy = loss.needs_entropy
         counts = dict(num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs)
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             routing.before_forward(model, mb)
             logits = self._logits(model, mb)
-            return logits, partial(self._loss_func, mb, need_entropy, counts, scale, return_logprobs)
+            return logits, partial(self._loss_func, loss, mb, need_entropy, counts, scale, return_logprobs)
 
         for m in self.model:
             m.zero_grad_buffer()
@@ -437,20 +477,21 @@ class MegatronPolicy:
         with routing:
             outputs = self._run_schedule(micro, layout, forward_step, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
-        if self.scheduler is not None and update_ok:
+        if self.scheduler is not None and update_ok and advance_schedule:
             self.scheduler.step(increment=1)
-        metrics = self._reduce_metrics(outputs)
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["update_skipped"] = 0.0 if update_ok else 1.0
-        extras = []
+        metrics, losses = self._reduce_metrics(outputs)
+        losses["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        losses["update_skipped"] = 0.0 if update_ok else 1.0
+        result = UpdateResult(losses=losses, metrics=metrics)
         if record_routing:
-            extras.append(self._routing_result(routing, batch, routing_positions))
+            result.routing = self._routing_result(routing, batch, routing_positions)
         if return_logprobs:
-            extras.append(self._gather_token_outputs(outputs, "logprobs", layout, batch))
-        return (metrics, *extras) if extras else metrics
+            result.logprobs = self._gather_token_outputs(outputs, "logprobs", layout, batch)
+        return result
 
     def _loss_func(
         self,
+        loss: TrainingLoss,
         mb: TrainBatch,
         need_entropy: bool,
         counts: dict,
@@ -461,8 +502,8 @@ class MegatronPolicy:
         logprobs, entropy = self._token_logprobs(logits, mb, need_entropy, training=True)
         device = logprobs.device
         # The reference's log-probs enter only through the KL term; without kl_coef > 0 they are not needed.
-        use_ref = self.loss.needs_reference and mb.logprobs_ref is not None
-        out = self.loss(
+        use_ref = loss.needs_reference and mb.logprobs_ref is not None
+        out = loss(
             logprobs,
             mb.logprobs_old.to(device),
             mb.advantages.to(device),
@@ -480,8 +521,9 @@ class MegatronPolicy:
             reported["logprobs"] = logprobs.detach().float().cpu()
         return scale.to_megatron(out.loss), reported
 
-    def _reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:
-        """Exact cross-micro-batch and cross-rank reduction (the algorithm core's declared reductions)."""
+    def _reduce_metrics(self, outputs: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
+        """Exact cross-micro-batch and cross-rank reduction (the algorithm core's declared reductions): the
+        loss's metrics, and the loss shares summed."""
         from sapo_megatron.algorithms import reduce_metrics
 
         mpu = self._mpu()
@@ -500,7 +542,6 @@ class MegatronPolicy:
         if mpu.get_data_parallel_world_size() > 1:
             parts = collectives.all_gather_object(local, group=mpu.get_data_parallel_group())
         merged = reduce_metrics([p["metrics"] for p in parts])
-        out = {k: float(v) for k, v in merged.items()}
-        for key in parts[0]["shares"]:
-            out[key] = float(sum(p["shares"][key] for p in parts))
-        return out
+        metrics = {k: float(v) for k, v in merged.items()}
+        losses = {key: float(sum(p["shares"][key] for p in parts)) for key in parts[0]["shares"]}
+        return metrics, losses

@@ -8,9 +8,12 @@ response token. The last position never predicts anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
+
+
+ROUTING_FIELDS = ("routing_rollout", "routing_old")
 
 
 @dataclass
@@ -21,6 +24,11 @@ class TrainBatch:
     logprobs_old: Optional[torch.Tensor] = None  # [B, S]
     logprobs_rollout: Optional[torch.Tensor] = None  # [B, S]
     logprobs_ref: Optional[torch.Tensor] = None  # [B, S]
+    # The rows' routing records (sapo_megatron.routing_layout.RoutingRecord, one row per sequence): what the
+    # rollout engine routed and what the old-logprob pass routed. select() slices them with the rows; the
+    # actor's own padding and narrowing drop them (a pass takes its replay routing as an argument).
+    routing_rollout: Any = None
+    routing_old: Any = None
 
     def __post_init__(self):
         if self.tokens.dim() != 2:
@@ -34,6 +42,10 @@ class TrainBatch:
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"{name} shape {tuple(value.shape)} != tokens shape {shape}")
+        for name in ROUTING_FIELDS:
+            record = getattr(self, name)
+            if record is not None and record.rows != shape[0]:
+                raise ValueError(f"{name} holds {record.rows} rows, the batch {shape[0]}")
         self.loss_mask = self.loss_mask.bool()
 
     @property
@@ -52,11 +64,20 @@ class TrainBatch:
         return labels
 
     def select(self, index) -> "TrainBatch":
+        """The rows ``index`` (a slice or a 1-d index tensor), routing records included."""
         kwargs = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            kwargs[f.name] = None if value is None else value[index]
+            if value is None:
+                kwargs[f.name] = None
+            elif f.name in ROUTING_FIELDS:
+                kwargs[f.name] = value.select(index)
+            else:
+                kwargs[f.name] = value[index]
         return TrainBatch(**kwargs)
+
+    def without_routing(self) -> "TrainBatch":
+        return replace(self, **{name: None for name in ROUTING_FIELDS})
 
     def with_(self, **changes) -> "TrainBatch":
         return replace(self, **changes)
@@ -75,7 +96,7 @@ class TrainBatch:
         kwargs = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None:
+            if value is None or f.name in ROUTING_FIELDS:
                 kwargs[f.name] = None
                 continue
             pad = value[:1].expand(extra, *value.shape[1:]).clone()
@@ -96,7 +117,10 @@ class TrainBatch:
         kwargs = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            kwargs[f.name] = value if value is None or f.name == "advantages" else value[:, :width]
+            if f.name in ROUTING_FIELDS:
+                kwargs[f.name] = None
+            else:
+                kwargs[f.name] = value if value is None or f.name == "advantages" else value[:, :width]
         return TrainBatch(**kwargs)
 
     def with_seq_len_multiple(self, multiple: int) -> "TrainBatch":
@@ -113,7 +137,9 @@ class TrainBatch:
         kwargs = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or f.name == "advantages":
+            if f.name in ROUTING_FIELDS:
+                kwargs[f.name] = None
+            elif value is None or f.name == "advantages":
                 kwargs[f.name] = value
             else:
                 kwargs[f.name] = torch.nn.functional.pad(value, (0, extra))

@@ -189,12 +189,12 @@ def run_megatron(out_dir: str, hf_dir: str, *layouts: str) -> None:
             assert placement.data == data_parallel, f"{layout}: data-parallel size is {placement.data}"
             actor = build_actor(cfg, hf_dir, device=torch.device("cpu"), total_steps=1)
             policy = actor.policy
-            logprobs = [policy.compute_logprobs(batch)]
+            logprobs = [policy.compute_logprobs(batch).logprobs]
             metrics, weights = [], []
             for rows in MINI_BATCHES:
-                metrics.append(policy.train_mini_batch(batch.select(rows)))
+                metrics.append(policy.train_mini_batch(batch.select(rows)).scalars())
                 weights.append({name: tensor.detach().clone() for name, tensor in export_hf_weights(actor.model)})
-                logprobs.append(policy.compute_logprobs(batch))
+                logprobs.append(policy.compute_logprobs(batch).logprobs)
             target = Path(out_dir) / layout
             target.mkdir(parents=True, exist_ok=True)
             record = {

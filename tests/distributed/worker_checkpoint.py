@@ -138,9 +138,9 @@ def hf_weights(actor) -> dict | None:
 
 def train_step(actor, step: int, trainer_state: dict) -> dict:
     batch, noise = draw_batch(step, pad_id=256)
-    logprobs = actor.policy.compute_logprobs(batch)
+    logprobs = actor.policy.compute_logprobs(batch).logprobs
     batch = batch.with_(logprobs_old=torch.where(batch.loss_mask, logprobs + noise, torch.zeros(())))
-    metrics = actor.policy.train_mini_batch(batch)
+    metrics = actor.policy.train_mini_batch(batch).scalars()
     trainer_state["step"] = step
     trainer_state["data_position"] += NUM_ROWS
     trainer_state["rewards"].append(float(batch.advantages.sum()))

@@ -89,8 +89,8 @@ def save(hf_dir: str, ckpt_root: str, layout: str) -> None:
         loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
         loss_mask[:, 3:] = True
         batch = TrainBatch(tokens=tokens, loss_mask=loss_mask, advantages=torch.zeros(4))
-        logprobs = actor.policy.compute_logprobs(batch)
-        metrics = actor.policy.train_mini_batch(batch.with_(logprobs_old=logprobs))
+        logprobs = actor.policy.compute_logprobs(batch).logprobs
+        metrics = actor.policy.train_mini_batch(batch.with_(logprobs_old=logprobs)).scalars()
         assert metrics["grad_norm"] == 0.0 and metrics["update_skipped"] == 0.0, metrics
         save_checkpoint(actor, ckpt_root, 1, {"step": 1}, hf_dir=hf_dir)
         destroy_distributed()

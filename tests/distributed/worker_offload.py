@@ -151,13 +151,13 @@ def run(cfg, hf_dir: str, device: torch.device, *, offload: bool) -> dict:
 
     actor = build_actor(cfg, hf_dir, device=device)
     batch = make_batch()
-    logprobs = actor.policy.compute_logprobs(batch)
+    logprobs = actor.policy.compute_logprobs(batch).logprobs
     # Off-policy by a fixed amount, so that the SAPO gate is not at r = 1.
     batch = batch.with_(logprobs_old=logprobs + 0.2 * batch.loss_mask)
-    record = {"metrics": [actor.policy.train_mini_batch(batch)]}
+    record = {"metrics": [actor.policy.train_mini_batch(batch).scalars()]}
     if offload:
         record["checks"] = offload_cycle(actor, device)
-    record["metrics"].append(actor.policy.train_mini_batch(batch))
+    record["metrics"].append(actor.policy.train_mini_batch(batch).scalars())
     record["weights"] = {name: tensor.detach().cpu().clone() for name, tensor in export_hf_weights(actor.model)}
     record["optimizer"] = [t.detach().cpu().clone() for t in optimizer_tensors(actor)]
     del actor

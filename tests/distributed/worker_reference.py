@@ -46,7 +46,7 @@ def _inputs(out_dir: Path, hf_dir: str, policy, batch_of) -> dict:
     from transformers import AutoTokenizer
 
     data = steps.make_batch(AutoTokenizer.from_pretrained(hf_dir).pad_token_id)
-    logprobs = policy.compute_logprobs(batch_of(data))
+    logprobs = policy.compute_logprobs(batch_of(data)).logprobs
     data["logprobs_old"] = torch.where(data["loss_mask"], logprobs + data["noise"], torch.zeros(()))
     if torch.distributed.get_rank() == 0:
         torch.save(data, path)
@@ -90,50 +90,51 @@ def run(out_dir: str, hf_dir: str, ckpt_root: str, *layouts: str) -> None:
             batch = batch_of(_inputs(out, hf_dir, policy, batch_of))
             exact: dict[str, bool] = {}
 
-            initial = policy.compute_logprobs(batch)
+            initial = policy.compute_logprobs(batch).logprobs
             reference = ReferencePolicy.capture(policy)
             record = {"initial": initial, "reference": [], "metrics": [], "update_logprobs": [], "kl_coef": KL_COEF}
             for rows in steps.MINI_BATCHES:
                 before = _params(actor)
-                current = policy.compute_logprobs(batch)
-                logprobs_ref = reference.compute_logprobs(batch)
+                current = policy.compute_logprobs(batch).logprobs
+                logprobs_ref = reference.compute_logprobs(batch).logprobs
                 exact[f"swap restores the weights (step {len(record['metrics'])})"] = _same(_params(actor), before)
                 exact[f"policy log-probs unchanged by the swap (step {len(record['metrics'])})"] = torch.equal(
-                    policy.compute_logprobs(batch), current
+                    policy.compute_logprobs(batch).logprobs, current
                 )
                 record["reference"].append(logprobs_ref)
                 mb = batch.with_(logprobs_ref=logprobs_ref).select(rows)
-                metrics, update_logprobs = policy.train_mini_batch(mb, return_logprobs=True)
+                done = policy.train_mini_batch(mb, return_logprobs=True)
+                metrics, update_logprobs = done.scalars(), done.logprobs
                 record["metrics"].append(metrics)
                 record["update_logprobs"].append(update_logprobs)
             # The trainer's call: each data-parallel rank passes its own share (local=True), the keyword passed through.
             dp_rank, dp_size = policy._dp()
             share = slice(dp_rank * batch.size // dp_size, (dp_rank + 1) * batch.size // dp_size)
             record["share"] = (share.start, share.stop)
-            record["local_reference"] = reference.compute_logprobs(batch.select(share), local=True)
-            record["after"] = policy.compute_logprobs(batch)
+            record["local_reference"] = reference.compute_logprobs(batch.select(share), local=True).logprobs
+            record["after"] = policy.compute_logprobs(batch).logprobs
             record["weights"] = {name: tensor.detach().clone() for name, tensor in export_hf_weights(actor.model)}
             trained = _params(actor)
 
             # A fresh copy of the initial model, built now, beside the trained one.
             fresh = build_actor(cfg, hf_dir, device=torch.device("cpu"), total_steps=2)
-            record["fresh"] = fresh.policy.compute_logprobs(batch)
+            record["fresh"] = fresh.policy.compute_logprobs(batch).logprobs
             del fresh
 
             if saved_checkpoint is None:
                 # Save with the reference; re-capture it from the trained weights; load: the initial ones return.
                 save_checkpoint(actor, ckpt_root, 2, {}, reference=reference)
                 reference.recapture()
-                record["recaptured"] = reference.compute_logprobs(batch)
+                record["recaptured"] = reference.compute_logprobs(batch).logprobs
                 load_checkpoint(actor, ckpt_root, reference=reference)
-                record["loaded"] = reference.compute_logprobs(batch)
+                record["loaded"] = reference.compute_logprobs(batch).logprobs
                 exact["checkpoint load restores the trained weights"] = _same(_params(actor), trained)
             else:
                 # The first job's checkpoint, resharded into this layout: its trained weights and its reference.
                 reference.recapture()
                 load_checkpoint(actor, ckpt_root, load_optimizer=False, reference=reference)
-                record["loaded"] = reference.compute_logprobs(batch)
-                record["loaded_policy"] = policy.compute_logprobs(batch)
+                record["loaded"] = reference.compute_logprobs(batch).logprobs
+                record["loaded_policy"] = policy.compute_logprobs(batch).logprobs
             record["exact"] = exact
             target = out / layout
             target.mkdir(parents=True, exist_ok=True)

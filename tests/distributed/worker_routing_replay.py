@@ -88,33 +88,33 @@ def main(out_dir: str, hf_dir: str, reference_file: str, *layouts: str) -> None:
             policy = actor.policy
             data = TrainBatch(tokens=tokens, loss_mask=loss_mask, advantages=advantages)
             out = {}
-            out["lp_natural"], out["r_natural"], out["ent_natural"] = policy.compute_logprobs(
-                data, record_routing=True, record_router_entropy=True
-            )
-            out["lp_forced"], out["r_forced"] = policy.compute_logprobs(
-                data, record_routing=True, replay_routing=reference["forced_routing"]
-            )
+            natural = policy.compute_logprobs(data, record_routing=True, record_router_entropy=True)
+            out["lp_natural"], out["r_natural"], out["ent_natural"] = natural.logprobs, natural.routing, natural.router_entropy
+            forced = policy.compute_logprobs(data, record_routing=True, replay_routing=reference["forced_routing"])
+            out["lp_forced"], out["r_forced"] = forced.logprobs, forced.routing
             num_experts = out["num_experts"] = actor.model.config.num_moe_experts
             positions = out["replay_positions"] = replay_positions(loss_mask)
             # The natural routing as a record of every position: replaying it must be replaying the dense tensor.
             natural_record = RoutingRecord.from_dense(out["r_natural"], torch.ones_like(loss_mask), num_experts)
             perturb_routers(actor.ddp_chunks)
-            out["lp_perturbed"], out["r_perturbed"] = policy.compute_logprobs(data, record_routing=True)
-            _, out["rec_perturbed"] = policy.compute_logprobs(data, record_routing=True, routing_positions=positions)
-            out["lp_replayed_0"], out["r_replayed_0"] = policy.compute_logprobs(
-                data, record_routing=True, replay_routing=out["r_natural"]
-            )
-            out["lp_replayed_rec"] = policy.compute_logprobs(data, replay_routing=natural_record)
+            perturbed = policy.compute_logprobs(data, record_routing=True)
+            out["lp_perturbed"], out["r_perturbed"] = perturbed.logprobs, perturbed.routing
+            out["rec_perturbed"] = policy.compute_logprobs(data, record_routing=True, routing_positions=positions).routing
+            replayed_0 = policy.compute_logprobs(data, record_routing=True, replay_routing=out["r_natural"])
+            out["lp_replayed_0"], out["r_replayed_0"] = replayed_0.logprobs, replayed_0.routing
+            out["lp_replayed_rec"] = policy.compute_logprobs(data, replay_routing=natural_record).logprobs
             # Off-policy against the natural routing's log-probs, so the SAPO gate is away from r = 1.
             train = data.with_(logprobs_old=out["lp_natural"])
-            out["metrics_1"], out["r_train_1"] = policy.train_mini_batch(train, record_routing=True)
-            out["lp_free"], out["r_free"] = policy.compute_logprobs(data, record_routing=True)
-            out["lp_replayed"], out["r_replayed"] = policy.compute_logprobs(
-                data, record_routing=True, replay_routing=out["r_natural"]
-            )
-            out["metrics_2"], out["rec_train_2"] = policy.train_mini_batch(
+            step_1 = policy.train_mini_batch(train, record_routing=True)
+            out["metrics_1"], out["r_train_1"] = step_1.scalars(), step_1.routing
+            free = policy.compute_logprobs(data, record_routing=True)
+            out["lp_free"], out["r_free"] = free.logprobs, free.routing
+            replayed = policy.compute_logprobs(data, record_routing=True, replay_routing=out["r_natural"])
+            out["lp_replayed"], out["r_replayed"] = replayed.logprobs, replayed.routing
+            step_2 = policy.train_mini_batch(
                 train, record_routing=True, routing_positions=positions, replay_routing=natural_record
             )
+            out["metrics_2"], out["rec_train_2"] = step_2.scalars(), step_2.routing
 
             def loss_of(logprobs):
                 loss, _ = policy.policy_loss(

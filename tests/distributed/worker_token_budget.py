@@ -130,21 +130,21 @@ def run(out_dir: str, hf_dir: str, *layouts: str) -> None:
                     # Cut to the share's own longest row, as the trainer's collate does.
                     width = int(torch.where(batch.loss_mask[rows_of_share], torch.arange(SEQ_LEN), -1).max()) + 2
                     share = batch.select(rows_of_share).narrowed(width)
-                    logprobs, record, router_entropy = policy.compute_logprobs(
+                    passed = policy.compute_logprobs(
                         share,
                         record_routing=True,
                         routing_positions=replay_positions(share.loss_mask),
                         record_router_entropy=True,
                         local=True,
                     )
+                    logprobs, record, router_entropy = passed.logprobs, passed.routing, passed.router_entropy
                     logprobs, routing, router_entropy = (
                         _in_batch_order(t, rows_of_share, batch.size)
                         for t in (logprobs, record.dense(share.seq_len, dtype=torch.int32), router_entropy)
                     )
                 else:
-                    logprobs, routing, router_entropy = policy.compute_logprobs(
-                        batch, record_routing=True, record_router_entropy=True
-                    )
+                    passed = policy.compute_logprobs(batch, record_routing=True, record_router_entropy=True)
+                    logprobs, routing, router_entropy = passed.logprobs, passed.routing, passed.router_entropy
                 if not old_path.exists():
                     # The first pass of the first job: fix logprobs_old for every layout and mode.
                     torch.distributed.barrier()
@@ -167,27 +167,30 @@ def run(out_dir: str, hf_dir: str, *layouts: str) -> None:
                             num_experts = actor.model.config.num_moe_experts
                             old_positions = replay_positions(mine_batch.loss_mask)
                             replay = RoutingRecord.from_dense(saved["routing"][mine], old_positions, num_experts)
-                        step_metrics, step_record, step_logprobs = policy.train_mini_batch(
+                        done = policy.train_mini_batch(
                             mine_batch, replay_routing=replay, record_routing=True,
                             routing_positions=mine_batch.loss_mask, return_logprobs=True, local=True,
                         )
+                        step_metrics, step_record, step_logprobs = done.scalars(), done.routing, done.logprobs
                         offset = mine - rows.start
                         step_routing = step_record.dense(mine_batch.seq_len, dtype=torch.int32)
                         step_routing = _in_batch_order(step_routing, offset, rows.stop - rows.start)
                         step_logprobs = _in_batch_order(step_logprobs, offset, rows.stop - rows.start)
                     else:
                         replay = saved["routing"][rows] if step == 0 else None
-                        step_metrics, step_routing, step_logprobs = policy.train_mini_batch(
+                        done = policy.train_mini_batch(
                             train.select(rows), replay_routing=replay, record_routing=True, return_logprobs=True
                         )
+                        step_metrics, step_routing, step_logprobs = done.scalars(), done.routing, done.logprobs
                     metrics.append(step_metrics)
                     routing_train.append(step_routing)
                     logprobs_train.append(step_logprobs)
                     weights.append({name: tensor.detach().clone() for name, tensor in export_hf_weights(actor.model)})
                     if local:
-                        after.append(_in_batch_order(policy.compute_logprobs(share, local=True), rows_of_share, batch.size))
+                        after.append(_in_batch_order(policy.compute_logprobs(share, local=True).logprobs, rows_of_share,
+                                                     batch.size))
                     else:
-                        after.append(policy.compute_logprobs(batch))
+                        after.append(policy.compute_logprobs(batch).logprobs)
                 record = {
                     "logprobs": logprobs,
                     "routing": routing,

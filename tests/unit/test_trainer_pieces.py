@@ -96,3 +96,25 @@ def test_reward_curve_png_is_written_atomically(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_batch_carries_its_routing_records_and_slices_them_with_its_rows():
+    from sapo_megatron.actor.batch import TrainBatch
+    from sapo_megatron.routing_layout import RoutingRecord
+
+    tokens = torch.arange(24).reshape(4, 6)
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[:, 2:5] = True
+    dense = torch.randint(0, 8, (4, 6, 3, 2), generator=torch.Generator().manual_seed(1))
+    record = RoutingRecord.from_dense(dense, mask, 8)
+    batch = TrainBatch(tokens=tokens, loss_mask=mask, advantages=torch.zeros(4), routing_old=record)
+    part = batch.select(slice(1, 3))
+    assert part.routing_old == record.select(slice(1, 3))
+    assert torch.equal(part.routing_old.dense(6)[mask[1:3]], dense[1:3][mask[1:3]].long())
+    picked = batch.select(torch.tensor([3, 0]))
+    assert torch.equal(picked.routing_old.dense(6)[mask[[3, 0]]], dense[[3, 0]][mask[[3, 0]]].long())
+    # The actor's own reshaping of a batch leaves the records out (a pass takes its replay as an argument).
+    assert batch.padded_to_multiple(3).routing_old is None and batch.narrowed(5).routing_old is None
+    assert batch.widened(8).routing_old is None and batch.without_routing().routing_old is None
+    with pytest.raises(ValueError, match="routing_old holds 2 rows, the batch 4"):
+        batch.with_(routing_old=record.select(slice(0, 2)))

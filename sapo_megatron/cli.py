@@ -7,7 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from sapo_megatron.config import ConfigError, load_config, save_config, to_dict
+from sapo_megatron.convert import add_arguments as add_convert_arguments
+from sapo_megatron.convert import run as run_convert
+from sapo_megatron.dashboard.server import DashboardServer
+from sapo_megatron.planner import PlanError, format_plan, make_plan
 
 DEFAULT_RECIPE = "recipes/tiny_cpu_sapo.yaml"
 
@@ -40,8 +46,6 @@ def _resolve(args: argparse.Namespace):
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    import yaml
-
     cfg = _resolve(args)
     sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return 0
@@ -49,6 +53,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _resolve(args)
+    # torch, megatron-core and vLLM: only for the commands that run them, not for `plan`, `config` or `--help`.
     from sapo_megatron.trainer import train
 
     # The run writes its resolved config.yaml itself; None means interrupted (Ctrl-C), like a shell's 130.
@@ -58,14 +63,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = _resolve(args)
+    # torch and vLLM: only for this command (see _cmd_train).
     from sapo_megatron.rollout.serve_node import serve_node
 
     return serve_node(cfg, host=args.host, base_port=args.base_port)
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from sapo_megatron.dashboard.server import DashboardServer
-
     if not args.refresh > 0:
         print(f"sapo-megatron dashboard: --refresh={args.refresh}: must be > 0 seconds", file=sys.stderr)
         return 2
@@ -91,8 +95,6 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from sapo_megatron.planner import PlanError, format_plan, make_plan
-
     cfg = _resolve(args)
     try:
         plan = make_plan(cfg, preset=args.preset)
@@ -109,9 +111,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from sapo_megatron.convert import run
-
-    return run(args, "sapo-megatron convert")
+    return run_convert(args, "sapo-megatron convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,8 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", default=None, help="use a built-in architecture (qwen3-30b-a3b) instead of model.hf_path/config.json"
     )
     p_plan.set_defaults(func=_cmd_plan)
-    from sapo_megatron.convert import add_arguments as add_convert_arguments
-
     p_convert = sub.add_parser(
         "convert",
         help="convert a Megatron dist-checkpoint (any TP/PP/EP layout) into a Hugging Face directory",

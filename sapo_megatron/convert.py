@@ -28,6 +28,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from sapo_megatron.bridge import SUPPORTED_MODEL_TYPES
+from sapo_megatron.config import ParallelConfig
+
+# torch, megatron-core and the actor are imported inside the functions that convert: the CLI imports this module
+# for its arguments, and a bad path fails before paying for them.
+
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
@@ -56,8 +62,7 @@ def check_convertible(ckpt_dir: str | os.PathLike, step: Optional[int] = None) -
 
     Needs neither megatron nor a process group, so bad input fails in well under a second.
     """
-    from sapo_megatron.actor.checkpoint import HF_SUBDIR, find_checkpoint, read_meta
-    from sapo_megatron.bridge import SUPPORTED_MODEL_TYPES
+    from sapo_megatron.actor.checkpoint import HF_SUBDIR, find_checkpoint, read_meta  # torch (module comment)
 
     path = Path(ckpt_dir)
     if not path.exists():
@@ -99,7 +104,7 @@ def convert_checkpoint(
     """
     import torch
 
-    from sapo_megatron.actor.checkpoint import HF_SUBDIR
+    from sapo_megatron.actor.checkpoint import HF_SUBDIR  # torch (module comment)
 
     step_dir, meta = check_convertible(ckpt_dir, step)
     if max_shard_bytes <= 0:
@@ -134,11 +139,11 @@ def _convert_into(step_dir: Path, meta: dict, out: Path, *, max_shard_bytes: int
     import torch
     from megatron.core import dist_checkpointing
 
+    # torch and megatron-core (module comment).
     from sapo_megatron.actor.checkpoint import DIST_SUBDIR, HF_SUBDIR, model_sharded_state_dict
     from sapo_megatron.actor.cpu_compat import MegatronCpuCompat
     from sapo_megatron.actor.model import build_model
     from sapo_megatron.actor.parallel import destroy_distributed, init_distributed
-    from sapo_megatron.config import ParallelConfig
 
     compat = MegatronCpuCompat(device)
     installed_here = compat.enabled and MegatronCpuCompat.active_instance() is None

@@ -7,13 +7,15 @@ spawning a full OpenMP pool oversubscribe the cores and slow the job down by int
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import signal
 import socket
 import subprocess
-import time
 import sys
-import json
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -126,8 +128,6 @@ def _run_once(target, nproc, timeout, child_env, cwd, capture, die_with_parent) 
 
 def _kill_me_with_parent() -> None:
     """In the child between fork and exec: SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG)."""
-    import ctypes
-
     PR_SET_PDEATHSIG = 1
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -141,8 +141,6 @@ def exit_when_orphaned(poll_seconds: float = 1.0) -> None:
     A launcher killed with SIGKILL cannot stop its ranks; without this they would hang in their next
     collective forever, holding ports and memory.
     """
-    import threading
-
     parent = os.getppid()
 
     def watch() -> None:

@@ -38,7 +38,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sapo_megatron.bridge import SUPPORTED_MODEL_TYPES
 from sapo_megatron.config import Config, ConfigError
+from sapo_megatron.models.tiny import TINY_MODEL_NAME, TinyModelSpec
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -93,8 +95,6 @@ class ModelShape:
     @classmethod
     def from_hf_config(cls, config: dict, name: str) -> "ModelShape":
         """From a Qwen3-MoE ``config.json``; the MoE layer rule is transformers' (and the bridge's)."""
-        from sapo_megatron.bridge import SUPPORTED_MODEL_TYPES
-
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise PlanError(
@@ -163,8 +163,6 @@ PRESETS = {"qwen3-30b-a3b": QWEN3_30B_A3B}
 
 
 def _tiny_shape(dense: bool) -> ModelShape:
-    from sapo_megatron.models.tiny import TinyModelSpec
-
     spec = TinyModelSpec(dense=dense)
     return ModelShape(
         name=f"tiny-qwen3-moe{'-dense' if dense else ''} (embedded spec)",
@@ -184,8 +182,6 @@ def _tiny_shape(dense: bool) -> ModelShape:
 
 def resolve_model_shape(cfg: Config, preset: str | None = None) -> ModelShape:
     """``preset`` if given, else the tiny spec, ``model.hf_path/config.json``, or a preset named by the path."""
-    from sapo_megatron.models.tiny import TINY_MODEL_NAME
-
     if preset is not None:
         key = preset.lower()
         if key not in PRESETS:
@@ -383,6 +379,7 @@ def parallel_groups(cfg: Config) -> dict[str, list[list[int]]]:
 
 def check_layout(cfg: Config, shape: ModelShape) -> Layout:
     """The checks ``init_distributed`` and the bridge make, without a process group; ``PlanError`` names the key."""
+    # torch: a plan is made without it until here (`sapo-megatron plan` on a laptop starts in a blink).
     from sapo_megatron.actor.parallel import check_layout as check_actor_layout
 
     p, launch, rollout = cfg.parallel, cfg.launch, cfg.rollout
@@ -886,6 +883,7 @@ def data_state_bytes(
 
     # The routing diagnostics densify one chunk of rows at a time (diagnostics.routing.DENSE_CHUNK_IDS).
     if dense_chunk_ids is None:
+        # torch (see check_layout).
         from sapo_megatron.diagnostics.routing import DENSE_CHUNK_IDS as dense_chunk_ids
     mini_rows = math.ceil(b / mini)
     per_row = s * layers * k

@@ -30,6 +30,9 @@ Which positions a record holds is the producer's choice (a bool ``[rows, seq]`` 
   (global row index, position), so that every record built from the same mask holds the same tokens
   (``diagnostics.routing_sample_tokens``).
 
+Next to a record the actor keeps each token's router entropy (:func:`softmax_entropy`); it is defined here so that
+the actor's recording and the diagnostics compute the same number.
+
 Pure torch, no Megatron or vLLM: the actor, the rollout engines and the diagnostics all import it.
 """
 
@@ -468,3 +471,18 @@ def sample_positions(
     out = torch.zeros_like(loss_mask)
     out[chosen[:, 0], chosen[:, 1]] = True
     return out
+
+
+# -- router entropy -------------------------------------------------------------------------------------------
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of ``softmax(logits)`` over the last dim, ``0 log 0 = 0``: an expert with a ``-inf`` logit
+    adds nothing (its ``0 * -inf`` would be NaN). No checks: callers pass valid rows."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return distribution_entropy(log_probs.exp(), log_probs)
+
+
+def distribution_entropy(probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """``-sum p log p`` over the last dim from both forms of a distribution, ``0 log 0 = 0``."""
+    return -torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1)

@@ -29,17 +29,30 @@ from typing import Any, Iterator, Optional
 import torch
 
 from sapo_megatron import collectives
+from sapo_megatron.actor.batch import TrainBatch, collate_sequences
+from sapo_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
+from sapo_megatron.actor.cpu_compat import MegatronCpuCompat
+from sapo_megatron.actor.factory import build_actor
+from sapo_megatron.actor.offload import ActorOffloader
+from sapo_megatron.actor.parallel import destroy_distributed, init_distributed
+from sapo_megatron.actor.reference import ReferencePolicy
 from sapo_megatron.algorithms import compute_advantages
+from sapo_megatron.algorithms.supervised import nll_loss
+from sapo_megatron.bridge.sync import WeightSync
 from sapo_megatron.collectives import rank, world_size
-from sapo_megatron.config import Config, ConfigError
-from sapo_megatron.console import Progress
+from sapo_megatron.config import Config, ConfigError, save_config
+from sapo_megatron.console import Progress, run_console
 from sapo_megatron.data.sources import build_prompt_streams, encode_prompt
-from sapo_megatron.diagnostics.run_logger import flatten_metrics
+from sapo_megatron.data.toy import ToyTaskStream
+from sapo_megatron.diagnostics.run_logger import RunLogger, flatten_metrics, write_custom_scalars_layout
 from sapo_megatron.diagnostics.step import StepDiagnostics, rollout_metrics
 from sapo_megatron.diagnostics.summary import summarize
 from sapo_megatron.launch import check_launch, launch_ranks
 from sapo_megatron.models import resolve_model_dir
 from sapo_megatron.rewards.registry import reward_function
+from sapo_megatron.rewards.sandbox import RewardSandbox
+from sapo_megatron.rollout.fleet import ColocatedFleet
+from sapo_megatron.rollout.server_fleet import ServerFleet
 from sapo_megatron.routing_layout import RoutingRecord, replay_positions, sample_positions
 from sapo_megatron.sharding import DataShare
 
@@ -151,8 +164,6 @@ def generate_and_score(ctx: "RunContext", examples: list, indices: list[int], *,
 
 
 def build_train_batch(rollout: Rollout, advantages: torch.Tensor, *, pad_id: int):
-    from sapo_megatron.actor.batch import TrainBatch, collate_sequences
-
     # One extra position so that the last response token is predicted inside the window.
     width = max(len(p) + len(r) for p, r in zip(rollout.prompts, rollout.responses)) + 1
     tokens, mask, logprobs_rollout = collate_sequences(
@@ -421,10 +432,6 @@ def validate(ctx: RunContext, step: int) -> dict[str, float]:
 
 def supervised_warmup(ctx: RunContext) -> None:
     """``trainer.sft_warmup_steps`` NLL steps on (prompt, answer + EOS) pairs of the training stream."""
-    from sapo_megatron.actor.batch import TrainBatch, collate_sequences
-    from sapo_megatron.algorithms.supervised import nll_loss
-    from sapo_megatron.data.toy import ToyTaskStream
-
     cfg, policy = ctx.cfg, ctx.actor.policy
     # A separate stream (another seed), so the warm-up does not move the RL data position.
     stream = ToyTaskStream(ctx.train_stream.task, seed=cfg.data.seed + 7919, split="train")
@@ -461,11 +468,6 @@ def supervised_warmup(ctx: RunContext) -> None:
 def setup(cfg: Config) -> RunContext:
     from transformers import AutoTokenizer
 
-    from sapo_megatron.actor.cpu_compat import MegatronCpuCompat
-    from sapo_megatron.actor.factory import build_actor
-    from sapo_megatron.actor.parallel import init_distributed
-    from sapo_megatron.bridge.sync import WeightSync
-
     device = resolve_device(cfg)
     if device.type == "cpu":
         MegatronCpuCompat("cpu").install()
@@ -476,8 +478,6 @@ def setup(cfg: Config) -> RunContext:
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     collect = cfg.rollout.collect_routed_experts and not cfg.model.dense
     if cfg.rollout.mode == "colocated":
-        from sapo_megatron.rollout.fleet import ColocatedFleet
-
         # Every rank builds its engine here, at the same point (vLLM creates its process groups collectively
         # over the whole torch.distributed job), and before the actor, so that a GPU engine starts on an empty
         # device (ColocatedFleet.start).
@@ -489,12 +489,8 @@ def setup(cfg: Config) -> RunContext:
     train_stream, val_examples = build_prompt_streams(cfg, tokenizer)
     sandbox = None
     if share.is_leader:
-        from sapo_megatron.rewards.sandbox import RewardSandbox
-
         sandbox = RewardSandbox(reward_function(cfg), timeout_s=cfg.reward.timeout_s, max_workers=cfg.reward.num_workers)
     if cfg.rollout.mode == "remote":
-        from sapo_megatron.rollout.server_fleet import ServerFleet
-
         fleet = ServerFleet.build(
             actor.model, hf_dir, cfg, run_dir=Path(cfg.trainer.run_dir), device=device.type,
             collect_routed_experts=collect,
@@ -502,8 +498,6 @@ def setup(cfg: Config) -> RunContext:
     else:
         fleet.connect(actor.model)
     fleet.set_share(share)
-    from sapo_megatron.actor.offload import ActorOffloader
-
     return RunContext(
         offloader={"state": ActorOffloader(actor), "params": ActorOffloader(actor)},
         cfg=cfg,
@@ -530,9 +524,6 @@ def data_share() -> DataShare:
 
 def resume_or_start(ctx: RunContext) -> None:
     """Loads the newest complete checkpoint of the run directory, or runs the warm-up of a new run."""
-    from sapo_megatron.actor.checkpoint import load_checkpoint
-    from sapo_megatron.actor.reference import ReferencePolicy
-
     ckpt_root = Path(ctx.cfg.trainer.run_dir) / "checkpoints"
     kl = ctx.cfg.algorithm.kl_coef > 0
     # A resumed run's reference is its initial policy, saved with its checkpoints: a holder to load it into.
@@ -559,8 +550,6 @@ def resume_or_start(ctx: RunContext) -> None:
 
 
 def save(ctx: RunContext) -> None:
-    from sapo_megatron.actor.checkpoint import save_checkpoint
-
     # Offloaded storages are empty: the checkpoint needs every tensor resident.
     for offloader in ctx.offloader.values():
         offloader.reload()
@@ -585,8 +574,6 @@ def train(cfg: Config, *, verbose: bool = False) -> Optional[dict]:
     (logging, warnings, C++ and child processes) goes to ``<run_dir>/logs/`` and the terminal shows ours, unless
     ``verbose`` (:mod:`sapo_megatron.console`).
     """
-    from sapo_megatron.console import run_console
-
     cfg.validate()
     if cfg.launch.world_size > 1 and "RANK" not in os.environ:
         return launch_ranks(cfg, verbose=verbose)
@@ -611,9 +598,6 @@ def train(cfg: Config, *, verbose: bool = False) -> Optional[dict]:
 
 
 def run(ctx: RunContext) -> dict:
-    from sapo_megatron.config import save_config
-    from sapo_megatron.diagnostics.run_logger import RunLogger, write_custom_scalars_layout
-
     cfg = ctx.cfg
     resume_or_start(ctx)
     run_dir = Path(cfg.trainer.run_dir)
@@ -650,8 +634,6 @@ def log(ctx: RunContext, step: int, metrics: dict) -> None:
 
 
 def shutdown(ctx: RunContext) -> None:
-    from sapo_megatron.actor.parallel import destroy_distributed
-
     for closer in (ctx.logger, ctx.sandbox, ctx.fleet):
         if closer is not None:
             try:

@@ -20,10 +20,13 @@ import torch.distributed as dist
 
 from sapo_megatron import collectives
 from sapo_megatron.actor.batch import TrainBatch
+from sapo_megatron.actor.logprobs import vocab_parallel_logprobs
 from sapo_megatron.actor.loss_adapter import MegatronLossScale
 from sapo_megatron.actor.micro_batching import MicroBatchLayout, group_by_token_budget, round_up, row_lengths
-from sapo_megatron.routing_layout import RoutingRecord
+from sapo_megatron.actor.routing import open_routing_pass
+from sapo_megatron.algorithms import reduce_metrics
 from sapo_megatron.algorithms.loss import TrainingLoss
+from sapo_megatron.routing_layout import RoutingRecord
 
 
 def causal_attention_mask(seq_len: int) -> torch.Tensor:
@@ -279,8 +282,6 @@ class MegatronPolicy:
         return model(tokens, position_ids, causal_attention_mask(seq).to(self.device))
 
     def _token_logprobs(self, logits: torch.Tensor, mb: TrainBatch, with_entropy: bool, *, training: bool = False):
-        from sapo_megatron.actor.logprobs import vocab_parallel_logprobs
-
         mpu = self._mpu()
         tp_group = mpu.get_tensor_model_parallel_group() if mpu.get_tensor_model_parallel_world_size() > 1 else None
         # GPTModel returns [b, s, v/tp]; the log-probs come back as [b, s].
@@ -321,8 +322,6 @@ class MegatronPolicy:
         experts, float32 ``[B, S, num_moe_layers]``.
         Returns a :class:`ForwardPass`.
         """
-        from sapo_megatron.actor.routing import open_routing_pass
-
         micro, layout = self._local_micro_batches(batch, local=local)
         routing = open_routing_pass(
             self,
@@ -433,8 +432,6 @@ class MegatronPolicy:
         per-token log-probs [B, S] of the update's forward (before the step: the ``logprobs`` of the ratio the
         loss saw). See :class:`UpdateResult`.
         """
-        from sapo_megatron.actor.routing import open_routing_pass
-
         if batch.logprobs_old is None:
             raise ValueError("train_mini_batch needs batch.logprobs_old (run compute_logprobs first)")
         loss = self.loss if loss is None else loss
@@ -524,8 +521,6 @@ class MegatronPolicy:
     def _reduce_metrics(self, outputs: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
         """Exact cross-micro-batch and cross-rank reduction (the algorithm core's declared reductions): the
         loss's metrics, and the loss shares summed."""
-        from sapo_megatron.algorithms import reduce_metrics
-
         mpu = self._mpu()
         local = None
         if outputs:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import importlib.metadata
 import io
 import json
 import logging
@@ -661,11 +662,9 @@ def _check_files(step_dir: Path, meta: dict) -> None:
 
 
 def _megatron_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
-        return version("megatron-core")
-    except PackageNotFoundError:
+        return importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
 

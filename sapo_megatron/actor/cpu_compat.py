@@ -61,9 +61,10 @@ What is redirected, and why (per call site):
    wrapped so that, only while one of them runs, ``Tensor.type()`` without arguments reports CPU tensors
    under their CUDA type name. Nothing else sees the change.
 
-Not here, but the same kind of adaptation (it is a choice in the layer spec, not a patch):
-:class:`SequenceParallelTorchNorm`. megatron's MoE layers train only with sequence parallelism when TP > 1,
-while the local (non-TE) spec's torch norm asserts that sequence parallelism is off.
+Not here, but the same kind of adaptation (it is a choice in the layer spec, not a patch, so it lives with the
+bridge that builds the spec): :class:`~sapo_megatron.bridge.qwen3_moe.SequenceParallelTorchNorm`. megatron's MoE
+layers train only with sequence parallelism when TP > 1, while the local (non-TE) spec's torch norm asserts that
+sequence parallelism is off.
 
 Known CUDA call sites not covered because the actor does not reach them on CPU: ``tensor.cuda()`` calls
 (tensor_parallel/data.py ``broadcast_data``, shared embeddings with PP in language_module.py, context-
@@ -82,6 +83,8 @@ import types
 from typing import Any, Callable, Iterator
 
 import torch
+
+from sapo_megatron.device import resolve_device
 
 CPU = torch.device("cpu")
 
@@ -135,19 +138,6 @@ _TENSOR_FACTORIES = (
 
 _RNG_WARNING = "CPU RNG state changed within GPU RNG context"
 _MISSING = object()
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``"auto"`` -> cuda when available, else cpu; otherwise the given cpu / cuda device."""
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda") if torch.cuda.is_available() else CPU
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r}: not a device; use 'auto', 'cpu' or 'cuda'") from None
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r}: the actor runs on 'cpu' or 'cuda', not {resolved.type!r}")
-    return resolved
 
 
 def needs_cpu_compat(device: str | torch.device | None = None) -> bool:
@@ -472,34 +462,3 @@ class MegatronCpuCompat:
             "__init__",
             _with_cpu_tensors_named_as_cuda(float16_init),
         )
-
-
-class SequenceParallelTorchNorm:
-    """megatron's ``WrappedTorchNorm`` for the local (non-TE) layer spec, minus its sequence-parallel veto.
-
-    A norm over the hidden dimension is the same computation whether the sequence is split across TP ranks
-    or not; what sequence parallelism needs in addition is that the (replicated) weight's gradient is
-    summed over the TP group, which megatron's ``finalize_model_grads`` does for parameters marked
-    ``sequence_parallel``, as its own fused norms mark them. The weight is created in ``params_dtype``.
-    """
-
-    def __new__(
-        cls,
-        config: Any,
-        hidden_size: int,
-        eps: float = 1e-5,
-        persist_layer_norm: bool = False,
-        zero_centered_gamma: bool = False,
-        normalization: str = "LayerNorm",
-    ) -> torch.nn.Module:
-        if config.layernorm_zero_centered_gamma or zero_centered_gamma:
-            raise ValueError("layernorm_zero_centered_gamma is not supported by the torch norm; leave it off")
-        if config.normalization == "RMSNorm":
-            norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
-        elif config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
-        else:
-            raise ValueError(f"normalization={config.normalization!r}: use 'RMSNorm' or 'LayerNorm'")
-        for param in norm.parameters():
-            param.sequence_parallel = config.sequence_parallel
-        return norm

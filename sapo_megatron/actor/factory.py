@@ -15,6 +15,8 @@ import torch
 
 from sapo_megatron.actor.actor import MegatronPolicy
 from sapo_megatron.actor.model import ActorModel, build_model, params_dtype_of
+from sapo_megatron.actor.offload import check_optimizer_offload
+from sapo_megatron.algorithms import training_loss_from_config
 from sapo_megatron.config import Config
 
 
@@ -111,9 +113,6 @@ def build_actor(
     load_weights: bool = True,
 ) -> Actor:
     """The actor of this rank; megatron's parallel state must already be initialised with ``cfg.parallel``."""
-    from sapo_megatron.actor.offload import check_optimizer_offload
-    from sapo_megatron.algorithms import training_loss_from_config
-
     # Before anything is built: megatron's own failure for a GPU-only option on CPU is cryptic.
     check_optimizer_offload(cfg.optimizer, device)
     overrides = {}

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from sapo_megatron.actor.cpu_compat import resolve_device
+from sapo_megatron.bridge import get_bridge
 from sapo_megatron.config import ParallelConfig
+from sapo_megatron.device import resolve_device
 
 if TYPE_CHECKING:
     from megatron.core.transformer import TransformerConfig
@@ -73,8 +74,6 @@ def plan_model(
     """
     from mbridge.core.parallel_states import ParallelStates
 
-    from sapo_megatron.bridge import get_bridge
-
     parallel.validate("parallel")
     states = ParallelStates(
         tp_size=parallel.tensor,
@@ -112,8 +111,6 @@ def build_model(
     ``sequence_parallel`` and ``moe_token_dispatcher`` go into the TransformerConfig.
     """
     from megatron.core import parallel_state
-
-    from sapo_megatron.bridge import get_bridge
 
     running = (
         parallel_state.get_tensor_model_parallel_world_size(),

@@ -14,8 +14,9 @@ from datetime import timedelta
 
 import torch
 
-from sapo_megatron.actor.cpu_compat import MegatronCpuCompat, resolve_device
+from sapo_megatron.actor.cpu_compat import MegatronCpuCompat
 from sapo_megatron.config import ParallelConfig
+from sapo_megatron.device import resolve_device
 
 
 @dataclass(frozen=True)

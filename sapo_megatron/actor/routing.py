@@ -50,6 +50,7 @@ from sapo_megatron.routing_layout import (
     RoutingRecord,
     replay_positions,
     routing_dtype,
+    softmax_entropy,
     token_slots,
 )
 
@@ -523,8 +524,6 @@ class RoutingReplay:
         if self.config.moe_router_pre_softmax:
             # xlogy: 0 log 0 = 0, an expert with probability 0 adds nothing.
             return -torch.special.xlogy(scores, scores).sum(dim=-1)
-        from sapo_megatron.diagnostics.routing import softmax_entropy
-
         return softmax_entropy(scores)
 
     # -- hooks ------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ code serves the unit tests, the CPU demo and the parallel actor (whose loss adap
 averaging). See docs/sapo.md for the objective and the design choices.
 """
 
-from sapo_megatron.algorithms._inputs import LOG_RATIO_BOUND
+from sapo_megatron.algorithms.inputs import LOG_RATIO_BOUND
 from sapo_megatron.algorithms.advantages import compute_advantages
 from sapo_megatron.algorithms.loss import LossOutput, TrainingLoss, training_loss_from_config
 from sapo_megatron.algorithms.metrics import METRIC_REDUCTIONS, STD_MEAN_OF, reduce_metrics

@@ -19,7 +19,7 @@ from numbers import Real
 
 import torch
 
-from sapo_megatron.algorithms._inputs import check_tensor, compute_dtype, shape_of
+from sapo_megatron.algorithms.inputs import check_tensor, compute_dtype, shape_of
 from sapo_megatron.config import ADVANTAGE_ESTIMATORS
 
 

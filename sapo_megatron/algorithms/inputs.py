@@ -1,5 +1,8 @@
 """Input checks and the masked, overflow-guarded log-ratio shared by every policy loss.
 
+Public: the diagnostics check their tensors with the same functions (``check_tensor``, ``as_valid_mask``,
+``compute_dtype``), so that a bad input reads the same error wherever it enters.
+
 Two rules hold for everything built on top of this module:
 
 * Positions outside the mask are replaced with neutral values by ``torch.where`` *before* any arithmetic.

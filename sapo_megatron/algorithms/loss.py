@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from sapo_megatron.algorithms._inputs import Count, check_reduction
+from sapo_megatron.algorithms.inputs import Count, check_reduction
 from sapo_megatron.algorithms.policy_losses import PolicyLoss, policy_loss_from_config
 from sapo_megatron.algorithms.regularizers import regularized_loss
 from sapo_megatron.config import KL_ESTIMATORS, AlgorithmConfig

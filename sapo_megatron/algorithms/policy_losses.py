@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from sapo_megatron.algorithms._inputs import Count, check_positive, prepare_policy_inputs
+from sapo_megatron.algorithms.inputs import Count, check_positive, prepare_policy_inputs
 from sapo_megatron.algorithms.metrics import masked_max, masked_mean, masked_min, ratio_metrics
 from sapo_megatron.algorithms.reductions import aggregate_valid, check_aggregate_args
 from sapo_megatron.algorithms.sapo import sapo_loss

@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from sapo_megatron.algorithms._inputs import (
+from sapo_megatron.algorithms.inputs import (
     Count,
     as_valid_mask,
     check_count,

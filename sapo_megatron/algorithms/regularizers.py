@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from sapo_megatron.algorithms._inputs import (
+from sapo_megatron.algorithms.inputs import (
     LOG_RATIO_BOUND,
     Count,
     as_valid_mask,

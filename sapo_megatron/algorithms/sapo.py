@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from sapo_megatron.algorithms._inputs import Count, check_positive, prepare_policy_inputs
+from sapo_megatron.algorithms.inputs import Count, check_positive, prepare_policy_inputs
 from sapo_megatron.algorithms.metrics import masked_mean, ratio_metrics, sequence_log_ratio_variance
 from sapo_megatron.algorithms.reductions import aggregate_valid, check_aggregate_args
 

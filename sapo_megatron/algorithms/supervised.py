@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from sapo_megatron.algorithms._inputs import Count
+from sapo_megatron.algorithms.inputs import Count
 from sapo_megatron.algorithms.reductions import aggregate
 
 

@@ -52,6 +52,7 @@ def get_bridge(
         raise ValueError(
             f"model_type={hf_config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    # Imports megatron-core, mbridge and transformers (~8 s): only when a bridge is made (module docstring).
     from sapo_megatron.bridge.qwen3_moe import Qwen3MoeBridge
 
     bridge = Qwen3MoeBridge(

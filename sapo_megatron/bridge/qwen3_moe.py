@@ -33,6 +33,7 @@ from mbridge.core import register_model
 from mbridge.core.parallel_states import ParallelStates
 from mbridge.models.qwen3moe import Qwen3MoEBridge as _MbridgeQwen3MoEBridge
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sapo_megatron import collectives
 from sapo_megatron.bridge.layout import (
@@ -45,6 +46,7 @@ from sapo_megatron.bridge.layout import (
     shard,
     unshard,
 )
+from sapo_megatron.device import resolve_device
 
 _L = "decoder.layers.{layer}."
 _H = "model.layers.{layer}."
@@ -134,6 +136,37 @@ def _replace_in_spec(spec: Any, old: type, new: type) -> Any:
     return spec
 
 
+class SequenceParallelTorchNorm:
+    """megatron's ``WrappedTorchNorm`` for the local (non-TE) layer spec, minus its sequence-parallel veto.
+
+    A norm over the hidden dimension is the same computation whether the sequence is split across TP ranks
+    or not; what sequence parallelism needs in addition is that the (replicated) weight's gradient is
+    summed over the TP group, which megatron's ``finalize_model_grads`` does for parameters marked
+    ``sequence_parallel``, as its own fused norms mark them. The weight is created in ``params_dtype``.
+    """
+
+    def __new__(
+        cls,
+        config: Any,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "LayerNorm",
+    ) -> torch.nn.Module:
+        if config.layernorm_zero_centered_gamma or zero_centered_gamma:
+            raise ValueError("layernorm_zero_centered_gamma is not supported by the torch norm; leave it off")
+        if config.normalization == "RMSNorm":
+            norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        elif config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        else:
+            raise ValueError(f"normalization={config.normalization!r}: use 'RMSNorm' or 'LayerNorm'")
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
 class _SafetensorsReader:
     """Reads named tensors from a HF directory (one file or an index of shards), each file opened once."""
 
@@ -200,8 +233,6 @@ class Qwen3MoeBridge(_MbridgeQwen3MoEBridge):
         moe_token_dispatcher: str = "alltoall",
         sequence_parallel: bool | None = None,
     ) -> None:
-        from sapo_megatron.actor.cpu_compat import resolve_device
-
         self.device = resolve_device(device)
         if use_te is None:
             use_te = self.device.type == "cuda" and transformer_engine_available()
@@ -309,8 +340,6 @@ class Qwen3MoeBridge(_MbridgeQwen3MoEBridge):
     def _get_transformer_layer_spec(self, vp_stage: int | None = None):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-        from sapo_megatron.actor.cpu_compat import SequenceParallelTorchNorm
 
         self.has_vp_stage = True  # read by mbridge's model provider
         spec = get_gpt_decoder_block_spec(
@@ -561,7 +590,6 @@ class Qwen3MoeBridge(_MbridgeQwen3MoEBridge):
         ``memory_efficient`` is accepted for mbridge's signature and ignored: shards are written as soon
         as they fill, so at most one shard is held in memory.
         """
-        from safetensors.torch import save_file
 
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes={max_shard_bytes}: must be > 0")

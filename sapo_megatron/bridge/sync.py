@@ -103,6 +103,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
+import torch.distributed as dist
 
 from sapo_megatron.bridge.layout import AttentionShape, Layout, full_shape, megatron_to_hf, unshard
 
@@ -191,8 +192,6 @@ class SyncGroup:
     @classmethod
     def from_torch(cls, group: Any = None) -> "SyncGroup":
         """``group`` (default: the whole job) of the initialised torch.distributed job; ranks are group ranks."""
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             if group is not None:
                 raise ValueError("SyncGroup.from_torch(group=...): torch.distributed is not initialised")
@@ -222,8 +221,6 @@ class SyncGroup:
         (gloo raises; a peer that died or hangs fails a push within it rather than stalling it). It must exceed
         the longest legitimate wait inside one push: an engine's load, while the trainer ranks wait for its
         outcome."""
-        import torch.distributed as dist
-
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"SyncGroup.connect(backend={backend!r}): use 'gloo' (CPU) or 'nccl' (GPU)")
         if not 0 <= rank < world_size:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import yaml
+
 from sapo_megatron.diagnostics.run_logger import HISTOGRAMS_FILE, METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
@@ -206,8 +208,6 @@ def read_run_config(path: Path) -> tuple[Optional[dict], list[Message]]:
     None when that value is missing or invalid (the gate curve needs ``tau_pos`` / ``tau_neg`` for SAPO and
     ``eps_low`` / ``eps_high`` for the clipped losses).
     """
-    import yaml
-
     if not path.exists():
         return None, [
             Message(

@@ -15,6 +15,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
+from sapo_megatron.actor.batch import TrainBatch
+from sapo_megatron.algorithms.policy_losses import policy_loss_from_config
+from sapo_megatron.config import load_config, save_config
+from sapo_megatron.diagnostics.routing import changed_layer_count
+from sapo_megatron.diagnostics.run_logger import RunLogger, flatten_metrics, write_custom_scalars_layout
+from sapo_megatron.diagnostics.step import StepDiagnostics
+from sapo_megatron.routing_layout import softmax_entropy
+from sapo_megatron.sharding import DataShare
+
 HISTOGRAM_NAMES = ("log_ratio/stable", "log_ratio/routing_changed", "ratio/adv_pos", "ratio/adv_neg", "mismatch/delta")
 
 
@@ -33,16 +44,6 @@ def write_example_run(
     ``moe=False`` writes a dense-model run: no ``routing/*`` or ``attribution/*`` metrics and no routing split
     of the log-ratio histogram.
     """
-    import torch
-
-    from sapo_megatron.actor.batch import TrainBatch
-    from sapo_megatron.algorithms.policy_losses import policy_loss_from_config
-    from sapo_megatron.config import load_config, save_config
-    from sapo_megatron.diagnostics.routing import changed_layer_count, softmax_entropy
-    from sapo_megatron.diagnostics.run_logger import RunLogger, flatten_metrics, write_custom_scalars_layout
-    from sapo_megatron.diagnostics.step import StepDiagnostics
-    from sapo_megatron.sharding import DataShare
-
     run_dir = Path(run_dir)
     cfg = load_config(
         None,

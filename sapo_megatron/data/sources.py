@@ -6,6 +6,8 @@ from __future__ import annotations
 from functools import partial
 
 from sapo_megatron.config import Config, ConfigError
+from sapo_megatron.data.prompts import PromptStream, load_prompts
+from sapo_megatron.data.toy import ToyTaskStream, parse_toy_source
 
 
 def is_toy_source(source: str) -> bool:
@@ -14,9 +16,6 @@ def is_toy_source(source: str) -> bool:
 
 def build_prompt_streams(cfg: Config, tokenizer):
     """The resumable training stream and the fixed validation examples (``.prompt`` / ``.answer`` each)."""
-    from sapo_megatron.data.prompts import PromptStream, load_prompts
-    from sapo_megatron.data.toy import ToyTaskStream, parse_toy_source
-
     if is_toy_source(cfg.data.train):
         task = parse_toy_source(cfg.data.train)
         train_stream = ToyTaskStream(task, seed=cfg.data.seed, split="train")

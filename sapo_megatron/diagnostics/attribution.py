@@ -30,7 +30,7 @@ from typing import Mapping
 
 import torch
 
-from sapo_megatron.algorithms._inputs import as_valid_mask, check_tensor, raise_if_nonfinite, shape_of
+from sapo_megatron.algorithms.inputs import as_valid_mask, check_tensor, raise_if_nonfinite, shape_of
 from sapo_megatron.diagnostics.routing import STATS_DTYPE, Routing, _safe_div, changed_layer_count
 from sapo_megatron.routing_layout import RoutingRecord
 

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from sapo_megatron import collectives
 
 from sapo_megatron.algorithms import LOG_RATIO_BOUND
-from sapo_megatron.algorithms._inputs import (
+from sapo_megatron.algorithms.inputs import (
     as_valid_mask,
     check_tensor,
     compute_dtype,

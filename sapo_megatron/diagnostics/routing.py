@@ -29,8 +29,8 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from sapo_megatron.algorithms._inputs import as_valid_mask, check_tensor, compute_dtype, shape_of
-from sapo_megatron.routing_layout import UNRECORDED, RoutingRecord
+from sapo_megatron.algorithms.inputs import as_valid_mask, check_tensor, compute_dtype, shape_of
+from sapo_megatron.routing_layout import UNRECORDED, RoutingRecord, distribution_entropy, softmax_entropy
 
 STATS_DTYPE = torch.float64
 # Ids densified at once from a RoutingRecord: 2^24 (128 MiB as int64; the checks hold a few such temporaries).
@@ -425,7 +425,7 @@ def router_entropy_stats(
                 f"router_probs has {bad[1]} row(s) at valid tokens that do not sum to 1 (within 1e-3); pass "
                 f"router_logits= instead if these are scores"
             )
-        entropy = _entropy(values, values.clamp(min=1e-300).log())
+        entropy = distribution_entropy(values, values.clamp(min=1e-300).log())
     else:
         values = torch.where(row_valid[..., None], values, 0.0)
         # -inf logits (an excluded expert) are allowed; NaN, +inf or a row of only -inf are not.
@@ -437,17 +437,6 @@ def router_entropy_stats(
             )
         entropy = softmax_entropy(values)
     return _entropy_sums(entropy, valid)
-
-
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of ``softmax(logits)`` over the last dim, ``0 log 0 = 0``: an expert with a ``-inf`` logit
-    adds nothing (its ``0 * -inf`` would be NaN). No checks: callers pass valid rows."""
-    log_probs = torch.log_softmax(logits, dim=-1)
-    return _entropy(log_probs.exp(), log_probs)
-
-
-def _entropy(probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
-    return -torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1)
 
 
 @torch.no_grad()

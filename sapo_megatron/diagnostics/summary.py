@@ -6,13 +6,13 @@ import json
 import os
 from pathlib import Path
 
+from sapo_megatron.diagnostics.run_logger import read_metrics
+
 
 def summarize(run_dir: Path, *, policy_loss: str, data_source: str, step: int, weight_version: int,
               seconds: float) -> dict:
     """Writes ``summary.json`` and ``reward_curve.png`` of ``run_dir`` from its metrics, prints the summary and
     returns it (call it on the driver)."""
-    from sapo_megatron.diagnostics.run_logger import read_metrics
-
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     val = [(r["step"], r["reward/val_mean"]) for r in records if r.get("reward/val_mean") is not None]
@@ -42,6 +42,7 @@ def summarize(run_dir: Path, *, policy_loss: str, data_source: str, step: int, w
 
 
 def plot_reward_curve(records: list[dict], path: Path, *, title: str) -> None:
+    # matplotlib takes about a second to import: only at the end of a run, which plots once.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -7,13 +7,12 @@ from typing import Callable
 
 from sapo_megatron.config import Config
 from sapo_megatron.data.sources import is_toy_source
+from sapo_megatron.rewards.math import math_reward
+from sapo_megatron.rewards.toy import toy_reward
 
 
 def reward_function(cfg: Config) -> Callable[[str, str], float]:
     """A picklable ``(response, answer) -> reward`` for the sandbox workers."""
-    from sapo_megatron.rewards.math import math_reward
-    from sapo_megatron.rewards.toy import toy_reward
-
     name = cfg.reward.fn
     if name == "auto":
         name = "toy" if is_toy_source(cfg.data.train) else "math"

@@ -29,10 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from sapo_megatron.config import RolloutConfig
-from sapo_megatron.rollout.cpu_expert_load import EXPERT_KERNEL_PARAMS
+from sapo_megatron.rollout.cpu_expert_load import EXPERT_KERNEL_PARAMS, direct_expert_load_blocker, expert_module_class
+from sapo_megatron.rollout.routing import RouterCapture, rescore_routed_experts
+from sapo_megatron.rollout.vllm_cpu_fixes import cpu_moe_repack_needed
 from sapo_megatron.rollout.weight_transfer import BACKEND, check_update, checkpoint_schema, register
 from sapo_megatron.routing_layout import routing_dtype
 
@@ -123,8 +126,6 @@ def _is_list_like(value) -> bool:
 def _derive_prompt_seed(seed: int, prompt_index: int) -> int:
     """A per-prompt base seed: vLLM seeds sample ``j`` of a request with ``seed + j``, so without this two
     identical prompts in one batch (common in GRPO data) would get identical samples."""
-    import numpy as np
-
     return int(np.random.SeedSequence([seed, prompt_index]).generate_state(1, dtype=np.uint32)[0] >> 1)
 
 
@@ -248,9 +249,6 @@ class RolloutEngine:
             kwargs["hf_overrides"] = {"architectures": ["Qwen3ForCausalLM"]}
         self._llm = llm_cls(str(model_dir), **kwargs)
 
-        from sapo_megatron.rollout.routing import RouterCapture
-        from sapo_megatron.rollout.vllm_cpu_fixes import cpu_moe_repack_needed
-
         self._repack_after_reload = cpu_moe_repack_needed(self._vllm_version, device)
         self._llm.init_weight_transfer_engine({"init_info": {
             "in_process": True, "expert_load": config.cpu_expert_load, "weight_version": self.weight_version}})
@@ -259,8 +257,6 @@ class RolloutEngine:
         self.expert_load = "reload"
         self._expert_class = ""
         if device == "cpu" and self.num_moe_layers and config.cpu_expert_load == "direct":
-            from sapo_megatron.rollout.cpu_expert_load import direct_expert_load_blocker, expert_module_class
-
             blocker = self._llm.collective_rpc(_on_model(direct_expert_load_blocker))[0]
             if blocker is None:
                 self.expert_load = "direct"
@@ -469,8 +465,6 @@ class RolloutEngine:
         )
 
     def _rescore_routing(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        from sapo_megatron.rollout.routing import rescore_routed_experts
-
         capture = self._router_capture
         assert capture is not None
         # Hooks are on only for the re-score, so ordinary generation never pays for them.

@@ -34,9 +34,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from sapo_megatron import collectives
-from sapo_megatron.rollout.engine import RolloutBatch
+from sapo_megatron.bridge.sync import DEFAULT_BUCKET_BYTES, WeightSync
+from sapo_megatron.rollout.engine import RolloutBatch, RolloutEngine
 from sapo_megatron.sharding import DataShare
 
 Phase = Literal["rollout", "train", "sync"]
@@ -150,8 +152,6 @@ class ColocatedFleet(RolloutFleet):
     """
 
     def __init__(self, engine, weight_sync, *, group: Any = None) -> None:
-        import torch.distributed as dist
-
         self.engine = engine
         self.weight_sync = weight_sync
         self.group = group
@@ -167,8 +167,6 @@ class ColocatedFleet(RolloutFleet):
         On GPU the engine is built first, with dummy weights (the first push brings the actor's), while the
         device is still empty, so vLLM's start-up memory check sees the whole device; it then sleeps at level 2
         (weights and KV cache freed) before the actor takes its memory. :meth:`connect` adds the weight sync."""
-        from sapo_megatron.rollout.engine import RolloutEngine
-
         on_gpu = device == "cuda"
         engine = RolloutEngine(hf_dir, rollout_config, device=device, dtype=dtype,
                                collect_routed_experts=collect_routed_experts, dummy_weights=on_gpu)
@@ -178,10 +176,6 @@ class ColocatedFleet(RolloutFleet):
 
     def connect(self, model, *, bucket_bytes: int | None = None) -> "ColocatedFleet":
         """The weight sync from ``model`` (this rank's actor shards) into every rank's engine."""
-        import torch.distributed as dist
-
-        from sapo_megatron.bridge.sync import DEFAULT_BUCKET_BYTES, WeightSync
-
         world = dist.get_world_size() if dist.is_initialized() else 1
         # A GPU engine's device holds its own weights and the actor's parameters during a push; the received
         # full tensors wait in host memory until every engine has them (sapo-megatron plan counts them).

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from sapo_megatron.config import Config, ConfigError
 from sapo_megatron.models import resolve_model_dir
+from sapo_megatron.rollout.servers import ServerProcess
+from sapo_megatron.rollout.weight_transfer import BACKEND
 
 
 def server_urls(hosts: list[str], per_node: int, base_port: int) -> list[str]:
@@ -26,9 +28,6 @@ def server_urls(hosts: list[str], per_node: int, base_port: int) -> list[str]:
 
 
 def serve_node(cfg: Config, *, host: str | None = None, base_port: int = 8000, ready_timeout_s: float = 1800.0) -> int:
-    from sapo_megatron.rollout.servers import ServerProcess
-    from sapo_megatron.rollout.weight_transfer import BACKEND
-
     rollout, launch = cfg.rollout, cfg.launch
     tp = rollout.engine_tensor_parallel
     if launch.nproc_per_node % tp:

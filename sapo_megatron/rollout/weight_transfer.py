@@ -40,6 +40,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
+
+from sapo_megatron.bridge.sync import SyncGroup, WeightReceiver, WeightSyncError
+from sapo_megatron.rollout.cpu_expert_load import direct_expert_load_blocker, load_experts_direct, split_expert_tensors
+from sapo_megatron.rollout.vllm_cpu_fixes import cpu_moe_repack_needed, repack_cpu_moe_experts
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +66,6 @@ def register() -> None:
 
 def checkpoint_schema(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape for every tensor of the model directory's safetensors files (headers only)."""
-    from safetensors import safe_open
-
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise ValueError(
@@ -164,16 +167,12 @@ def load_named_tensors(
     from vllm.model_executor.model_loader.reload.inplace import reload_weights
 
     if expert_load == "direct":
-        from sapo_megatron.rollout.cpu_expert_load import load_experts_direct, split_expert_tensors
-
         rest, experts = split_expert_tensors(named)
         reload_weights(vllm_config, model, weights_iterator=rest, weights_path=None, is_checkpoint_format=True)
         load_experts_direct(model, experts)
         return
     reload_weights(vllm_config, model, weights_iterator=named, weights_path=None, is_checkpoint_format=True)
     if repack:
-        from sapo_megatron.rollout.vllm_cpu_fixes import repack_cpu_moe_experts
-
         repack_cpu_moe_experts(model)
 
 
@@ -250,16 +249,12 @@ def _make_engine_class():
             self.group_failed: str | None = None
 
         def init_transfer_engine(self, init_info: SapoReshardInitInfo) -> None:
-            from sapo_megatron.rollout.vllm_cpu_fixes import cpu_moe_repack_needed
-
             import vllm
 
             self.expert_load = "reload"
             self.weight_version = init_info.weight_version
             self.repack = cpu_moe_repack_needed(vllm.__version__, self.device.type)
             if init_info.expert_load == "direct" and self.device.type == "cpu":
-                from sapo_megatron.rollout.cpu_expert_load import direct_expert_load_blocker
-
                 blocker = direct_expert_load_blocker(self.model)
                 if blocker is None:
                     self.expert_load = "direct"
@@ -268,8 +263,6 @@ def _make_engine_class():
             if init_info.in_process:
                 return
             from vllm.distributed.parallel_state import get_world_group
-
-            from sapo_megatron.bridge.sync import SyncGroup
 
             # vLLM sends one init dict to every worker of a server: a server of tensor (and pipeline) parallel
             # size k takes ranks rank .. rank + k - 1, one per worker, and each worker receives the full tensors
@@ -317,8 +310,6 @@ def _make_engine_class():
                     "sapo_reshard: no tensors in update_info and no sync group; call init_weight_transfer_engine "
                     "with the trainer's rendezvous first"
                 )
-            from sapo_megatron.bridge.sync import WeightReceiver, WeightSyncError
-
             before = self.weight_version
             try:
                 with torch.no_grad():

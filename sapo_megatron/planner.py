@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sapo_megatron.bridge import SUPPORTED_MODEL_TYPES
+from sapo_megatron.bridge import SUPPORTED_MODEL_TYPES, moe_layer_pattern
 from sapo_megatron.config import Config, ConfigError
 from sapo_megatron.models.tiny import TINY_MODEL_NAME, TinyModelSpec
 
@@ -94,7 +94,7 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, config: dict, name: str) -> "ModelShape":
-        """From a Qwen3-MoE ``config.json``; the MoE layer rule is transformers' (and the bridge's)."""
+        """From a Qwen3-MoE ``config.json``; the MoE layers by the bridge's rule (transformers')."""
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise PlanError(
@@ -104,8 +104,6 @@ class ModelShape:
         layers = int(config["num_hidden_layers"])
         # The published Qwen3-MoE configs say num_experts; transformers 5 writes num_local_experts.
         experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
-        step = int(config.get("decoder_sparse_step") or 1)
-        dense_layers = set(config.get("mlp_only_layers") or [])
         heads = int(config["num_attention_heads"])
         return cls(
             name=name,
@@ -119,7 +117,7 @@ class ModelShape:
             top_k=int(config.get("num_experts_per_tok") or 0),
             moe_intermediate_size=int(config.get("moe_intermediate_size") or 0),
             intermediate_size=int(config.get("intermediate_size") or 0),
-            moe_layers=tuple(i not in dense_layers and experts > 0 and (i + 1) % step == 0 for i in range(layers)),
+            moe_layers=tuple(bool(moe) for moe in moe_layer_pattern(config)),
             attention_bias=bool(config.get("attention_bias", False)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         )
@@ -838,7 +836,7 @@ def data_state_bytes(
     ``1 / num_mini_batches`` of the share), the router entropy, the histograms and logged scalars, and the
     largest transient of the diagnostics (a densified chunk of the records, ``[b, S]`` tensors). Device: one micro-batch of ``micro_batch_size`` rows as the actor
     moves it (tokens and labels int64, loss mask, logprobs_old (and ref), advantages, position ids, the
-    [S, S] bool causal mask ``actor.causal_attention_mask`` builds, and with replay the int32 routing the
+    [S, S] bool causal mask ``actor.model.causal_mask`` builds, and with replay the int32 routing the
     routers are forced to).
     """
     if routing_sample_tokens < 0:

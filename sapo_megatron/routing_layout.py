@@ -33,6 +33,8 @@ Which positions a record holds is the producer's choice (a bool ``[rows, seq]`` 
 Next to a record the actor keeps each token's router entropy (:func:`softmax_entropy`); it is defined here so that
 the actor's recording and the diagnostics compute the same number.
 
+A dense routing is checked by :func:`check_routing`, for the diagnostics and for a replay alike.
+
 Pure torch, no Megatron or vLLM: the actor, the rollout engines and the diagnostics all import it.
 """
 
@@ -42,6 +44,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+
+from sapo_megatron.algorithms.inputs import as_valid_mask, check_tensor, shape_of
 
 UNRECORDED = -1
 POSITION_DTYPE = torch.int32
@@ -86,6 +90,77 @@ def _check_mask(mask: torch.Tensor, name: str) -> torch.Tensor:
     if mask.dtype != torch.bool:
         raise ValueError(f"{name} must be a bool tensor, got dtype {mask.dtype}")
     return mask
+
+
+def check_routing(
+    routing,
+    mask=None,
+    *,
+    name: str = "routing",
+    num_experts: Optional[int] = None,
+    shape: Optional[tuple[int, int, int, int]] = None,
+    whole_topk: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validates a dense routing ``[batch, seq, layers, topk]`` of integer expert ids at the valid positions of
+    ``mask`` (bool or 0/1 ``[batch, seq]``; every position when ``None``); returns ``(valid [batch, seq],
+    recorded [batch, seq, layers])``, ``recorded`` true where a valid token's ``topk`` ids in that layer are all
+    ``>= 0``.
+
+    Ids are ``>= 0``, below ``num_experts`` when it is given, and distinct within a recorded top-k; ``-1``
+    (:data:`UNRECORDED`) marks a (token, layer) without a routing, and one ``-1`` makes the whole top-k unrecorded.
+    ``whole_topk`` (a replay, which replays a top-k whole or routes the token itself) refuses a top-k that mixes
+    ``-1`` with ids; ``shape`` is the exact shape the caller needs. One device synchronisation for all value
+    checks; masked positions are not checked. The diagnostics and the actor's routing replay both check here.
+    """
+    routing = check_tensor(routing, name)
+    if routing.dim() != 4:
+        raise ValueError(f"{name} must be [batch, seq, layers, topk] expert ids, got shape {shape_of(routing)}")
+    if routing.dtype == torch.bool or routing.is_floating_point() or routing.is_complex():
+        raise ValueError(f"{name} must hold integer expert ids, got dtype {routing.dtype}; convert with .long()")
+    if shape is not None and shape_of(routing) != tuple(shape):
+        raise ValueError(
+            f"{name} has shape {shape_of(routing)}; expected [batch, seq, num_moe_layers, topk] = {tuple(shape)}"
+        )
+    if routing.shape[2] == 0 or routing.shape[3] == 0:
+        raise ValueError(f"{name} has shape {shape_of(routing)}; it needs at least one layer and topk >= 1")
+    if mask is None:
+        valid = torch.ones(routing.shape[:2], dtype=torch.bool, device=routing.device)
+    else:
+        valid = as_valid_mask(mask, shape_of(routing)[:2], shape_name=f"{name}[..., 0, 0]")
+    routing = routing.long()
+    slot_valid = valid[:, :, None, None]
+    unrecorded = routing == UNRECORDED
+    recorded = valid[:, :, None] & (routing >= 0).all(dim=-1)
+    ordered = routing.sort(dim=-1).values
+    # A top-k set has distinct experts; a repeated id would make |A & B| count one expert twice.
+    duplicate = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(dim=-1) & recorded
+    checks = [((routing < UNRECORDED) & slot_valid).sum(), duplicate.sum()]
+    if num_experts is not None:
+        checks.append(((routing >= num_experts) & slot_valid).sum())
+    if whole_topk:
+        checks.append((valid[:, :, None] & unrecorded.any(dim=-1) & ~unrecorded.all(dim=-1)).sum())
+    counts = torch.stack(checks).tolist()
+    if counts[0]:
+        raise ValueError(
+            f"{name} holds {counts[0]} id(s) below -1 at valid positions; expert ids are >= 0, and -1 marks "
+            f"an unrecorded routing"
+        )
+    if counts[1]:
+        raise ValueError(
+            f"{name} repeats an expert within the top-k of {counts[1]} (token, layer) pair(s); each top-k must "
+            f"hold distinct experts (check the routing capture)"
+        )
+    if num_experts is not None and counts[2]:
+        raise ValueError(
+            f"{name} holds {counts[2]} id(s) >= num_experts={num_experts}, outside [0, {num_experts}); expert ids "
+            f"index the model's routed experts"
+        )
+    if whole_topk and counts[-1]:
+        raise ValueError(
+            f"{name}: {counts[-1]} (token, layer) entries mix -1 with expert ids; a replayed top-k is either fully "
+            f"given or fully -1 (route normally)"
+        )
+    return valid, recorded
 
 
 @dataclass(frozen=True, eq=False)

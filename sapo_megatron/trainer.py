@@ -40,10 +40,11 @@ from sapo_megatron.algorithms import compute_advantages
 from sapo_megatron.algorithms.supervised import nll_loss
 from sapo_megatron.bridge.sync import WeightSync
 from sapo_megatron.collectives import rank, world_size
-from sapo_megatron.config import Config, ConfigError, save_config
+from sapo_megatron.config import Config, save_config
 from sapo_megatron.console import Progress, run_console
 from sapo_megatron.data.sources import build_prompt_streams, encode_prompt
 from sapo_megatron.data.toy import ToyTaskStream
+from sapo_megatron.device import resolve_device
 from sapo_megatron.diagnostics.run_logger import RunLogger, flatten_metrics, write_custom_scalars_layout
 from sapo_megatron.diagnostics.step import StepDiagnostics, rollout_metrics
 from sapo_megatron.diagnostics.summary import summarize
@@ -57,20 +58,6 @@ from sapo_megatron.routing_layout import RoutingRecord, replay_positions, sample
 from sapo_megatron.sharding import DataShare
 
 DRIVER_RANK = 0
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Set-up helpers
-# ----------------------------------------------------------------------------------------------------------
-
-
-def resolve_device(cfg: Config) -> torch.device:
-    wanted = cfg.trainer.device
-    if wanted == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu")
-    return torch.device(wanted)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -468,7 +455,7 @@ def supervised_warmup(ctx: RunContext) -> None:
 def setup(cfg: Config) -> RunContext:
     from transformers import AutoTokenizer
 
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.trainer.device, name="trainer.device", must_exist=True)
     if device.type == "cpu":
         MegatronCpuCompat("cpu").install()
     init_distributed(cfg.parallel, device, seed=cfg.trainer.seed)

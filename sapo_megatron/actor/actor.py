@@ -23,15 +23,11 @@ from sapo_megatron.actor.batch import TrainBatch
 from sapo_megatron.actor.logprobs import vocab_parallel_logprobs
 from sapo_megatron.actor.loss_adapter import MegatronLossScale
 from sapo_megatron.actor.micro_batching import MicroBatchLayout, group_by_token_budget, round_up, row_lengths
+from sapo_megatron.actor.model import causal_mask
 from sapo_megatron.actor.routing import open_routing_pass
 from sapo_megatron.algorithms import reduce_metrics
 from sapo_megatron.algorithms.loss import TrainingLoss
 from sapo_megatron.routing_layout import RoutingRecord
-
-
-def causal_attention_mask(seq_len: int) -> torch.Tensor:
-    """Megatron's convention: True marks a position that may NOT be attended to. [1, 1, S, S]."""
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), diagonal=1)[None, None]
 
 
 @dataclass
@@ -279,7 +275,7 @@ class MegatronPolicy:
         tokens = mb.tokens.to(self.device)
         position_ids = torch.arange(seq, device=self.device).unsqueeze(0).expand_as(tokens)
         # An explicit mask: megatron-core builds its default causal mask on "cuda".
-        return model(tokens, position_ids, causal_attention_mask(seq).to(self.device))
+        return model(tokens, position_ids, causal_mask(seq, self.device))
 
     def _token_logprobs(self, logits: torch.Tensor, mb: TrainBatch, with_entropy: bool, *, training: bool = False):
         mpu = self._mpu()

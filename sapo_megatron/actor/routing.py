@@ -48,6 +48,7 @@ from sapo_megatron.routing_layout import (
     POSITION_DTYPE,
     UNRECORDED,
     RoutingRecord,
+    check_routing,
     replay_positions,
     routing_dtype,
     softmax_entropy,
@@ -66,18 +67,6 @@ def _megatron_router_classes():
     return TopKRouter, RouterReplay
 
 
-def moe_layer_pattern(config) -> list[int]:
-    """1 for each MoE layer, 0 for each dense layer, in model order (megatron's ``moe_layer_freq`` rule)."""
-    if not config.num_moe_experts:
-        return [0] * config.num_layers
-    freq = config.moe_layer_freq
-    if isinstance(freq, int):
-        return [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
-    pattern = [int(bool(x)) for x in freq]
-    assert len(pattern) == config.num_layers, f"moe_layer_freq {freq} does not cover {config.num_layers} layers"
-    return pattern
-
-
 def _in_backward() -> bool:
     """True while autograd runs a backward node, i.e. inside activation recomputation."""
     return torch._C._current_autograd_node() is not None
@@ -87,39 +76,6 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
         chunk = chunk.module
     return chunk
-
-
-def check_routing(routing: torch.Tensor, shape: tuple[int, int, int, int], num_experts: int, name: str) -> torch.Tensor:
-    """Validates a replay routing ``[batch, seq, layers, topk]``; returns it as int64 on the CPU.
-
-    Each (token, layer) holds either ``topk`` distinct ids in ``[0, num_experts)`` or only ``-1``.
-    """
-    if not isinstance(routing, torch.Tensor):
-        raise ValueError(
-            f"{name} must be a tensor of expert ids [batch, seq, layers, topk], got {type(routing).__name__}"
-        )
-    if routing.dtype == torch.bool or routing.is_floating_point() or routing.is_complex():
-        raise ValueError(f"{name} must hold integer expert ids, got dtype {routing.dtype}")
-    if tuple(routing.shape) != tuple(shape):
-        raise ValueError(
-            f"{name} has shape {tuple(routing.shape)}; expected [batch, seq, num_moe_layers, topk] = {tuple(shape)}"
-        )
-    routing = routing.detach().to("cpu", torch.int64)
-    unrecorded = routing == UNRECORDED
-    partial = unrecorded.any(-1) & ~unrecorded.all(-1)
-    if partial.any():
-        raise ValueError(
-            f"{name}: {int(partial.sum())} (token, layer) entries mix -1 with expert ids; a token's top-k is either "
-            "fully given or fully -1 (route normally)"
-        )
-    bad = (~unrecorded) & ((routing < 0) | (routing >= num_experts))
-    if bad.any():
-        raise ValueError(f"{name}: {int(bad.sum())} ids outside [0, {num_experts}) (and not -1)")
-    ordered = routing.sort(dim=-1).values
-    duplicate = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] != UNRECORDED)).any(-1)
-    if duplicate.any():
-        raise ValueError(f"{name}: {int(duplicate.sum())} (token, layer) entries repeat an expert within the top-k")
-    return routing
 
 
 def check_record(
@@ -488,7 +444,14 @@ class RoutingReplay:
         if config is None:
             # The pipeline stage may hold no MoE layer: the model's config still tells the layout.
             config = getattr(_unwrap(self.chunks[0]), "config", None)
-        pattern = moe_layer_pattern(config)
+        pattern = [0] * config.num_layers
+        if config.num_moe_experts:
+            # The MoE layers as the bridge wrote them into megatron's config (sapo_megatron.bridge.moe_layer_pattern,
+            # one entry per layer); megatron's int shorthand never reaches a model the bridge built.
+            assert isinstance(config.moe_layer_freq, list) and len(config.moe_layer_freq) == config.num_layers, (
+                f"moe_layer_freq={config.moe_layer_freq!r}: expected the bridge's list of {config.num_layers} layers"
+            )
+            pattern = [int(bool(x)) for x in config.moe_layer_freq]
         if not any(pattern):
             raise ValueError("routing record / replay needs a model with MoE layers; this one has none")
         if config.context_parallel_size > 1:
@@ -622,7 +585,8 @@ class RoutingReplay:
         if isinstance(routing, RoutingRecord):
             return check_record(routing, batch_size, seq_len, self.num_moe_layers, self.topk, self.num_experts, name)
         shape = (batch_size, seq_len, self.num_moe_layers, self.topk)
-        return check_routing(routing, shape, self.num_experts, name)
+        check_routing(routing, name=name, num_experts=self.num_experts, shape=shape, whole_topk=True)
+        return routing.detach().to("cpu", torch.int64)
 
 
 class NullRoutingPass:

@@ -18,6 +18,27 @@ if TYPE_CHECKING:
 SUPPORTED_MODEL_TYPES = ("qwen3_moe",)
 
 
+def moe_layer_pattern(hf_config: Any) -> list[int]:
+    """1 for each MoE layer of a Qwen3-MoE model, 0 for each dense one, in model order; ``hf_config`` is a
+    transformers config or its ``config.json`` as a dict.
+
+    transformers' rule (Qwen3MoeDecoderLayer): layer ``i`` is MoE when the model has experts, ``i`` is not in
+    ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0``. The one place that reads it: the bridge writes
+    it into megatron's ``moe_layer_freq`` (which the routing records' layer axis follows), and the planner and the
+    rollout engine read it from ``config.json``.
+    """
+    if isinstance(hf_config, dict):
+        get = hf_config.get
+    else:
+        def get(key: str, default: Any = None) -> Any:
+            return getattr(hf_config, key, default)
+    # The published Qwen3-MoE configs say num_experts; transformers 5 writes num_local_experts.
+    experts = int(get("num_experts") or get("num_local_experts") or 0)
+    step = int(get("decoder_sparse_step") or 1)
+    dense = set(get("mlp_only_layers") or [])
+    return [int(experts > 0 and i not in dense and (i + 1) % step == 0) for i in range(int(get("num_hidden_layers")))]
+
+
 def load_hf_config(hf_dir: str | os.PathLike) -> Any:
     """The transformers config of a local HF model directory (no hub access)."""
     from transformers import AutoConfig
@@ -69,4 +90,4 @@ def get_bridge(
     return bridge
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "get_bridge", "load_hf_config"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "get_bridge", "load_hf_config", "moe_layer_pattern"]

@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sapo_megatron import collectives
+from sapo_megatron.bridge import moe_layer_pattern as hf_moe_layer_pattern
 from sapo_megatron.bridge.layout import (
     AttentionShape,
     Layout,
@@ -274,13 +275,8 @@ class Qwen3MoeBridge(_MbridgeQwen3MoEBridge):
         raise ValueError("the HF config has neither rope_parameters['rope_theta'] nor rope_theta")
 
     def moe_layer_pattern(self) -> list[int]:
-        """1 for a MoE layer, 0 for a dense one, with transformers' rule (Qwen3MoeDecoderLayer)."""
-        cfg = self.hf_config
-        dense = set(getattr(cfg, "mlp_only_layers", None) or [])
-        step = getattr(cfg, "decoder_sparse_step", 1) or 1
-        return [
-            int(i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0) for i in range(cfg.num_hidden_layers)
-        ]
+        """1 for a MoE layer, 0 for a dense one (:func:`sapo_megatron.bridge.moe_layer_pattern`)."""
+        return hf_moe_layer_pattern(self.hf_config)
 
     @property
     def attention_shape(self) -> AttentionShape:

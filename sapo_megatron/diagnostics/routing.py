@@ -30,7 +30,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from sapo_megatron.algorithms.inputs import as_valid_mask, check_tensor, compute_dtype, shape_of
-from sapo_megatron.routing_layout import UNRECORDED, RoutingRecord, distribution_entropy, softmax_entropy
+from sapo_megatron.routing_layout import UNRECORDED, RoutingRecord, check_routing, distribution_entropy, softmax_entropy
 
 STATS_DTYPE = torch.float64
 # Ids densified at once from a RoutingRecord: 2^24 (128 MiB as int64; the checks hold a few such temporaries).
@@ -82,50 +82,6 @@ def sum_statistics(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, tor
                     f"{shape_of(first[key])}; the layer / expert counts must be the same in every part"
                 )
     return {key: torch.stack([part[key] for part in parts]).sum(dim=0) for key in first}
-
-
-def check_routing(
-    routing, mask, *, name: str = "routing", num_experts: Optional[int] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validates ``routing`` against ``mask``; returns ``(valid [batch, seq], recorded [batch, seq, layers])``.
-
-    ``recorded`` is true for valid tokens whose ``topk`` ids in that layer are all >= 0. One device
-    synchronisation for all value checks; masked positions are not checked.
-    """
-    routing = check_tensor(routing, name)
-    if routing.dim() != 4:
-        raise ValueError(f"{name} must be [batch, seq, layers, topk] expert ids, got shape {shape_of(routing)}")
-    if routing.dtype == torch.bool or routing.is_floating_point() or routing.is_complex():
-        raise ValueError(f"{name} must hold integer expert ids, got dtype {routing.dtype}; convert with .long()")
-    if routing.shape[2] == 0 or routing.shape[3] == 0:
-        raise ValueError(f"{name} has shape {shape_of(routing)}; it needs at least one layer and topk >= 1")
-    valid = as_valid_mask(mask, shape_of(routing)[:2], shape_name=f"{name}[..., 0, 0]")
-    routing = routing.long()
-    slot_valid = valid[:, :, None, None]
-    recorded = valid[:, :, None] & (routing >= 0).all(dim=-1)
-    ordered = routing.sort(dim=-1).values
-    # A top-k set has distinct experts; a repeated id would make |A & B| count one expert twice.
-    duplicate = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(dim=-1) & recorded
-    checks = [((routing < UNRECORDED) & slot_valid).sum(), duplicate.sum()]
-    if num_experts is not None:
-        checks.append(((routing >= num_experts) & slot_valid).sum())
-    counts = torch.stack(checks).tolist()
-    if counts[0]:
-        raise ValueError(
-            f"{name} holds {counts[0]} id(s) below -1 at valid positions; expert ids are >= 0, and -1 marks "
-            f"an unrecorded routing"
-        )
-    if counts[1]:
-        raise ValueError(
-            f"{name} repeats an expert within the top-k of {counts[1]} (token, layer) pair(s); each top-k must "
-            f"hold distinct experts (check the routing capture)"
-        )
-    if num_experts is not None and counts[2]:
-        raise ValueError(
-            f"{name} holds {counts[2]} id(s) >= num_experts={num_experts}; pass the model's number of routed "
-            f"experts"
-        )
-    return valid, recorded
 
 
 def _check_pair(routing_a, routing_b, mask, name_a: str, name_b: str):

@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from sapo_megatron.bridge import moe_layer_pattern
 from sapo_megatron.config import RolloutConfig
 from sapo_megatron.rollout.cpu_expert_load import EXPERT_KERNEL_PARAMS, direct_expert_load_blocker, expert_module_class
 from sapo_megatron.rollout.routing import RouterCapture, rescore_routed_experts
@@ -589,10 +590,7 @@ class RolloutEngine:
 
 
 def _has_no_moe_layer(hf_config: dict) -> bool:
-    if hf_config.get("model_type") != "qwen3_moe":
-        return False
-    layers = int(hf_config["num_hidden_layers"])
-    return set(range(layers)) <= set(hf_config.get("mlp_only_layers") or [])
+    return hf_config.get("model_type") == "qwen3_moe" and not any(moe_layer_pattern(hf_config))
 
 
 class _WeightUpdateLogFilter(logging.Filter):

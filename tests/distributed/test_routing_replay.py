@@ -254,20 +254,25 @@ def test_rollout_routing_lands_on_train_batch_positions():
 
 
 def test_replay_routing_is_checked():
-    from sapo_megatron.actor.routing import check_routing
+    # The replay's check: the one of the diagnostics, over every position, plus the exact shape and whole top-ks.
+    from functools import partial
 
+    from sapo_megatron.routing_layout import check_routing
+
+    check = partial(check_routing, name="r", num_experts=4, whole_topk=True)
     good = torch.tensor([[[[0, 3]], [[-1, -1]]]])  # [1, 2, 1, 2]
-    assert torch.equal(check_routing(good, (1, 2, 1, 2), 4, "r"), good)
+    valid, recorded = check(good, shape=(1, 2, 1, 2))
+    assert valid.all() and recorded.flatten().tolist() == [True, False]
     with pytest.raises(ValueError, match="expected .* = \\(1, 3, 1, 2\\)"):
-        check_routing(good, (1, 3, 1, 2), 4, "r")
+        check(good, shape=(1, 3, 1, 2))
     with pytest.raises(ValueError, match="integer expert ids"):
-        check_routing(good.float(), (1, 2, 1, 2), 4, "r")
+        check(good.float())
     with pytest.raises(ValueError, match="mix -1 with expert ids"):
-        check_routing(torch.tensor([[[[0, -1]], [[1, 2]]]]), (1, 2, 1, 2), 4, "r")
+        check(torch.tensor([[[[0, -1]], [[1, 2]]]]))
     with pytest.raises(ValueError, match="outside \\[0, 4\\)"):
-        check_routing(torch.tensor([[[[0, 4]], [[1, 2]]]]), (1, 2, 1, 2), 4, "r")
-    with pytest.raises(ValueError, match="repeat an expert"):
-        check_routing(torch.tensor([[[[2, 2]], [[1, 2]]]]), (1, 2, 1, 2), 4, "r")
+        check(torch.tensor([[[[0, 4]], [[1, 2]]]]))
+    with pytest.raises(ValueError, match="repeats an expert"):
+        check(torch.tensor([[[[2, 2]], [[1, 2]]]]))
 
 
 def test_routing_replay_config():

@@ -25,21 +25,22 @@ PACKAGE_DIR = Path(__file__).resolve().parents[2] / PACKAGE
 # itself; parts of one rank are siblings that know nothing of each other.
 LAYERS: dict[str, int] = {
     # Plain data and utilities, no Megatron, no vLLM: the schema, torch.distributed helpers, the device rule,
-    # the compact routing-record layout that the actor, the rollout and the diagnostics all speak, the console.
+    # the console.
     "config": 0,
     "collectives": 0,
     "device": 0,
-    "routing_layout": 0,
     "console": 0,
-    # Built only on those: pure-torch losses and advantages, data-parallel shares, the tiny test model,
-    # prompt sources, starting processes (free ports, torchrun), which rollout servers and the CLI share.
+    # Built only on those: pure-torch losses, advantages and input checks, data-parallel shares, the tiny test
+    # model, prompt sources, starting processes (free ports, torchrun), which rollout servers and the CLI share.
     "algorithms": 1,
     "sharding": 1,
     "models": 1,
     "data": 1,
     "launch": 1,
-    # Rewards read the prompt sources' answers; the bridge maps Megatron <-> HF names and layouts and moves
-    # weights; it knows nothing of the actor or the engines it serves.
+    # The compact routing record that the actor, the rollout and the diagnostics all speak (checked with the
+    # algorithms' input checks); rewards, which read the prompt sources' answers; the bridge, which maps
+    # Megatron <-> HF names and layouts and moves weights, and knows nothing of the actor or the engines it serves.
+    "routing_layout": 2,
     "rewards": 2,
     "bridge": 2,
     # The two sides of training: the Megatron actor (built through the bridge) and the vLLM rollout (fed by

@@ -23,18 +23,21 @@ The actor therefore takes the largest first-fit count over the data-parallel gro
 groups until it has that many (:func:`group_by_token_budget` with ``num_groups``); splitting a group never
 raises any micro-batch's padded cost, so the budget still holds.
 
-Not built: packed sequences on GPU (megatron-core's ``PackedSeqParams`` with ``qkv_format="thd"`` and
-``cu_seqlens``, which GPTModel 0.16.1 accepts with Transformer Engine attention). They would remove the padding
-left inside each micro-batch too; the loss function would then read log-probs per packed token and scatter
-them back to ``[rows, width]``, and routing records would follow the packed token order.
+Packed sequences (``trainer.pack_sequences``, GPU with Transformer Engine): a micro-batch's rows are laid end to
+end in one row instead (:mod:`sapo_megatron.actor.packing`), so its cost is the sum of its rows' lengths (rounded
+up to ``multiple``), not ``rows x width``; the same first-fit-decreasing grouping runs on that cost
+(``packed=True``). Per-token outputs are unpacked to the micro-batch's ``[rows, width]`` inside the loss
+function, so everything from :meth:`MicroBatchLayout.assemble` on is the same for both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+
+from sapo_megatron.actor.packing import SequencePacking
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -57,8 +60,11 @@ def row_lengths(loss_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(last > 0, (last + 1).clamp(max=width), torch.ones_like(last))
 
 
-def padded_tokens(group: Sequence[int], lengths: Sequence[int], multiple: int = 1) -> int:
-    """The tokens a micro-batch of rows ``group`` costs: rows x its longest row (rounded up to ``multiple``)."""
+def padded_tokens(group: Sequence[int], lengths: Sequence[int], multiple: int = 1, *, packed: bool = False) -> int:
+    """The tokens a micro-batch of rows ``group`` costs: rows x its longest row (rounded up to ``multiple``), or
+    with ``packed`` the sum of its rows' lengths (rounded up to ``multiple``)."""
+    if packed:
+        return round_up(sum(lengths[i] for i in group), multiple)
     return len(group) * round_up(max(lengths[i] for i in group), multiple)
 
 
@@ -68,6 +74,7 @@ def group_by_token_budget(
     *,
     multiple: int = 1,
     num_groups: int | None = None,
+    packed: bool = False,
 ) -> list[list[int]]:
     """First-fit-decreasing grouping of rows under a padded-token budget.
 
@@ -76,7 +83,9 @@ def group_by_token_budget(
     index) and each joins the first group whose padded cost stays ``<= max_tokens`` with it, else opens a
     new group; a row that alone exceeds the budget is a group of its own. (A group's cost does not depend on
     the joining row's length, so a group that turns one row away turns away all later ones: the groups are
-    consecutive runs of the sorted rows.) With ``num_groups`` (at least the
+    consecutive runs of the sorted rows.) With ``packed`` a group costs the sum of its rows' lengths rounded up
+    to ``multiple`` (:func:`padded_tokens`): plain first-fit-decreasing bin packing, where a short row may still
+    join a group that turned a longer one away. With ``num_groups`` (at least the
     first-fit count, at most the number of rows), the group with the largest padded cost among those with
     two or more rows is halved until there are exactly that many.
 
@@ -93,14 +102,18 @@ def group_by_token_budget(
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     groups: list[list[int]] = []
     widths: list[int] = []  # a group's width is its first (longest) row's, rounded up
+    sums: list[int] = []  # a group's packed tokens before rounding
     for i in order:
         for g, group in enumerate(groups):
-            if (len(group) + 1) * widths[g] <= max_tokens:
+            cost = round_up(sums[g] + lengths[i], multiple) if packed else (len(group) + 1) * widths[g]
+            if cost <= max_tokens:
                 group.append(i)
+                sums[g] += lengths[i]
                 break
         else:
             groups.append([i])
             widths.append(round_up(lengths[i], multiple))
+            sums.append(lengths[i])
     if num_groups is not None:
         if num_groups < len(groups):
             raise ValueError(
@@ -112,7 +125,7 @@ def group_by_token_budget(
             # Halve the costliest splittable group; its rows are longest first, so the halves stay sorted.
             g = max(
                 (g for g in range(len(groups)) if len(groups[g]) > 1),
-                key=lambda g: (padded_tokens(groups[g], lengths, multiple), -g),
+                key=lambda g: (padded_tokens(groups[g], lengths, multiple, packed=packed), -g),
             )
             group = groups[g]
             half = (len(group) + 1) // 2
@@ -129,6 +142,8 @@ class MicroBatchLayout:
     data-parallel ranks, ``num_local`` this rank's share of it, ``width`` the full (padded) width.
     ``local``: the batch handed to the actor was already this data-parallel rank's share (``padded_size ==
     num_local``): nothing is sliced or gathered over data-parallel ranks.
+    ``packing``: with packed sequences, how each micro-batch ``[len(rows[i]), widths[i]]`` is packed into the one
+    row the model sees (:class:`~sapo_megatron.actor.packing.SequencePacking`); ``None`` otherwise.
     """
 
     rows: tuple[torch.Tensor, ...]
@@ -137,11 +152,15 @@ class MicroBatchLayout:
     num_local: int
     width: int
     local: bool = False
+    packing: Optional[tuple[SequencePacking, ...]] = None
 
     def __post_init__(self):
         assert len(self.rows) == len(self.widths) and len(self.rows) >= 1
         assert sum(len(r) for r in self.rows) == self.num_local, "every local row in exactly one micro-batch"
         assert all(0 < w <= self.width for w in self.widths)
+        if self.packing is not None:
+            assert len(self.packing) == len(self.rows)
+            assert all(p.rows == len(r) and p.width == w for p, r, w in zip(self.packing, self.rows, self.widths))
 
     @property
     def num_microbatches(self) -> int:
@@ -150,7 +169,13 @@ class MicroBatchLayout:
     @property
     def uniform(self) -> bool:
         """True when every micro-batch has the same shape (megatron's fixed p2p shapes suffice)."""
-        return len({(len(r), w) for r, w in zip(self.rows, self.widths)}) == 1
+        return len(set(self.model_shapes())) == 1
+
+    def model_shapes(self) -> list[tuple[int, int]]:
+        """``(batch, seq)`` of each micro-batch as the model sees it: ``(1, packed length)`` when packed."""
+        if self.packing is not None:
+            return [(1, p.total) for p in self.packing]
+        return [(len(r), w) for r, w in zip(self.rows, self.widths)]
 
     def assemble(self, parts: Sequence[torch.Tensor], fill: float = 0.0) -> torch.Tensor:
         """Per-micro-batch values ``parts[i]`` ``[len(rows[i]), widths[i], ...]`` put back in this rank's row

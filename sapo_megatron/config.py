@@ -337,6 +337,10 @@ class TrainerConfig:
     # > 0: micro-batches are formed by tokens instead (sequences sorted by length, first-fit under this many
     # padded tokens, each padded only to its own longest); 0 = micro_batch_size sequences each.
     max_tokens_per_micro_batch: int = 0
+    # With a token budget: each micro-batch's sequences laid end to end in one row (megatron-core's THD packed
+    # sequences, cu_seqlens) instead of padded to its longest; the budget then counts packed tokens. Needs a GPU
+    # with Transformer Engine (its attention takes cu_seqlens) and parallel.context=1.
+    pack_sequences: bool = False
     save_interval: int = 10
     eval_interval: int = 5
     log_interval: int = 1
@@ -363,6 +367,18 @@ class TrainerConfig:
                 raise ConfigError(f"{prefix}.{name}={value!r}: must be >= 0 (0 disables it)")
         if not (self.sft_lr >= 0 and math.isfinite(self.sft_lr)):
             raise ConfigError(f"{prefix}.sft_lr={self.sft_lr!r}: must be a finite number >= 0 (0: optimizer.lr)")
+        if self.pack_sequences and not self.max_tokens_per_micro_batch:
+            raise ConfigError(
+                f"{prefix}.pack_sequences=true with {prefix}.max_tokens_per_micro_batch=0: packed micro-batches are "
+                f"formed by a token budget; set {prefix}.max_tokens_per_micro_batch (e.g. 16384) or "
+                f"{prefix}.pack_sequences=false"
+            )
+        if self.pack_sequences and self.device == "cpu":
+            raise ConfigError(
+                f"{prefix}.pack_sequences=true with {prefix}.device=cpu: packed sequences need Transformer Engine's "
+                f"attention, which runs on a CUDA GPU only; set {prefix}.pack_sequences=false (the token budget alone "
+                "still cuts each micro-batch's padding to its longest row)"
+            )
         if not self.run_dir:
             raise ConfigError(f"{prefix}.run_dir is empty: give a directory for logs and checkpoints")
 
@@ -468,6 +484,11 @@ class Config:
                 f"algorithm.routing_replay={replay!r}: a replayed routing needs every token up to the last response "
                 "token, so it is recorded whole anyway; set diagnostics.routing_sample_tokens=0 or "
                 "algorithm.routing_replay=off"
+            )
+        if self.trainer.pack_sequences and self.parallel.context > 1:
+            raise ConfigError(
+                f"trainer.pack_sequences=true with parallel.context={self.parallel.context}: packed sequences under "
+                "context parallelism are not supported; use parallel.context=1 or trainer.pack_sequences=false"
             )
         if replay != "off" and self.parallel.context > 1:
             raise ConfigError(

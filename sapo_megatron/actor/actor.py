@@ -24,6 +24,7 @@ from sapo_megatron.actor.logprobs import vocab_parallel_logprobs
 from sapo_megatron.actor.loss_adapter import MegatronLossScale
 from sapo_megatron.actor.micro_batching import MicroBatchLayout, group_by_token_budget, round_up, row_lengths
 from sapo_megatron.actor.model import causal_mask
+from sapo_megatron.actor.packing import SequencePacking, check_packing_supported, packed_seq_params
 from sapo_megatron.actor.routing import open_routing_pass
 from sapo_megatron.algorithms import reduce_metrics
 from sapo_megatron.algorithms.loss import TrainingLoss
@@ -78,6 +79,12 @@ class MegatronPolicy:
     those of the fixed split up to fp32 summation order. Per-position outputs then hold 0 (log-probs,
     entropy, router entropy) or -1 (routing) after each row's last loss position: those positions predict
     right padding, and no loss, metric or diagnostic reads them.
+
+    ``pack_sequences`` (with a token budget; Transformer Engine attention, so a GPU) lays each micro-batch's
+    rows end to end in one row with megatron-core's THD ``packed_seq_params`` instead of padding them to the
+    longest (:mod:`sapo_megatron.actor.packing`); the budget then counts packed tokens. The per-token outputs
+    are unpacked to the micro-batch's ``[rows, width]`` before the loss, so results and routing records have
+    the same layout as without packing.
     """
 
     def __init__(
@@ -92,6 +99,7 @@ class MegatronPolicy:
         device: torch.device | str = "cpu",
         sequence_multiple: int = 1,
         max_tokens_per_micro_batch: int = 0,
+        pack_sequences: bool = False,
     ):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size}: must be >= 1")
@@ -99,12 +107,18 @@ class MegatronPolicy:
             raise ValueError(
                 f"max_tokens_per_micro_batch={max_tokens_per_micro_batch}: must be >= 0 (0 = micro_batch_size rows)"
             )
+        if pack_sequences and not max_tokens_per_micro_batch:
+            raise ValueError(
+                "pack_sequences=True needs max_tokens_per_micro_batch > 0: packed rows are grouped by a token budget"
+            )
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss = loss
         self.micro_batch_size = micro_batch_size
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.pack_sequences = pack_sequences
+        self._packing_checked = False
         self.temperature = temperature
         self.device = torch.device(device)
         # With sequence parallelism the sequence is split across TP ranks, so its length must divide.
@@ -176,6 +190,7 @@ class MegatronPolicy:
             padded = batch.padded_to_multiple(rows_multiple).with_seq_len_multiple(self.sequence_multiple)
             per_rank = padded.size // dp_size
             local_batch = padded.select(slice(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+        packing = None
         if not budget:
             starts = range(0, per_rank, self.micro_batch_size)
             rows = [torch.arange(i, i + self.micro_batch_size) for i in starts]
@@ -184,16 +199,26 @@ class MegatronPolicy:
         else:
             self._check_token_budget_layout()
             lengths = row_lengths(local_batch.loss_mask).tolist()
-            groups = group_by_token_budget(lengths, budget, multiple=self.sequence_multiple)
+            grouping = dict(multiple=self.sequence_multiple, packed=self.pack_sequences)
+            groups = group_by_token_budget(lengths, budget, **grouping)
             (count,) = self._max_over_data_parallel(len(groups))
             if count != len(groups):
-                groups = group_by_token_budget(lengths, budget, multiple=self.sequence_multiple, num_groups=count)
+                groups = group_by_token_budget(lengths, budget, num_groups=count, **grouping)
             rows = [torch.tensor(group, dtype=torch.int64) for group in groups]
-            widths = [round_up(max(lengths[i] for i in group), self.sequence_multiple) for group in groups]
+            if self.pack_sequences:
+                # Only the packed row is rounded for sequence parallelism; the host-side [rows, width] layout
+                # of a micro-batch is its longest row.
+                widths = [max(lengths[i] for i in group) for group in groups]
+                packing = tuple(
+                    SequencePacking.plan([lengths[i] for i in group], width, self.sequence_multiple)
+                    for group, width in zip(groups, widths)
+                )
+            else:
+                widths = [round_up(max(lengths[i] for i in group), self.sequence_multiple) for group in groups]
             micro = [local_batch.select(index).narrowed(width) for index, width in zip(rows, widths)]
         layout = MicroBatchLayout(
             rows=tuple(rows), widths=tuple(widths), padded_size=padded.size, num_local=per_rank, width=padded.seq_len,
-            local=local,
+            local=local, packing=packing,
         )
         return micro, layout
 
@@ -235,6 +260,18 @@ class MegatronPolicy:
             )
         if getattr(config, "context_parallel_size", 1) > 1:
             raise ValueError("trainer.max_tokens_per_micro_batch > 0 with parallel.context > 1 is not supported")
+        if self.pack_sequences and not self._packing_checked:
+            # Once: the model's attention does not change between passes.
+            check_packing_supported(self.model)
+            self._packing_checked = True
+
+    @staticmethod
+    def _packing_of(micro: list[TrainBatch], layout: MicroBatchLayout) -> dict[int, SequencePacking]:
+        """Each micro-batch's packing by ``id`` (what the forward step gets from the data iterator); empty
+        without packed sequences."""
+        if layout.packing is None:
+            return {}
+        return {id(mb): packing for mb, packing in zip(micro, layout.packing)}
 
     def _data_iterators(self, micro: list[TrainBatch]):
         # Interleaved pipelines take one iterator per model chunk, each yielding the same micro-batches.
@@ -256,40 +293,61 @@ class MegatronPolicy:
         variable = bool(self.max_tokens_per_micro_batch) and self._mpu().get_pipeline_model_parallel_world_size() > 1
         saved = config.variable_seq_lengths
         config.variable_seq_lengths = saved or variable
+        # A packed micro-batch reaches the model as one row of its packed length.
+        micro_batch_size, seq_length = layout.model_shapes()[0]
         try:
             return fb(
                 forward_step_func=forward_step,
                 data_iterator=self._data_iterators(micro),
                 model=self.model if len(self.model) > 1 else self.model[0],
                 num_microbatches=len(micro),
-                seq_length=layout.widths[0],
-                micro_batch_size=len(layout.rows[0]),
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
                 forward_only=forward_only,
             )
         finally:
             config.variable_seq_lengths = saved
 
     # -- the model call ------------------------------------------------------------------------------------
-    def _logits(self, model, mb: TrainBatch) -> torch.Tensor:
+    def _logits(self, model, mb: TrainBatch, packing: Optional[SequencePacking] = None) -> torch.Tensor:
+        if packing is not None:
+            tokens = packing.pack(mb.tokens).unsqueeze(0).to(self.device)
+            position_ids = packing.position_ids.unsqueeze(0).to(self.device)
+            # No mask: THD attention keeps each token inside its cu_seqlens segment (TE's padding-causal mask).
+            return model(tokens, position_ids, None, packed_seq_params=packed_seq_params(packing, self.device))
         seq = mb.seq_len
         tokens = mb.tokens.to(self.device)
         position_ids = torch.arange(seq, device=self.device).unsqueeze(0).expand_as(tokens)
         # An explicit mask: megatron-core builds its default causal mask on "cuda".
         return model(tokens, position_ids, causal_mask(seq, self.device))
 
-    def _token_logprobs(self, logits: torch.Tensor, mb: TrainBatch, with_entropy: bool, *, training: bool = False):
+    def _token_logprobs(
+        self,
+        logits: torch.Tensor,
+        mb: TrainBatch,
+        with_entropy: bool,
+        *,
+        training: bool = False,
+        packing: Optional[SequencePacking] = None,
+    ):
         mpu = self._mpu()
         tp_group = mpu.get_tensor_model_parallel_group() if mpu.get_tensor_model_parallel_world_size() > 1 else None
-        # GPTModel returns [b, s, v/tp]; the log-probs come back as [b, s].
-        return vocab_parallel_logprobs(
+        labels = mb.labels if packing is None else packing.pack(mb.labels).unsqueeze(0)
+        # GPTModel returns [b, s, v/tp] ([1, packed, v/tp] when packed); the log-probs come back as [b, s].
+        logprobs, entropy = vocab_parallel_logprobs(
             logits,
-            mb.labels.to(logits.device),
+            labels.to(logits.device),
             tp_group=tp_group,
             temperature=self.temperature,
             with_entropy=with_entropy,
             # The logits are not used after the loss: backward may reuse their storage (far less memory).
             inplace_backward=training,
         )
+        if packing is not None:
+            # Back to the micro-batch's [rows, width]: the loss, the metrics and the outputs never see the packing.
+            logprobs = packing.unpack(logprobs[0])
+            entropy = None if entropy is None else packing.unpack(entropy[0])
+        return logprobs, entropy
 
     # -- forward only: logprobs_old / reference log-probs -------------------------------------------------
     @torch.no_grad()
@@ -331,13 +389,16 @@ class MegatronPolicy:
             positions=routing_positions,
         )
 
+        packings = self._packing_of(micro, layout)
+
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
+            packing = packings.get(id(mb))
             routing.before_forward(model, mb)
-            logits = self._logits(model, mb)
+            logits = self._logits(model, mb, packing)
 
             def loss_func(output):
-                lp, ent = self._token_logprobs(output, mb, with_entropy)
+                lp, ent = self._token_logprobs(output, mb, with_entropy, packing=packing)
                 out = {"logprobs": lp.float().cpu()}
                 if ent is not None:
                     out["entropy"] = ent.float().cpu()
@@ -458,11 +519,14 @@ class MegatronPolicy:
         need_entropy = loss.needs_entropy
         counts = dict(num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs)
 
+        packings = self._packing_of(micro, layout)
+
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
+            packing = packings.get(id(mb))
             routing.before_forward(model, mb)
-            logits = self._logits(model, mb)
-            return logits, partial(self._loss_func, loss, mb, need_entropy, counts, scale, return_logprobs)
+            logits = self._logits(model, mb, packing)
+            return logits, partial(self._loss_func, loss, mb, need_entropy, counts, scale, return_logprobs, packing)
 
         for m in self.model:
             m.zero_grad_buffer()
@@ -490,9 +554,10 @@ class MegatronPolicy:
         counts: dict,
         scale: MegatronLossScale,
         return_logprobs: bool,
+        packing: Optional[SequencePacking],
         logits,
     ):
-        logprobs, entropy = self._token_logprobs(logits, mb, need_entropy, training=True)
+        logprobs, entropy = self._token_logprobs(logits, mb, need_entropy, training=True, packing=packing)
         device = logprobs.device
         # The reference's log-probs enter only through the KL term; without kl_coef > 0 they are not needed.
         use_ref = loss.needs_reference and mb.logprobs_ref is not None

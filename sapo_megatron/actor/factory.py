@@ -16,6 +16,7 @@ import torch
 from sapo_megatron.actor.actor import MegatronPolicy
 from sapo_megatron.actor.model import ActorModel, build_model, params_dtype_of
 from sapo_megatron.actor.offload import check_optimizer_offload
+from sapo_megatron.actor.packing import check_packing_environment
 from sapo_megatron.algorithms import training_loss_from_config
 from sapo_megatron.config import Config
 
@@ -115,6 +116,8 @@ def build_actor(
     """The actor of this rank; megatron's parallel state must already be initialised with ``cfg.parallel``."""
     # Before anything is built: megatron's own failure for a GPU-only option on CPU is cryptic.
     check_optimizer_offload(cfg.optimizer, device)
+    if cfg.trainer.pack_sequences:
+        check_packing_environment(device)
     overrides = {}
     if cfg.model.recompute_activations:
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -136,6 +139,7 @@ def build_actor(
         loss=training_loss_from_config(cfg.algorithm, max_response_length=cfg.rollout.max_new_tokens),
         micro_batch_size=cfg.trainer.micro_batch_size,
         max_tokens_per_micro_batch=cfg.trainer.max_tokens_per_micro_batch,
+        pack_sequences=cfg.trainer.pack_sequences,
         temperature=cfg.rollout.temperature,
         device=device,
         sequence_multiple=cfg.parallel.tensor if cfg.parallel.sequence_parallel else 1,

@@ -31,6 +31,13 @@ nats, 0 where nothing was recorded): the entropy of the softmax over *all* route
 taken from the same hook (megatron hands it the router logits, or their softmax with
 ``moe_router_pre_softmax``). It is gathered exactly like the routing.
 
+With packed sequences (``trainer.pack_sequences``, :mod:`sapo_megatron.actor.packing`) megatron sees a micro-batch
+as one row: its routers route ``packed_length x 1`` tokens in packed order (under sequence parallelism each
+tensor-parallel rank a contiguous slice of it). The packed order runs through each row's kept positions, row after
+row, so a packed micro-batch's kept tokens come out in the (row, position) order a record stores them in; a replay
+routing is packed the same way (the rounding tail routes freely), and router entropy is put back at each token's
+(row, position).
+
 Activation recomputation re-runs the routers inside backward. In a training pass every top-k used in a
 forward is queued per layer and popped, in order, by the recomputation (megatron's ``REPLAY_BACKWARD``
 queue), so recomputed activations always use the forward's experts, with or without a replay routing.
@@ -220,16 +227,25 @@ class RoutingPass:
         self._seq_len = layout.width
         # The batch was this data-parallel rank's share: replay routings are not sliced, records not gathered.
         self._local = layout.local
+        # Packed sequences: each micro-batch's SequencePacking (megatron's token order is the packed order).
+        self._packing = layout.packing
         self._records: dict[tuple[int, int], torch.Tensor] = {}
         self._entropies: dict[tuple[int, int], torch.Tensor] = {}
         self._keep: Optional[torch.Tensor] = None
         self._keep_micro: list[torch.Tensor] = []
+        self._keep_packed: list[torch.Tensor] = []
         if record:
             assert positions is not None, "a recording pass needs the positions to keep"
             self._keep = self._local_positions(positions, layout.padded_size)
             self._keep_micro = [
                 self._keep[rows, :width].to(owner.device) for rows, width in zip(self._rows, self._widths)
             ]
+            if self._packing is not None:
+                # The kept positions in packed order, bool [packed length] (False in the rounding tail).
+                self._keep_packed = [
+                    packing.pack(self._keep[rows, :width], fill=False).to(owner.device)
+                    for packing, rows, width in zip(self._packing, self._rows, self._widths)
+                ]
         self._replay_local = None if replay is None else self._local_replay(replay, layout.padded_size)
         self._replay_cache: Optional[tuple[int, torch.Tensor]] = None
 
@@ -253,7 +269,16 @@ class RoutingPass:
         keep = keep[self._dp_slice(padded_size)].clone()
         for rows_, width in zip(self._rows, self._widths):
             keep[rows_, width:] = False
+        if self._packing is not None:
+            # A packed row holds only its own length: positions after it are not computed (and not recorded).
+            lengths = torch.zeros(keep.shape[0], dtype=torch.int64)
+            for rows_, packing in zip(self._rows, self._packing):
+                lengths[rows_] = torch.tensor(packing.lengths, dtype=torch.int64)
+            keep &= torch.arange(keep.shape[1])[None, :] < lengths[:, None]
         return keep
+
+    def _packing_at(self, index: int):
+        return None if self._packing is None else self._packing[index]
 
     def _local_replay(self, routing, padded_size: int):
         """This data-parallel rank's rows of the padded batch (full width), as the actor pads and slices it."""
@@ -272,7 +297,8 @@ class RoutingPass:
         return routing[self._dp_slice(padded_size)]
 
     def _replay_of(self, index: int) -> torch.Tensor:
-        """Micro-batch ``index``'s replay routing, int64 ``[rows, width, layers, topk]`` (``-1``: route freely)."""
+        """Micro-batch ``index``'s replay routing, int64 ``[rows, width, layers, topk]`` (``-1``: route freely);
+        packed, ``[packed length, layers, topk]`` in packed order."""
         if self._replay_cache is not None and self._replay_cache[0] == index:
             return self._replay_cache[1]
         rows, width = self._rows[index], self._widths[index]
@@ -281,6 +307,9 @@ class RoutingPass:
             replay = self._replay_local.select(rows).truncated(width).dense(width, dtype=torch.int64)
         else:
             replay = self._replay_local[rows, :width]
+        packing = self._packing_at(index)
+        if packing is not None:
+            replay = packing.pack(replay, fill=UNRECORDED)
         # Interleaved pipelines call before_forward once per model chunk: densify a micro-batch once.
         self._replay_cache = (index, replay)
         return replay
@@ -290,14 +319,22 @@ class RoutingPass:
         """Points ``chunk``'s routers at micro-batch ``mb`` (and its slice of the replay routing)."""
         index = self._micro_index[id(mb)]
         replay = None
+        packed = self._packing_at(index) is not None
         if self._replay_local is not None:
             replay = self._replay_of(index)
-            start, stop = self.owner.sequence_slice(replay.shape[1])
-            replay = replay[:, start:stop]
+            if packed:
+                # Already megatron's token order [s * b, layers, k] (b = 1): this rank's slice of the packed row.
+                start, stop = self.owner.sequence_slice(replay.shape[0])
+                replay = replay[start:stop]
+            else:
+                start, stop = self.owner.sequence_slice(replay.shape[1])
+                replay = replay[:, start:stop]
         for layer in self.owner.layers_of(chunk):
             layer.micro_index = index
             if replay is None:
                 layer.target_topk_idx = None
+            elif packed:
+                layer.target_topk_idx = replay[:, layer.moe_index].to(self.owner.device)
             else:
                 # [b, s, k] -> megatron's token order [s * b, k].
                 rows = replay[:, :, layer.moe_index].transpose(0, 1).reshape(-1, replay.shape[-1])
@@ -305,6 +342,13 @@ class RoutingPass:
 
     def store(self, moe_index: int, micro_index: int, indices: torch.Tensor) -> None:
         # Only the kept positions, compact, as the router runs: the pass never holds a dense routing.
+        if self._packing is not None:
+            keep = self._keep_packed[micro_index]
+            start, stop = self.owner.sequence_slice(keep.shape[0])
+            # Packed order visits the kept positions row by row: the kept tokens are already in (row, position) order.
+            kept = indices.detach()[keep[start:stop].to(indices.device)]
+            self._records[(moe_index, micro_index)] = kept.to(self.owner.record_dtype).cpu()
+            return
         keep = self._keep_micro[micro_index]
         start, stop = self.owner.sequence_slice(keep.shape[1])
         # Megatron's token order [s_local * b, k] -> [b, s_local, k]; boolean indexing keeps (row, position) order.
@@ -353,9 +397,15 @@ class RoutingPass:
             if groups:
                 # int32: gloo and NCCL both reduce it (no int16 max in gloo); one micro-batch's worth at a time.
                 micro = torch.full((tokens, layers, topk), UNRECORDED, dtype=torch.int32)
-                start, stop = owner.sequence_slice(width)
-                slots = (keep_micro.reshape(-1).cumsum(0) - 1).reshape(keep_micro.shape)[:, start:stop]
-                slots = slots[keep_micro[:, start:stop]]
+                if self._packing is not None:
+                    # This rank routed a slice of the packed row; the packed order is the record's order.
+                    keep_packed = self._keep_packed[index].cpu()
+                    start, stop = owner.sequence_slice(keep_packed.shape[0])
+                    slots = (keep_packed.cumsum(0) - 1)[start:stop][keep_packed[start:stop]]
+                else:
+                    start, stop = owner.sequence_slice(width)
+                    slots = (keep_micro.reshape(-1).cumsum(0) - 1).reshape(keep_micro.shape)[:, start:stop]
+                    slots = slots[keep_micro[:, start:stop]]
                 for m, part in enumerate(parts):
                     if part is not None:
                         micro[slots, m] = part.to(torch.int32)
@@ -402,6 +452,14 @@ class RoutingPass:
             (self._num_local, self._seq_len, owner.num_moe_layers, *tail), fill, dtype=dtype, device=owner.device
         )
         for (moe_index, micro_index), values in records.items():
+            packing = self._packing_at(micro_index)
+            if packing is not None:
+                # This rank's slice of the packed row, each real token back at its (row, position).
+                start, stop = owner.sequence_slice(packing.total)
+                real, rows, positions = packing.locate(start, stop)
+                values = values.reshape(stop - start, *tail)[real.to(values.device)]
+                local[self._rows[micro_index][rows].to(local.device), positions.to(local.device), moe_index] = values
+                continue
             # Under sequence parallelism this rank routed its slice of the micro-batch's own width.
             start, stop = owner.sequence_slice(self._widths[micro_index])
             rows = values.reshape(stop - start, -1, *tail).transpose(0, 1)

@@ -2,7 +2,7 @@
 
 The packing plan (``cu_seqlens``, position ids, the rounding tail), the index maps between a micro-batch's
 ``[rows, width]`` and its packed row (a bit-exact round trip, the unpacking's gradient), the token order that
-routing record / replay rely on, the packed token-budget grouping, and the device check. The model call itself
+routing record / replay rely on, the packed token-budget grouping, and the config checks. The model call itself
 needs Transformer Engine (tests/distributed/test_packed_sequences.py runs it on CPU through a reference THD
 attention, and on a GPU with TE).
 """
@@ -14,7 +14,7 @@ import torch
 
 from sapo_megatron.actor.micro_batching import MicroBatchLayout, group_by_token_budget, padded_tokens, row_lengths
 from sapo_megatron.actor.packing import SequencePacking, check_packing_environment
-from sapo_megatron.config import ConfigError
+from sapo_megatron.config import ConfigError, load_config
 
 
 def test_plan_cu_seqlens_position_ids_and_tail():
@@ -177,6 +177,30 @@ def test_lengths_come_from_the_loss_mask():
     mask[0, 2:5] = True  # last loss position 4 -> 6 tokens
     mask[1, 0] = True  # -> 2 tokens
     assert row_lengths(mask).tolist() == [6, 2, 1]
+
+
+def test_config_refuses_packing_without_budget_gpu_or_with_context_parallel():
+    with pytest.raises(ConfigError, match="trainer.pack_sequences=true with trainer.max_tokens_per_micro_batch=0"):
+        load_config(None, ["trainer.pack_sequences=true", "trainer.device=cuda"])
+    with pytest.raises(ConfigError, match="trainer.pack_sequences=true with trainer.device=cpu"):
+        load_config(
+            None, ["trainer.pack_sequences=true", "trainer.device=cpu", "trainer.max_tokens_per_micro_batch=4096"]
+        )
+    with pytest.raises(ConfigError, match="trainer.pack_sequences=true with parallel.context=2"):
+        load_config(
+            None,
+            [
+                "trainer.pack_sequences=true",
+                "trainer.device=cuda",
+                "trainer.max_tokens_per_micro_batch=4096",
+                "parallel.context=2",
+                "launch.nproc_per_node=2",
+            ],
+        )
+    cfg = load_config(
+        None, ["trainer.pack_sequences=true", "trainer.device=cuda", "trainer.max_tokens_per_micro_batch=4096"]
+    )
+    assert cfg.trainer.pack_sequences and not load_config().trainer.pack_sequences
 
 
 def test_packing_environment_needs_a_cuda_device():

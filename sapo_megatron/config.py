@@ -28,10 +28,17 @@ class ConfigError(ValueError):
 # Schema
 # ----------------------------------------------------------------------------------------------------------
 
-POLICY_LOSSES = ("sapo", "clip", "dual_clip", "gspo", "cispo")
-REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
-ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+# A choice's allowed values are written once, as the Literal type of its field; the tuples that the algorithms
+# check against and the tests iterate over are derived from it.
+PolicyLossName = Literal["sapo", "clip", "dual_clip", "gspo", "cispo"]
+Reduction = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
+AdvantageEstimator = Literal["grpo", "dr_grpo", "rloo"]
+KlEstimator = Literal["k1", "k2", "k3"]
+
+POLICY_LOSSES: tuple[str, ...] = typing.get_args(PolicyLossName)
+REDUCTIONS: tuple[str, ...] = typing.get_args(Reduction)
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = typing.get_args(AdvantageEstimator)
+KL_ESTIMATORS: tuple[str, ...] = typing.get_args(KlEstimator)
 
 
 @dataclass
@@ -97,11 +104,9 @@ class CispoConfig:
 
 @dataclass
 class AlgorithmConfig:
-    policy_loss: Literal["sapo", "clip", "dual_clip", "gspo", "cispo"] = "sapo"
-    reduction: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = (
-        "seq_mean_token_mean"
-    )
-    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    policy_loss: PolicyLossName = "sapo"
+    reduction: Reduction = "seq_mean_token_mean"
+    advantage: AdvantageEstimator = "grpo"
     # Token count used by seq_mean_token_sum_norm (Dr. GRPO's constant normaliser); 0 = max response length.
     reduction_norm_length: int = 0
     sapo: SapoConfig = field(default_factory=SapoConfig)
@@ -109,7 +114,7 @@ class AlgorithmConfig:
     gspo: GspoConfig = field(default_factory=GspoConfig)
     cispo: CispoConfig = field(default_factory=CispoConfig)
     kl_coef: float = 0.0
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: KlEstimator = "k3"
     entropy_coef: float = 0.0
     # One rollout batch is split into this many mini-batches, one optimizer step each.
     num_mini_batches: int = 1

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from sapo_megatron.cli import main as cli_main
-from sapo_megatron.config import Config, ConfigError, load_config, save_config, to_dict
+from sapo_megatron.config import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    REDUCTIONS,
+    AlgorithmConfig,
+    Config,
+    ConfigError,
+    load_config,
+    save_config,
+    to_dict,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -19,6 +31,17 @@ def test_defaults_are_the_paper_settings():
     assert cfg.algorithm.policy_loss == "sapo"
     assert cfg.algorithm.reduction == "seq_mean_token_mean"
     assert (cfg.algorithm.sapo.tau_pos, cfg.algorithm.sapo.tau_neg) == (1.0, 1.05)
+
+
+def test_allowed_values_are_the_fields_literal_types():
+    # One list per choice: the tuples the algorithms check against are the config fields' own Literal values.
+    hints = typing.get_type_hints(AlgorithmConfig)
+    assert POLICY_LOSSES == typing.get_args(hints["policy_loss"]) == ("sapo", "clip", "dual_clip", "gspo", "cispo")
+    assert REDUCTIONS == typing.get_args(hints["reduction"])
+    assert ADVANTAGE_ESTIMATORS == typing.get_args(hints["advantage"]) == ("grpo", "dr_grpo", "rloo")
+    assert KL_ESTIMATORS == typing.get_args(hints["kl_estimator"]) == ("k1", "k2", "k3")
+    with pytest.raises(ConfigError, match="not allowed; use one of 'k1', 'k2', 'k3'"):
+        load_config(None, ["algorithm.kl_estimator=k4"])
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])

@@ -31,8 +31,8 @@ API
     A collective over every rank of the transport's group (all actor ranks, plus the remote receiver).
     ``model_chunks`` are this rank's chunks, wrapped (DDP, Float16Module) or not. Returns once the engine
     serves ``version`` (an int above the engine's current ``weight_version``); every rank gets the same
-    totals. Raises :class:`WeightSyncError` on every rank when the sync did not happen; the engine then still
-    serves its previous version.
+    totals. Raises :class:`WeightSyncError` on every rank when the sync did not happen; its message says what
+    each engine then holds (see "Failures").
 ``WeightReceiver(engine, group, *, staging_device=None).receive() -> SyncStats``
     The engine's side of a remote push.
 ``SyncGroup.from_torch(group=None)``, ``SyncGroup.connect(host, port, *, rank, world_size, backend="gloo", timeout_s=300)``
@@ -45,48 +45,72 @@ Protocol (one push)
 -------------------
 1. Metadata, one ``all_gather_object``: every trainer rank lists the pieces it owns (HF names, layout, piece
    index and count, shape, dtype; each piece is owned by exactly one rank, see
-   :meth:`Qwen3MoeBridge.weight_shards`), the version and the bucket size; the engine's rank adds the engine's
-   checkpoint schema and current version. Every rank derives the same plan from it and checks it: all pieces
+   :meth:`Qwen3MoeBridge.weight_shards`) and which of them hold a nan or inf (each owner reads its own pieces
+   once, so a piece is checked once however many engines receive it), the version and the bucket size; each
+   engine's rank adds the engine's checkpoint schema, current version and anything that keeps it from taking
+   an update (unusable, weights asleep). Every rank derives the same plan from it and checks it: all pieces
    present once, consistent shapes and dtypes, exactly the engine's tensor names and shapes, floating-point
-   dtypes, a version above the engine's. A problem raises on every rank before any tensor moves.
+   dtypes, finite values, a version above the engines' (all on the same one), engines ready. A problem raises
+   on every rank before any tensor moves, and every engine keeps its version.
 2. Buckets: parameters in a fixed order, grouped so that each bucket holds at most ``bucket_bytes`` of full
-   tensors. Per bucket, every owner packs its pieces into one flat buffer and sends it to the engine's rank:
-   one message per owner and bucket instead of mbridge's collectives per tensor (an object exchange and a
-   pipeline broadcast for each of Qwen3-30B-A3B's ~18,900 tensors), and only the engine's rank receives the
-   full tensors instead of every rank. A sender keeps at most two buckets in flight; the engine's rank
-   receives the next bucket while it rebuilds the HF tensors of the current one.
-3. Outcome, one ``all_gather_object``: only a complete transfer with no error on any rank is loaded, through
-   :meth:`RolloutEngine.update_weights` (the one load path: names/shapes/finite check, vLLM's in-place reload,
-   the vLLM-CPU MoE re-pack, prefix-cache reset, new version).
-4. Result, one ``all_gather_object``: the load's outcome, so that all ranks return, or raise, together.
+   tensors. Per bucket, every owner packs its pieces into one flat buffer and sends it to every engine's rank
+   (but its own): one message per owner, bucket and engine instead of mbridge's collectives per tensor (an
+   object exchange and a pipeline broadcast for each of Qwen3-30B-A3B's ~18,900 tensors), and only the
+   engines' ranks receive the full tensors. A sender keeps at most two buckets in flight; an engine's rank
+   receives the next bucket while it rebuilds the HF tensors of the current one. Each message ends in a status
+   block that says whether its sender could pack it.
+3. Load. Colocated engines (:class:`ColocatedTransport`) load each bucket as soon as it is rebuilt, through
+   the engine's streamed update (``engine.start_update(version)``, :class:`WeightUpdate`: per bucket the
+   names/shapes/dtypes check of the chunk, then vLLM's load of it; the values were checked in step 1), so no
+   copy of the model waits anywhere. An engine stops loading at the first bucket that a sender could not pack
+   or that it could not rebuild or load, and drains the rest so that every rank finishes the round. Remote
+   engines (:class:`RemoteTransport`, a ``vllm serve`` worker) keep what they receive and load it only if the
+   whole transfer succeeded everywhere (an ``all_gather_object`` of every rank's outcome first), through
+   ``update_weights`` (see "Memory").
+4. Result, one ``all_gather_object``: each engine's outcome (colocated: each engine commits, making
+   ``version`` current, exactly when it loaded every bucket without an error), so that all ranks return, or
+   raise, together.
 
 Shared memory
 -------------
 Colocated ranks on one host (every rank of the group reports the same machine, CPU tensors) skip the
-sockets in step 2: each sender packs every bucket's pieces into one shared-memory segment of its own
-(``/dev/shm``), and after one small all-gather (every segment complete) each engine's rank rebuilds the HF
-tensors as views of the senders' segments. A byte is then copied once, by its sender, however many engines
-read it, instead of through the kernel's socket buffers once per engine. A sender holds its whole outgoing
-share in the segment (instead of two buckets); the engines' ranks hold no receive buffers. Segments and
-their mappings are kept by the ``WeightSync`` for the next push (pages are faulted in once), and each file
-is unlinked at the end of the push that created it.
+sockets in step 2: each sender owns one shared-memory segment (``/dev/shm``) of two slots, each the size of
+its largest share of a bucket, and packs bucket ``b`` into slot ``b % 2``; one small all-gather per bucket says
+that every slot is packed (and whether each sender could pack it), then each engine's rank rebuilds the HF
+tensors as views of the senders' slots and loads them. An engine joins the all-gather of bucket ``b + 1``
+only once it has loaded bucket ``b``, so a slot is packed again only when no engine reads it any more (the
+engines keep no reference to a loaded chunk). A byte is copied once, by its sender, however many engines
+read it, instead of through the kernel's socket buffers once per engine. Segments and their mappings are
+kept by the ``WeightSync`` for the next push (pages are faulted in once), and each file is unlinked at the
+end of the push that created it.
 
 Memory
 ------
-A trainer rank holds, beyond its parameters, two packing buffers of at most one bucket each, allocated at its
-first push and reused by the later ones (``WeightSync.release_buffers()`` frees them). The engine's rank keeps
-what it receives until the load (about the model's size in the staging dtype, on the group's device or on
-``staging_device``): loading only a complete transfer is what keeps a failed sync from leaving mixed weights,
-and vLLM's loader cannot take back a half-loaded update. Pieces the engine's rank owns itself are passed to
-the engine as views of its parameters, so a single-process colocated sync copies nothing before the load.
+Colocated, a push holds a few buckets, never the model: a sender its two packing buffers (sockets) or its
+two shared-memory slots of at most one bucket each (allocated at its first push and reused by the later ones;
+``WeightSync.release_buffers()`` frees them); an engine's rank the receive buffers of the bucket it loads and
+of the next one (sockets; none with shared memory) and the rebuilt HF tensors of one bucket that are copies
+rather than views (pieces concatenated across tensor-parallel ranks, regrouped QKV heads), freed once the
+bucket is loaded. ``SyncStats.buffer_bytes`` reports the most a rank held at once. A tensor larger than
+``bucket_bytes`` travels alone, so the bound is a few times ``max(bucket_bytes, largest tensor)``. Inside the
+engine, vLLM's layer-wise reload (GPU, and the CPU fallback) re-materialises one layer at a time and keeps
+copies of a layer whose tensors span two buckets (a MoE layer's experts) until the layer is complete. Pieces
+the engine's rank owns itself are passed to the engine as views of its parameters, so a single-process
+colocated push copies nothing before vLLM's own load. A remote engine's rank keeps what it receives until
+the load (about the model's size in the staging dtype, on the group's device or on ``staging_device``),
+which keeps a failed push from leaving a server with mixed weights.
 
 Failures
 --------
-Validation problems (step 1) and errors while packing, receiving or rebuilding (step 2) leave the engine
-untouched. An error inside vLLM after loading has started makes the engine unusable (it says so on every
-later call) rather than serving mixed weights. A rank that dies mid-transfer makes the others' sends and
-receives fail with the group's transport error (or its timeout); nothing was loaded if that happens before
-the outcome exchange of step 3 completes.
+Validation problems (step 1), non-finite values included, leave every engine untouched. An error while
+packing, receiving, rebuilding or loading (steps 2-3) stops the engines at that bucket: a colocated engine
+that had loaded nothing of the version keeps its version; one that had loaded part of it is marked unusable
+(it refuses to generate or take another update: its weights mix two versions, and a run cannot continue on
+them); one that had loaded everything serves the new version. Every rank raises a :class:`WeightSyncError`
+that names each engine's state. A remote engine loads nothing unless the whole transfer succeeded; an error
+inside vLLM after its load has started makes it unusable. A rank that dies mid-transfer makes the others'
+sends and receives fail with the group's transport error (or its timeout); a colocated engine that had loaded
+part of the version is then marked unusable before the error propagates.
 """
 
 from __future__ import annotations
@@ -153,9 +177,13 @@ class SyncStats:
     metadata_seconds: float  # the metadata exchange and the plan
     export_seconds: float  # packing owned pieces (senders) / rebuilding HF tensors from pieces (engine rank)
     transfer_seconds: float  # blocked on sends and receives
-    load_seconds: float  # RolloutEngine.update_weights on the engine's rank, waiting for it elsewhere
+    load_seconds: float  # loading into the engine on an engine's rank (per bucket and the commit), waiting elsewhere
     sent_bytes: int
     received_bytes: int
+    check_seconds: float = 0.0  # the finite-value check of the pieces this rank owns (part of metadata_seconds)
+    # The most bytes of transfer buffers this rank held at once: packing buffers or shared-memory slots, receive
+    # buffers, and rebuilt HF tensors that are copies rather than views (module docstring, "Memory").
+    buffer_bytes: int = 0
 
     @property
     def bytes_per_second(self) -> float:
@@ -297,7 +325,9 @@ class SyncGroup:
 class WeightTarget(Protocol):
     """An engine as the receiving side of a push sees it (``RolloutEngine``, or the ``sapo_reshard`` backend inside
     a vLLM server's worker): the HF checkpoint schema it serves, its current version, and a checked load that
-    either makes ``version`` current or raises and leaves the previous one."""
+    either makes ``version`` current or raises and leaves the previous one. A colocated push streams instead
+    (``start_update``, see :class:`WeightUpdate`); ``update_blocker()``, when the target has it, says why the
+    engine cannot take an update now (checked with the plan, before any byte moves)."""
 
     schema: dict[str, tuple[int, ...]]
     weight_version: int
@@ -305,10 +335,27 @@ class WeightTarget(Protocol):
     def update_weights(self, named: list[tuple[str, torch.Tensor]], version: int) -> None: ...
 
 
+class WeightUpdate(Protocol):
+    """One streamed update of an engine (``engine.start_update(version)``): ``load`` each bucket's HF tensors as
+    they are rebuilt (the engine keeps no reference to them once ``load`` returns, so the transport may reuse
+    their memory), then ``commit`` (every checkpoint tensor loaded once: ``version`` becomes current) or
+    ``abort`` (the engine is untouched if nothing was loaded, unusable otherwise). ``loaded``: whether any tensor
+    reached the engine's weights; ``finite_checked=True``: the push already checked the values."""
+
+    loaded: bool
+
+    def load(self, named: list[tuple[str, torch.Tensor]], *, finite_checked: bool = False) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self, reason: str) -> None: ...
+
+
 class Transport:
     """Where the engines are, seen from a trainer rank: the group, the engines' ranks in it, and this rank's
-    engine when one lives in this process. ``staging_device`` (engines' ranks): where received tensors wait
-    for the load; ``None`` keeps them on the group's device."""
+    engine when one lives in this process. ``staging_device`` (engines' ranks): where rebuilt tensors go before
+    the load (colocated: one bucket at a time; remote: the whole update); ``None`` keeps them on the group's
+    device."""
 
     def __init__(
         self,
@@ -469,6 +516,13 @@ def _build_plan(infos: list[dict], engine_ranks: int | Sequence[int]) -> _Plan:
             )
         if other["schema"] != engine["schema"]:
             problems.append(f"the engine on rank {r} serves another checkpoint than the engine on rank {engine_ranks[0]}")
+        if other.get("blocker"):
+            problems.append(f"the engine on rank {r} cannot take an update: {other['blocker']}")
+    # Each owner checked its own pieces (module docstring, "Protocol"): a non-finite weight stops every engine's
+    # load before any byte moves, however the buckets fall.
+    nonfinite = sorted({name for info in trainers for name in info.get("nonfinite") or []}, key=_natural_key)
+    if nonfinite:
+        problems.append(f"non-finite values (nan/inf) in {_few(nonfinite)}")
 
     versions = sorted({repr(info["version"]) for info in trainers})
     version = trainers[0]["version"] if trainers else None
@@ -634,8 +688,8 @@ class _SharedMemory:
 class _Exchange:
     """Runs the protocol of the module docstring on this rank: as a sender (a trainer rank), as a receiver (an
     engine's rank), or both at once (the rank of a colocated engine, which also owns pieces the other engines
-    need). ``target`` is this rank's engine side (``schema``, ``weight_version``, ``update_weights(named,
-    version)``) on an engine's rank, ``None`` elsewhere."""
+    need). ``target`` is this rank's engine side (``schema``, ``weight_version``, and ``start_update(version)``
+    when ``stream``, else ``update_weights(named, version)``) on an engine's rank, ``None`` elsewhere."""
 
     def __init__(
         self,
@@ -645,6 +699,8 @@ class _Exchange:
         staging_device: torch.device | None,
         pack_buffers: list[torch.Tensor | None] | None = None,
         shared: _SharedMemory | None = None,
+        *,
+        stream: bool = False,
     ) -> None:
         self.group = group
         self.engine_ranks = list(engine_ranks)
@@ -654,9 +710,14 @@ class _Exchange:
         self.pack_buffers = pack_buffers if pack_buffers is not None else [None] * _MAX_IN_FLIGHT
         # Offered by a colocated WeightSync on CPU; used when every rank of the group is on this machine.
         self.shared = shared if group.device.type == "cpu" else None
+        # Load each bucket as it is rebuilt (colocated engines) instead of the whole model once it has arrived.
+        self.stream = stream
         self.times = collections.Counter()
         self.sent_bytes = 0
         self.received_bytes = 0
+        self.buffer_bytes = 0
+        self.copied_bytes = 0
+        self.loaded_buckets = 0
 
     def run(
         self,
@@ -670,6 +731,14 @@ class _Exchange:
         start = time.perf_counter()
         me = self.group.rank
         local = {(s.hf_names, s.index): s.tensor for s in shards or []}
+        nonfinite = None
+        if shards is not None:
+            tick = time.perf_counter()
+            try:
+                nonfinite = _nonfinite_pieces(shards)
+            except Exception as exc:
+                error = error or f"could not check its pieces for non-finite values: {type(exc).__name__}: {exc}"
+            self.times["check"] += time.perf_counter() - tick
         info = {
             "rank": me,
             "version": version,
@@ -683,12 +752,15 @@ class _Exchange:
                 (s.hf_names, s.layout.value, s.index, s.count, tuple(s.tensor.shape), _dtype_name(s.tensor.dtype))
                 for s in shards
             ],
+            "nonfinite": nonfinite,
             "engine": None,
             "error": error,
         }
         if me in self.engine_ranks:
             assert self.target is not None
-            info["engine"] = {"schema": self.target.schema, "version": self.target.weight_version}
+            blocker = getattr(self.target, "update_blocker", None)
+            info["engine"] = {"schema": self.target.schema, "version": self.target.weight_version,
+                              "blocker": blocker() if callable(blocker) else None}
         info["shared_memory"] = _SharedMemory.host() if self.shared is not None else None
         infos = self.group.all_gather_object(info)
         plan = _build_plan(infos, self.engine_ranks)
@@ -697,14 +769,126 @@ class _Exchange:
         self.times["metadata"] += time.perf_counter() - start
 
         try:
-            return self._push(plan, local, shared, start)
+            if self.stream:
+                return self._push_streamed(plan, local, shared, start)
+            return self._push_staged(plan, local, start)
         finally:
             if self.shared is not None:
                 self.shared.unlink_new_files()
 
-    def _push(self, plan: _Plan, local: dict, shared: bool, start: float) -> SyncStats:
+    def _stats(self, plan: _Plan, start: float) -> SyncStats:
+        return SyncStats(
+            version=plan.version,
+            bytes=plan.nbytes,
+            num_tensors=plan.num_tensors,
+            num_buckets=len(plan.buckets),
+            seconds=time.perf_counter() - start,
+            metadata_seconds=self.times["metadata"],
+            export_seconds=self.times["export"],
+            transfer_seconds=self.times["transfer"],
+            load_seconds=self.times["load"],
+            sent_bytes=self.sent_bytes,
+            received_bytes=self.received_bytes,
+            check_seconds=self.times["check"],
+            buffer_bytes=self.buffer_bytes,
+        )
+
+    # -- colocated engines: each bucket is loaded as soon as it is rebuilt ----------------------------------
+
+    def _push_streamed(self, plan: _Plan, local: dict, shared: bool, start: float) -> SyncStats:
         me = self.group.rank
-        staged, error = self._transfer_shared(plan, local) if shared else self._transfer(plan, local)
+        update: WeightUpdate | None = None
+        if me in plan.engine_ranks:
+            update = self.target.start_update(plan.version)
+
+            def consume(named: list[tuple[str, torch.Tensor]]) -> None:
+                update.load(named, finite_checked=True)  # every owner checked its pieces before the plan
+                self.loaded_buckets += 1
+        else:
+            consume = None
+        try:
+            error = (self._transfer_ring if shared else self._transfer)(plan, local, consume)
+        except BaseException as exc:
+            # A transport error (a peer died, a wait timed out): the other ranks fail in the transport too. An
+            # engine that loaded part of the version must not serve it.
+            if update is not None:
+                update.abort(f"the push of version {plan.version} broke off ({_first_line(exc)})")
+            raise
+
+        # Each engine settles on its own state: all buckets loaded without an error anywhere it could see (a
+        # sender's failure to pack reaches every engine with the bucket) makes the version current; otherwise the
+        # update is aborted, which leaves the engine untouched if nothing was loaded and unusable if something was.
+        state = None
+        tick = time.perf_counter()
+        if update is not None:
+            failure = None
+            committed = error is None and self.loaded_buckets == len(plan.buckets)
+            if committed:
+                try:
+                    update.commit()
+                except Exception as exc:
+                    committed, failure = False, f"{type(exc).__name__}: {exc}"
+            else:
+                update.abort(f"the push of version {plan.version} failed ({error})")
+            state = {"loaded": update.loaded, "committed": committed, "failure": failure,
+                     "version": self.target.weight_version}
+        self.times["load"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        outcomes = self.group.all_gather_object((error, state))
+        self.times["transfer"] += time.perf_counter() - tick
+        errors = [e for e, _ in outcomes if e]
+        failures = [f"engine on rank {r}: {st['failure']}" for r, (_, st) in enumerate(outcomes) if st and st["failure"]]
+        if not errors and not failures:
+            return self._stats(plan, start)
+
+        engines = {r: outcomes[r][1] for r in plan.engine_ranks}
+        what = (f"weight sync to version {plan.version} failed while loading into the engine ({'; '.join(failures)})"
+                if failures else f"weight sync to version {plan.version} failed during the transfer")
+        if errors:
+            what += f": {'; '.join(errors)}"
+        if not any(st["loaded"] for st in engines.values()):
+            raise WeightSyncError(f"{what}. Nothing was loaded; the engine stays on weight_version {plan.engine_version}")
+        mixed = [r for r, st in engines.items() if st["loaded"] and not st["committed"]]
+        served = [r for r, st in engines.items() if st["committed"]]
+        untouched = [r for r, st in engines.items() if not st["loaded"]]
+        states = []
+        if mixed:
+            states.append(
+                f"the engine(s) on rank(s) {', '.join(map(str, mixed))} loaded part of version {plan.version} and are "
+                f"now unusable: their weights mix weight_version {plan.engine_version} and {plan.version}, and the run "
+                "cannot continue on mixed weights (restart the engines)"
+            )
+        if served:
+            states.append(f"the engine(s) on rank(s) {', '.join(map(str, served))} loaded all of it and serve "
+                          f"weight_version {plan.version}")
+        if untouched:
+            states.append(f"the engine(s) on rank(s) {', '.join(map(str, untouched))} loaded nothing and stay on "
+                          f"weight_version {plan.engine_version}")
+        raise WeightSyncError(f"{what}. " + "; ".join(states))
+
+    def _consume(self, consume, b: int, named: list[tuple[str, torch.Tensor]]) -> str | None:
+        tick = time.perf_counter()
+        try:
+            consume(named)
+            return None
+        except Exception as exc:
+            return f"rank {self.group.rank} could not load bucket {b} into its engine: {type(exc).__name__}: {exc}"
+        finally:
+            self.times["load"] += time.perf_counter() - tick
+
+    def _hold(self, nbytes: int) -> None:
+        self.buffer_bytes = max(self.buffer_bytes, nbytes)
+
+    # -- remote engines: the whole model arrives, then one checked load --------------------------------------
+
+    def _push_staged(self, plan: _Plan, local: dict, start: float) -> SyncStats:
+        me = self.group.rank
+        staged: list[tuple[str, torch.Tensor]] = []
+        error = self._transfer(plan, local, staged.extend if me in plan.engine_ranks else None)
+        # The receive buffers stay alive until the load: the rebuilt tensors are views of them.
+        self._hold(self.received_bytes + self.copied_bytes)
+        if error is not None:
+            staged = []
 
         # Waiting here is waiting for the other ranks to finish their part of the transfer.
         tick = time.perf_counter()
@@ -740,29 +924,21 @@ class _Exchange:
                 f"weight sync to version {plan.version} failed while loading into the engine ({where}); "
                 f"the engine reports weight_version {versions}"
             ) from cause
-        return SyncStats(
-            version=plan.version,
-            bytes=plan.nbytes,
-            num_tensors=plan.num_tensors,
-            num_buckets=len(plan.buckets),
-            seconds=time.perf_counter() - start,
-            metadata_seconds=self.times["metadata"],
-            export_seconds=self.times["export"],
-            transfer_seconds=self.times["transfer"],
-            load_seconds=self.times["load"],
-            sent_bytes=self.sent_bytes,
-            received_bytes=self.received_bytes,
-        )
+        return self._stats(plan, start)
 
-    def _transfer(self, plan: _Plan, local: dict) -> tuple[list[tuple[str, torch.Tensor]], str | None]:
-        """Sends this rank's pieces to every other engine's rank and, on an engine's rank, receives and rebuilds
-        the full HF tensors. Receives are posted one bucket ahead of any wait on a send, so ranks that both
-        send and receive cannot wait on each other."""
+    # -- transports -------------------------------------------------------------------------------------------
+
+    def _transfer(self, plan: _Plan, local: dict, consume) -> str | None:
+        """Sends this rank's pieces to every other engine's rank and, on an engine's rank (``consume`` given),
+        receives, rebuilds the full HF tensors of each bucket and hands them to ``consume``. Receives are posted
+        one bucket ahead of any wait on a send, so ranks that both send and receive cannot wait on each other.
+        Every message ends in a status block whose first byte says the sender could not pack it: the engines then
+        stop loading at that bucket. Returns this rank's error, if any (the other buckets still travel, so that
+        every rank finishes the round)."""
         me = self.group.rank
-        receiving = me in plan.engine_ranks
+        receiving = consume is not None
         destinations = [e for e in plan.engine_ranks if e != me]
         send_error = receive_error = None
-        staged: list[tuple[str, torch.Tensor]] = []
         in_flight: collections.deque = collections.deque()
         slot = 0
         pending = self._post(plan, 0) if receiving and plan.buckets else None
@@ -770,11 +946,12 @@ class _Exchange:
             tick = time.perf_counter()
             if receiving:
                 buffers, works = pending
-                # Receive ahead: the next bucket's bytes arrive while this one is sent and rebuilt.
+                # Receive ahead: the next bucket's bytes arrive while this one is sent, rebuilt and loaded.
                 pending = self._post(plan, b + 1) if b + 1 < len(plan.buckets) else None
             segments = bucket.segments.get(me) if destinations else None
             if segments:
-                buffer = self._pack_buffer(slot, bucket.sizes[me])
+                size = bucket.sizes[me]
+                buffer = self._pack_buffer(slot, size + _ALIGN)
                 slot = (slot + 1) % _MAX_IN_FLIGHT
                 if send_error is None:
                     try:
@@ -782,13 +959,12 @@ class _Exchange:
                             param = plan.params[index]
                             _piece_view(buffer, offset, param).copy_(local[(param.hf_names, piece)])
                     except Exception as exc:
-                        # Keep sending (garbage) so the other ranks finish the round; the outcome exchange then
-                        # stops the load.
                         send_error = f"rank {me} could not pack bucket {b}: {type(exc).__name__}: {exc}"
+                buffer[size] = int(send_error is not None)
                 tock = time.perf_counter()
                 self.times["export"] += tock - tick
                 in_flight.append([self.group.send(buffer, dst, b) for dst in destinations])
-                self.sent_bytes += buffer.numel() * len(destinations)
+                self.sent_bytes += size * len(destinations)
                 # The next bucket is packed into the buffer of the oldest sends, so those must be complete.
                 while len(in_flight) >= _MAX_IN_FLIGHT:
                     for work in in_flight.popleft():
@@ -801,75 +977,104 @@ class _Exchange:
                 work.wait()
             tock = time.perf_counter()
             self.times["transfer"] += tock - tick
-            if receive_error is not None:
-                continue  # drain the remaining buckets so every sender completes
+            held = sum(t.numel() for t in self.pack_buffers if t is not None) + sum(
+                t.numel() for t in [*buffers.values(), *(pending[0].values() if pending else [])])
+            if receive_error is not None or send_error is not None:
+                # Drain the remaining buckets so every sender completes; a rank that could not pack stops its own
+                # engine too, as every other engine stops at that bucket.
+                continue
             try:
+                if buffers:
+                    flags = torch.stack([buffers[src][bucket.sizes[src]] for src in sorted(buffers)]).tolist()
+                    unpacked = [src for src, flag in zip(sorted(buffers), flags) if flag]
+                    if unpacked:
+                        receive_error = f"rank(s) {', '.join(map(str, unpacked))} could not pack bucket {b}"
+                        continue
                 where = {(index, piece): offset for src in buffers for index, piece, offset in bucket.segments[src]}
-                staged += self._rebuild(plan, bucket, local, buffers, where)
+                named, copied = self._rebuild(plan, bucket, local, buffers, where)
             except Exception as exc:
                 receive_error = f"rank {me} could not rebuild bucket {b}: {type(exc).__name__}: {exc}"
-                staged = []
-            self.times["export"] += time.perf_counter() - tock
+                continue
+            finally:
+                self.times["export"] += time.perf_counter() - tock
+            self._hold(held + copied)
+            self.copied_bytes += copied
+            receive_error = self._consume(consume, b, named)
+            del named, buffers
         tick = time.perf_counter()
         while in_flight:
             for work in in_flight.popleft():
                 work.wait()
         self.times["transfer"] += time.perf_counter() - tick
-        return staged, send_error or receive_error
+        if not receiving:
+            self._hold(sum(t.numel() for t in self.pack_buffers if t is not None))
+        return send_error or receive_error
 
-    def _transfer_shared(self, plan: _Plan, local: dict) -> tuple[list[tuple[str, torch.Tensor]], str | None]:
-        """What :meth:`_transfer` does, through shared memory (module docstring, "Shared memory"): pack every
-        bucket into this rank's segment, one all-gather of the segments' names, then rebuild from views."""
+    def _transfer_ring(self, plan: _Plan, local: dict, consume) -> str | None:
+        """What :meth:`_transfer` does, through shared memory (module docstring, "Shared memory"): each sender
+        packs bucket ``b`` into slot ``b % 2`` of its segment, one small all-gather per bucket says every slot is
+        packed (and whether each sender could pack it), then each engine's rank rebuilds the bucket from views of
+        the slots and loads it. An engine joins the all-gather of bucket ``b + 1`` only after loading bucket
+        ``b``, so a slot is packed again only once every engine is done with what it held."""
         me = self.group.rank
         destinations = [e for e in plan.engine_ranks if e != me]
-        # Where each bucket's message from each sender starts in that sender's segment.
-        bases: list[dict[int, int]] = []
-        totals: collections.Counter = collections.Counter()
-        for bucket in plan.buckets:
-            bases.append(dict(totals))
-            totals.update(bucket.sizes)
-        send_error = receive_error = path = None
-        tick = time.perf_counter()
-        if destinations and totals[me]:
-            b = -1
+        slot = max((bucket.sizes.get(me, 0) for bucket in plan.buckets), default=0) if destinations else 0
+        send_error = receive_error = None
+        path = segment = None
+        if slot:
             try:
-                path, segment = self.shared.segment(totals[me])
-                for b, bucket in enumerate(plan.buckets):
-                    for index, piece, offset in bucket.segments.get(me, []):
-                        param = plan.params[index]
-                        _piece_view(segment, bases[b].get(me, 0) + offset, param).copy_(local[(param.hf_names, piece)])
-                    self.sent_bytes += bucket.sizes.get(me, 0) * len(destinations)
+                path, segment = self.shared.segment(2 * slot)
             except Exception as exc:
-                send_error = f"rank {me} could not pack bucket {b}: {type(exc).__name__}: {exc}"
-        tock = time.perf_counter()
-        self.times["export"] += tock - tick
-        # Every segment is complete once every rank has sent its name.
-        paths = self.group.all_gather_object(path)
-        tick = time.perf_counter()
-        self.times["transfer"] += tick - tock
-        staged: list[tuple[str, torch.Tensor]] = []
-        if me not in plan.engine_ranks:
-            return staged, send_error
-        b = -1
-        try:
-            segments = {src: self.shared.peer(src, paths[src], size) for src, size in totals.items() if src != me and size}
-            for b, bucket in enumerate(plan.buckets):
-                where = {(index, piece): bases[b].get(src, 0) + offset
+                send_error = f"rank {me} could not map its shared-memory segment: {type(exc).__name__}: {exc}"
+        for b, bucket in enumerate(plan.buckets):
+            tick = time.perf_counter()
+            mine = bucket.segments.get(me) if destinations else None
+            if mine and send_error is None:
+                try:
+                    base = (b % 2) * slot
+                    for index, piece, offset in mine:
+                        param = plan.params[index]
+                        _piece_view(segment, base + offset, param).copy_(local[(param.hf_names, piece)])
+                    self.sent_bytes += bucket.sizes[me] * len(destinations)
+                except Exception as exc:
+                    send_error = f"rank {me} could not pack bucket {b}: {type(exc).__name__}: {exc}"
+            tock = time.perf_counter()
+            self.times["export"] += tock - tick
+            reports = self.group.all_gather_object((path, slot, send_error is not None))
+            tick = time.perf_counter()
+            self.times["transfer"] += tick - tock
+            if consume is None or receive_error is not None or send_error is not None:
+                continue  # a rank that could not pack stops its own engine too, as every other engine stops
+            unpacked = [src for src in bucket.sizes if src != me and reports[src][2]]
+            if unpacked:
+                receive_error = f"rank(s) {', '.join(map(str, sorted(unpacked)))} could not pack bucket {b}"
+                continue
+            try:
+                messages = {src: self.shared.peer(src, reports[src][0], 2 * reports[src][1])
+                            for src in bucket.sizes if src != me}
+                where = {(index, piece): (b % 2) * reports[src][1] + offset
                          for src, entries in bucket.segments.items() if src != me for index, piece, offset in entries}
                 self.received_bytes += sum(size for src, size in bucket.sizes.items() if src != me)
-                staged += self._rebuild(plan, bucket, local, segments, where)
-        except Exception as exc:
-            receive_error = f"rank {me} could not rebuild bucket {b}: {type(exc).__name__}: {exc}"
-            staged = []
-        self.times["export"] += time.perf_counter() - tick
-        return staged, send_error or receive_error
+                named, copied = self._rebuild(plan, bucket, local, messages, where)
+            except Exception as exc:
+                receive_error = f"rank {me} could not rebuild bucket {b}: {type(exc).__name__}: {exc}"
+                continue
+            finally:
+                self.times["export"] += time.perf_counter() - tick
+            self._hold(2 * slot + copied)
+            receive_error = self._consume(consume, b, named)
+            del named
+        self._hold(2 * slot)
+        return send_error or receive_error
 
     def _rebuild(self, plan: _Plan, bucket: _Bucket, local: dict, messages: dict[int, torch.Tensor],
-                 where: dict[tuple[int, int], int]) -> list[tuple[str, torch.Tensor]]:
+                 where: dict[tuple[int, int], int]) -> tuple[list[tuple[str, torch.Tensor]], int]:
         """The HF tensors of ``bucket``: each parameter's pieces, this rank's own read in place and the others'
-        as views of the sender's message (``messages[src]``, piece at byte ``where[(param, piece)]``)."""
+        as views of the sender's message (``messages[src]``, piece at byte ``where[(param, piece)]``); and the
+        bytes of those that had to be copied (pieces concatenated, heads regrouped) rather than viewed."""
         me = self.group.rank
         out: list[tuple[str, torch.Tensor]] = []
+        copied = 0
         for index in bucket.params:
             param = plan.params[index]
             pieces = [
@@ -878,12 +1083,15 @@ class _Exchange:
                 else _piece_view(messages[owner], where[(index, piece)], param)
                 for piece, owner in enumerate(param.owners)
             ]
+            sources = {p.untyped_storage().data_ptr() for p in pieces}
             full = unshard(param.layout, pieces)
             for name, tensor in zip(param.hf_names, megatron_to_hf(param.layout, full, plan.attention)):
                 if self.staging_device is not None:
                     tensor = tensor.to(self.staging_device)
+                if tensor.untyped_storage().data_ptr() not in sources:
+                    copied += tensor.numel() * tensor.element_size()
                 out.append((name, tensor))
-        return out
+        return out, copied
 
     def _pack_buffer(self, slot: int, size: int) -> torch.Tensor:
         """``size`` bytes of packing buffer ``slot``; reused across buckets and pushes because fresh CPU memory
@@ -900,10 +1108,27 @@ class _Exchange:
         for src, size in sorted(plan.buckets[b].sizes.items()):
             if src == self.group.rank:
                 continue  # this rank's own pieces are read in place
-            buffers[src] = torch.empty(size, dtype=torch.uint8, device=self.group.device)
+            buffers[src] = torch.empty(size + _ALIGN, dtype=torch.uint8, device=self.group.device)
             works.append(self.group.recv(buffers[src], src, b))
             self.received_bytes += size
         return buffers, works
+
+
+def _nonfinite_pieces(shards: "list[WeightShard]") -> list[str]:
+    """The HF names of the pieces among ``shards`` holding a nan or inf. A sum is finite only if every element is
+    (nan and inf propagate): it reads each piece once without the temporary that a per-element isfinite
+    allocates (about 10x faster on CPU); only pieces whose sum is not finite, including finite ones whose sum
+    overflows, get the exact check. One host sync per device."""
+    per_device: dict[torch.device, list[int]] = {}
+    for i, shard in enumerate(shards):
+        per_device.setdefault(shard.tensor.device, []).append(i)
+    bad = []
+    for indices in per_device.values():
+        sums = torch.stack([shards[i].tensor.sum().float() for i in indices])
+        suspects = [i for i, ok in zip(indices, torch.isfinite(sums).tolist()) if not ok]
+        bad += [shards[i].hf_names[0] for i in suspects if not bool(torch.isfinite(shards[i].tensor).all())]
+    return bad
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -966,9 +1191,9 @@ class WeightSync:
             # Still take part, so that every rank raises the same error instead of the others hanging.
             shards, error = [], f"could not list its weight shards: {type(exc).__name__}: {exc}"
         transport = self.transport
+        colocated = isinstance(transport, ColocatedTransport)
         exchange = _Exchange(transport.group, transport.engine_ranks, transport.engine, transport.staging_device,
-                             self._pack_buffers,
-                             shared=self._shared if isinstance(transport, ColocatedTransport) else None)
+                             self._pack_buffers, shared=self._shared if colocated else None, stream=colocated)
         with torch.no_grad():
             return exchange.run(
                 shards, version=version, bucket_bytes=self.bucket_bytes, attention=self.bridge.attention_shape,

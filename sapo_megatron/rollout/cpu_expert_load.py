@@ -138,40 +138,58 @@ def expert_module_class(model: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def load_experts_direct(model: torch.nn.Module, experts: ExpertWeights) -> int:
-    """Writes every expert of ``experts`` (complete, already checked) into the live prepacked kernel tensors;
-    returns the number of MoE layers loaded. Runs where the model is (the engine's worker)."""
+    """Writes the given experts (already checked) into the live prepacked kernel tensors: an expert's ``w13``
+    slice from its ``gate_proj`` and ``up_proj`` (given together), its ``w2`` slice from its ``down_proj``. Any
+    subset of layers and experts: a push loads them bucket by bucket, and the kernel packs each expert on its own
+    (``direct_expert_load_blocker`` checked that), so a slice written now is final. Returns the number of kernel
+    slices written. Runs where the model is (the engine's worker)."""
+    if not experts:
+        return 0
     layers = _expert_layers(model)
-    if sorted(layers) != sorted(experts):
-        raise RuntimeError(f"direct expert load: weights for MoE layers {sorted(experts)}, engine has {sorted(layers)}")
-    for index, module in layers.items():
+    unknown = sorted(set(experts) - set(layers))
+    if unknown:
+        raise RuntimeError(f"direct expert load: weights for MoE layers {unknown}, engine has {sorted(layers)}")
+    written = 0
+    for index, layer in experts.items():
+        module = layers[index]
         fused = _fused_experts(module)
         w13, w2 = module.w13_weight, module.w2_weight
         num_experts, two_padded, hidden = w13.shape
         padded = two_padded // 2
-        # Zero outside the loaded rows/columns: the intermediate-size padding of vLLM's layout.
-        scratch13 = torch.zeros((1, two_padded, hidden), dtype=w13.dtype)
-        scratch2 = torch.zeros((1, hidden, padded), dtype=w2.dtype)
-        layer = experts[index]
-        if sorted(layer) != list(range(num_experts)):
-            raise RuntimeError(f"direct expert load: layer {index} has experts {sorted(layer)}, expected {num_experts}")
-        for e in range(num_experts):
-            gate, up, down = layer[e]["gate_proj"], layer[e]["up_proj"], layer[e]["down_proj"]
-            size = gate.shape[0]
-            # Megatron keeps an expert's gate and up rows in one fc1 tensor, so colocated (and often after a
-            # remote transfer) they arrive as adjacent views: pack straight from them, skipping the scratch.
-            fc1 = _rows_as_one_view(gate, up, w13.dtype) if size == padded else None
-            if fc1 is None:
-                scratch13[0, :size].copy_(gate)
-                scratch13[0, padded : padded + size].copy_(up)
-                fc1 = scratch13[0]
-            torch.ops._C.prepack_moe_weight(fc1[None], w13[e : e + 1], fused.isa)
-            if size == padded and down.dtype == w2.dtype and down.is_contiguous():
-                fc2 = down
-            else:
-                scratch2[0, :, :size].copy_(down)
-                fc2 = scratch2[0]
-            torch.ops._C.prepack_moe_weight(fc2[None], w2[e : e + 1], fused.isa)
-    return len(layers)
+        scratch13 = scratch2 = None
+        for e, projections in layer.items():
+            if not 0 <= e < num_experts:
+                raise RuntimeError(f"direct expert load: layer {index} has no expert {e} (it has {num_experts})")
+            gate, up, down = projections.get("gate_proj"), projections.get("up_proj"), projections.get("down_proj")
+            if (gate is None) != (up is None):
+                raise RuntimeError(f"direct expert load: layer {index}, expert {e}: gate_proj and up_proj are packed "
+                                   "together and must be given together")
+            if gate is not None:
+                size = gate.shape[0]
+                # Megatron keeps an expert's gate and up rows in one fc1 tensor, so colocated (and often after a
+                # remote transfer) they arrive as adjacent views: pack straight from them, skipping the scratch.
+                fc1 = _rows_as_one_view(gate, up, w13.dtype) if size == padded else None
+                if fc1 is None:
+                    if scratch13 is None:
+                        # Zero outside the loaded rows: the intermediate-size padding of vLLM's layout.
+                        scratch13 = torch.zeros((1, two_padded, hidden), dtype=w13.dtype)
+                    scratch13[0, :size].copy_(gate)
+                    scratch13[0, padded : padded + size].copy_(up)
+                    fc1 = scratch13[0]
+                torch.ops._C.prepack_moe_weight(fc1[None], w13[e : e + 1], fused.isa)
+                written += 1
+            if down is not None:
+                size = down.shape[1]
+                if size == padded and down.dtype == w2.dtype and down.is_contiguous():
+                    fc2 = down
+                else:
+                    if scratch2 is None:
+                        scratch2 = torch.zeros((1, hidden, padded), dtype=w2.dtype)
+                    scratch2[0, :, :size].copy_(down)
+                    fc2 = scratch2[0]
+                torch.ops._C.prepack_moe_weight(fc2[None], w2[e : e + 1], fused.isa)
+                written += 1
+    return written
 
 
 def _rows_as_one_view(first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:

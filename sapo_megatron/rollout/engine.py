@@ -37,7 +37,7 @@ from sapo_megatron.config import RolloutConfig
 from sapo_megatron.rollout.cpu_expert_load import EXPERT_KERNEL_PARAMS, direct_expert_load_blocker, expert_module_class
 from sapo_megatron.rollout.routing import RouterCapture, rescore_routed_experts
 from sapo_megatron.rollout.vllm_cpu_fixes import cpu_moe_repack_needed
-from sapo_megatron.rollout.weight_transfer import BACKEND, check_update, checkpoint_schema, register
+from sapo_megatron.rollout.weight_transfer import BACKEND, UpdateRefused, check_update, checkpoint_schema, register
 from sapo_megatron.routing_layout import routing_dtype
 
 logger = logging.getLogger(__name__)
@@ -492,8 +492,19 @@ class RolloutEngine:
         Every tensor of the engine's checkpoint must be given exactly once, with its checkpoint shape, as a
         finite floating-point tensor (any device / float dtype; vLLM casts on copy). All of this is checked
         before anything is loaded, so a bad update raises ``ValueError`` and the engine keeps serving the
-        previous version. The whole iterable is held at once for that check.
+        previous version. The whole iterable is held at once for that check; :meth:`start_update` streams
+        instead.
         """
+        update = self.start_update(version)
+        named = self._check_update(named_tensors)
+        update.load(named, finite_checked=True)
+        update.commit()
+
+    def start_update(self, version: int) -> "WeightUpdate":
+        """A streamed update to ``version``: :meth:`WeightUpdate.load` chunks of HF-named tensors as they come
+        (each is loaded at once, so nothing is staged), then :meth:`WeightUpdate.commit`. Each chunk is checked
+        before any of it is loaded, but an update refused after a chunk has loaded leaves mixed weights: the
+        engine is then unusable (every later call says so). ``ValueError`` here if no update can start."""
         self._check_usable("update_weights")
         if self._sleeping & {"weights"}:
             raise ValueError("update_weights: the engine's weights are asleep; call wake_up(tags=['weights']) first")
@@ -502,27 +513,15 @@ class RolloutEngine:
                 f"update_weights(version={version!r}): must be an integer > the current weight_version "
                 f"{self.weight_version} (a stale or repeated sync is refused)"
             )
-        named = self._check_update(named_tensors)
-        with _quiet_weight_update_logs(self._expert_class if self.expert_load == "direct" else None):
-            self._load(named, version)
-        self._weights_discarded = False
-        self.weight_version = version
+        return WeightUpdate(self, version)
 
-    def _load(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
-        """vLLM's weight-update session with the in-process ``sapo_reshard`` backend (checked tensors in place)."""
-        update = {"version": version, "tensors": named, "expert_load": self.expert_load,
-                  "repack": self._repack_after_reload}
-        try:
-            self._llm.start_weight_update()
-            self._llm.update_weights({"update_info": update})
-            self._llm.finish_weight_update(weight_version=str(version))
-        except BaseException as exc:
-            self._broken = f"the update to weight_version {version} failed inside vLLM ({type(exc).__name__}: {exc})"
-            raise RuntimeError(f"update_weights: {self._broken}; the engine's weights are now undefined") from exc
-        # Cached KV blocks were computed with the old weights; reusing them would mix versions.
-        if not self._llm.reset_prefix_cache():
-            self._broken = "the prefix cache could not be cleared after a weight update"
-            raise RuntimeError(f"update_weights: {self._broken}")
+    def update_blocker(self) -> str | None:
+        """Why the engine cannot take a weight update now (a push checks it before any byte moves), or None."""
+        if self._broken is not None:
+            return f"it is unusable because {self._broken}; rebuild it"
+        if self._sleeping & {"weights"}:
+            return "its weights are asleep; wake_up(tags=['weights']) first"
+        return None
 
     def _check_update(self, named_tensors) -> list[tuple[str, torch.Tensor]]:
         return check_update(self._schema, named_tensors, self.weight_version)
@@ -587,6 +586,91 @@ class RolloutEngine:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
         self._broken = "it was closed"
+
+
+class WeightUpdate:
+    """One streamed weight update of a :class:`RolloutEngine` (:meth:`RolloutEngine.start_update`): vLLM's
+    weight-update session with the in-process ``sapo_reshard`` backend, one ``update_weights`` call per chunk.
+
+    ``loaded`` says whether any tensor may have reached the engine's weights. :meth:`abort` ends an update that
+    cannot finish: an engine that loaded nothing keeps serving its version, one that loaded something is
+    unusable (its weights mix two versions)."""
+
+    def __init__(self, engine: RolloutEngine, version: int) -> None:
+        self.engine = engine
+        self.version = version
+        self.loaded = False
+        self._open = False
+        self._over = False
+
+    def load(self, named: Sequence[tuple[str, torch.Tensor]], *, finite_checked: bool = False) -> None:
+        """Loads one chunk now (checked first: names of the checkpoint not given before in this update,
+        float tensors of the checkpoint shapes, and finite values unless ``finite_checked``). The engine keeps
+        no reference to the tensors once this returns."""
+        engine = self.engine
+        if self._over:
+            raise RuntimeError(f"the update to weight_version {self.version} is over")
+        engine._check_usable("update_weights")
+        update = {"version": self.version, "tensors": list(named), "expert_load": engine.expert_load,
+                  "repack": engine._repack_after_reload, "finite_checked": finite_checked}
+        try:
+            with _quiet_weight_update_logs(engine._expert_class if engine.expert_load == "direct" else None):
+                if not self._open:
+                    engine._llm.start_weight_update()
+                    self._open = True
+                engine._llm.update_weights({"update_info": update})
+        except UpdateRefused:
+            self._open, self._over = False, True  # vLLM ends its session when a chunk raises
+            if not self.loaded:
+                raise  # nothing of the update reached the weights: the engine keeps its version
+            self._break("had a chunk refused after others had loaded")
+            raise RuntimeError(f"update_weights: the engine is unusable because {engine._broken}") from None
+        except BaseException as exc:
+            self._open, self._over = False, True
+            self.loaded = True
+            self._break(f"failed inside vLLM ({type(exc).__name__}: {exc})")
+            raise RuntimeError(f"update_weights: the engine is unusable because {engine._broken}") from exc
+        self.loaded = True
+
+    def commit(self) -> None:
+        """Ends the update: with every checkpoint tensor loaded once, ``version`` becomes current and the prefix
+        cache is cleared. Anything missing leaves the engine unusable."""
+        engine = self.engine
+        if self._over or not self.loaded:
+            raise RuntimeError(f"the update to weight_version {self.version} has nothing to commit")
+        self._over = True
+        try:
+            with _quiet_weight_update_logs(engine._expert_class if engine.expert_load == "direct" else None):
+                engine._llm.finish_weight_update(weight_version=str(self.version))
+        except BaseException as exc:
+            self._break(f"failed to complete ({type(exc).__name__}: {exc})")
+            raise RuntimeError(f"update_weights: the engine is unusable because {engine._broken}") from exc
+        # Cached KV blocks were computed with the old weights; reusing them would mix versions.
+        if not engine._llm.reset_prefix_cache():
+            engine._broken = "the prefix cache could not be cleared after a weight update"
+            raise RuntimeError(f"update_weights: {engine._broken}")
+        engine._weights_discarded = False
+        engine.weight_version = self.version
+
+    def abort(self, reason: str) -> None:
+        """Ends an update that will not complete; the engine is unusable if anything was loaded."""
+        if self._over:
+            return
+        self._over = True
+        if self.loaded:
+            self._break(f"stopped after loading part of the weights: {reason}")
+
+    def _break(self, why: str) -> None:
+        engine = self.engine
+        if engine._broken is None:
+            engine._broken = (f"the update to weight_version {self.version} {why}; its weights mix weight_version "
+                              f"{engine.weight_version} and {self.version}")
+        if self._open:
+            # vLLM's session stays open on a half-loaded model; closing it may fail, and the engine is unusable
+            # either way.
+            self._open = False
+            with contextlib.suppress(Exception):
+                engine._llm.finish_weight_update()
 
 
 def _has_no_moe_layer(hf_config: dict) -> bool:

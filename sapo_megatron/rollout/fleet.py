@@ -19,7 +19,9 @@ Invariants, for both:
   on which engine, or how many engines, generated it (per-prompt seeds derive from the global index).
 * ``push(model_chunks, version)`` is a collective; it returns once every engine serves ``version``, or raises
   :class:`~sapo_megatron.bridge.sync.WeightSyncError` on every rank. Problems found before any byte moves
-  (names, shapes, versions, non-finite values) leave every engine on its previous version.
+  (names, shapes, versions, non-finite values) leave every engine on its previous version. Colocated engines
+  load bucket by bucket: a failure after an engine loaded part of the version makes that engine unusable, and
+  every rank's error says so (the run cannot go on with mixed weights).
 * ``samples_per_engine`` counts the rows each engine produced in the last ``generate``.
 * An engine that raises inside ``generate`` makes every trainer rank raise :class:`EngineError`, with that
   engine's traceback, from the same call: no rank is left waiting in a collective for an engine that failed.
@@ -177,12 +179,11 @@ class ColocatedFleet(RolloutFleet):
     def connect(self, model, *, bucket_bytes: int | None = None) -> "ColocatedFleet":
         """The weight sync from ``model`` (this rank's actor shards) into every rank's engine."""
         world = dist.get_world_size() if dist.is_initialized() else 1
-        # A GPU engine's device holds its own weights and the actor's parameters during a push; the received
-        # full tensors wait in host memory until every engine has them (sapo-megatron plan counts them).
-        staging = "cpu" if self.engine.device == "cuda" else None
+        # Every engine loads each bucket as soon as it is rebuilt, on the engine's own device: beside its weights
+        # and the actor's parameters a push holds a few buckets, never a staged copy of the model
+        # (bridge/sync.py, "Memory").
         self.weight_sync = WeightSync.colocated(model, engine=self.engine, engine_ranks=range(world),
-                                                bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES,
-                                                staging_device=staging)
+                                                bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES)
         return self
 
     @classmethod

@@ -25,6 +25,7 @@ from sapo_megatron.launch import free_port, run_torchrun
 
 HERE = Path(__file__).parent
 JOB_TIMEOUT_S = 360
+BUCKET_BYTES = 64 * 1024  # worker_weight_sync.BUCKET_BYTES
 # Engine vs megatron log-probs (~-6, fp32 spacing 4.8e-7) after a push: measured 6.6e-7 at most (prompt and
 # generation log-probs, every layout); 4 spacings allowed.
 TOL = 2e-6
@@ -42,12 +43,12 @@ FAILURES = {
     "fault-receiver": ["failed during the transfer", "could not rebuild bucket", "injected fault in unshard"],
     # The faulty rank packs (and, as a colocated engine's rank, also rebuilds) through _piece_view.
     "fault-sender": ["failed during the transfer", "could not", "bucket", "injected fault in _piece_view"],
-    "nan": ["failed while loading", "non-finite", "model.norm.weight"],
+    "nan": ["refused before any transfer", "non-finite values (nan/inf) in model.norm.weight"],
     "stale": ["refused before any transfer", "must be an integer above the engine's weight_version 2"],
 }
 FAILURES_OF = {
     SINGLE: ["misshaped", "missing", "fault-receiver", "nan", "stale"],
-    SHARDED: ["misshaped", "missing", "fault-receiver", "fault-sender"],
+    SHARDED: ["misshaped", "missing", "fault-receiver", "fault-sender", "nan"],
     REMOTE: ["misshaped", "missing", "fault-sender"],
 }
 # The state recorded after each group of failures.
@@ -177,8 +178,8 @@ def test_every_engine_of_a_colocated_fleet_receives_every_push(runs):
     only some pieces and sends them to the other three), and a failed push leaves all four on version 2."""
     ranks, _ = runs(SHARDED)
     assert all(len(r["engine"]) > 0 for r in ranks), "every rank holds an engine"
-    for label in ["v1", "v2", "v3", "after-misshaped", "after-missing", "after-faults"]:
-        reference = _megatron(ranks, {"after-misshaped": "v2", "after-missing": "v2", "after-faults": "v2"}.get(label, label))
+    for label in ["v1", "v2", "v3", "after-misshaped", "after-missing", "after-faults", "after-nan"]:
+        reference = _megatron(ranks, "v2" if label.startswith("after") else label)
         for r, result in enumerate(ranks):
             version, logprobs = result["engine"][label]
             assert version == (2 if label.startswith("after") else int(label[1:])), (r, label)
@@ -260,6 +261,52 @@ def test_sync_stats_count_every_tensor_once(runs, job, tiny_model_dir):
         sent = sum(r["stats"]["v1"]["sent_bytes"] for r in ranks)
         assert sent == sum(r["stats"]["v1"]["received_bytes"] for r in ranks) > 0
         assert all(r["stats"]["v1"]["received_bytes"] > 0 for r in ranks)
+
+
+@pytest.mark.parametrize("job", [SINGLE, SHARDED])
+@pytest.mark.distributed
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_push_that_fails_after_loading_began_leaves_that_engine_unusable_and_says_so(runs, job):
+    """Colocated engines load bucket by bucket, so a failure after some buckets loaded (rank 0's engine fails to
+    rebuild its tenth tensor) leaves that engine's weights mixed: every rank raises saying so, the engine refuses
+    to generate and to take another update, and in a fleet the engines that loaded everything serve the version."""
+    pytest.importorskip("vllm")
+    ranks, _ = runs(job)
+    before = 5 if job == SINGLE else 3
+    for r, result in enumerate(ranks):
+        message = result["errors"].get("mid-push")
+        assert message is not None, f"rank {r} did not raise"
+        assert "failed during the transfer" in message and "injected fault in unshard" in message, message
+        assert "the engine(s) on rank(s) 0 loaded part of version" in message and "unusable" in message, message
+        assert f"mix weight_version {before} and {before + 1}" in message, message
+        if job == SHARDED:
+            assert f"rank(s) 1, 2, 3 loaded all of it and serve weight_version {before + 1}" in message, message
+    version, blocker, refused = ranks[0]["unusable"]["mid-push"]
+    assert version == before and "unusable" in blocker and refused is not None and "unusable" in refused
+    for result in ranks[1:]:
+        version, blocker, refused = result["unusable"]["mid-push"]
+        assert (version, blocker, refused) == (before + 1, None, None)
+
+
+@pytest.mark.parametrize("job", JOBS)
+@pytest.mark.distributed
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_colocated_push_holds_a_few_buckets_never_the_model(runs, job, tiny_model_dir):
+    """The transfer buffers a rank holds at once (SyncStats.buffer_bytes: shared-memory slots or packing and
+    receive buffers, plus rebuilt tensors that are copies) stay within three buckets (the largest tensor, 80 KB,
+    travels alone in a bucket of its own) for colocated engines; a remote engine stages its whole update."""
+    pytest.importorskip("vllm")
+    ranks, engine = runs(job)
+    _, nbytes = _schema_totals(tiny_model_dir)
+    bucket = max(BUCKET_BYTES, 320 * 64 * 4)
+    assert 3 * bucket < nbytes / 4
+    if job != REMOTE:
+        for r, result in enumerate(ranks):
+            assert result["stats"]["v2"]["buffer_bytes"] <= 3 * bucket, (r, result["stats"]["v2"]["buffer_bytes"])
+    else:
+        assert engine["stats"]["v2"]["buffer_bytes"] >= nbytes - 1024
 
 
 # ----------------------------------------------------------------------------------------------------------

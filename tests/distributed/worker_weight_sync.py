@@ -9,7 +9,8 @@ Every rank writes ``OUT_DIR/rank<r>.pt``::
 
     {"megatron": {label: log-probs [B, S-1] of FIXED_TOKENS on the last pipeline stage, else None},
      "stats": {label: SyncStats as a dict}, "errors": {label: WeightSyncError message},
-     "engine": {label: (weight_version, log-probs)}            # rank 0 when colocated
+     "engine": {label: (weight_version, log-probs)}            # every rank's engine when colocated
+     "unusable": {label: (weight_version, update_blocker, generate's error)}   # colocated, after "mid-push"
      "generated": {label: {"sequences", "prompt_len", "logprobs_rollout", "weight_version", "megatron"}}}
 
 Labels name the steps of :data:`SCENARIO`; ``v<k>`` is the state after the push of version k.
@@ -136,7 +137,7 @@ def main(out_dir: str, hf_dir: str, layout: str, mode: str, sync_port: str | Non
     from sapo_megatron.bridge.sync import SyncGroup, WeightSync, WeightSyncError
 
     parallel = parse_layout(layout)
-    out: dict = {"megatron": {}, "stats": {}, "errors": {}, "engine": {}, "generated": {}}
+    out: dict = {"megatron": {}, "stats": {}, "errors": {}, "engine": {}, "generated": {}, "unusable": {}}
     with MegatronCpuCompat("cpu"):
         placement = init_distributed(parallel, "cpu", seed=1234)
         rank, world = placement.rank, placement.world_size
@@ -212,29 +213,32 @@ def main(out_dir: str, hf_dir: str, layout: str, mode: str, sync_port: str | Non
             chunk.output_layer.register_parameter("weight", kept[chunk])
         record("after-missing")
 
-        # An exception mid-transfer: while rebuilding the third tensor on the engine's rank (colocated), or
-        # while packing the fifth piece on the last trainer rank (remote).
-        if mode == "colocated" and rank == 0:
-            with FailAfter(sync_module, "unshard", 3):
+        # An exception mid-transfer, in the first bucket, so that no engine has loaded anything yet: while
+        # rebuilding it on every engine's rank (colocated), or while packing the first piece on the last trainer
+        # rank (colocated; remote: the fifth, since a remote engine loads only a complete transfer).
+        if mode == "colocated":
+            with FailAfter(sync_module, "unshard", 1):
                 push("fault-receiver", 3)
-        elif mode == "colocated":
-            push("fault-receiver", 3)
         if world > 1 or mode == "remote":
             if rank == world - 1:
-                with FailAfter(sync_module, "_piece_view", 5):
+                with FailAfter(sync_module, "_piece_view", 1 if mode == "colocated" else 5):
                     push("fault-sender", 3)
             else:
                 push("fault-sender", 3)
         record("after-faults")
 
-        if mode == "colocated" and world == 1:
-            # Non-finite weights are refused by the engine's check before vLLM loads anything.
-            weight = model.chunks[0].decoder.final_layernorm.weight
-            saved = weight.detach().clone()
-            weight.data[0] = float("nan")
+        if mode == "colocated":
+            # Non-finite weights: each owner checks its pieces, so the push is refused before any byte moves.
+            saved = {}
+            for chunk in last_stage:
+                weight = chunk.decoder.final_layernorm.weight
+                saved[chunk] = weight.detach().clone()
+                weight.data[0] = float("nan")
             push("nan", 3)
-            weight.data.copy_(saved)
-            push("stale", 2)
+            for chunk, kept_weight in saved.items():
+                chunk.decoder.final_layernorm.weight.data.copy_(kept_weight)
+            if world == 1:
+                push("stale", 2)
             record("after-nan")
 
         # The sync still works after the failures, and takes wrapped chunks (as the trainer's DDP ones).
@@ -253,6 +257,23 @@ def main(out_dir: str, hf_dir: str, layout: str, mode: str, sync_port: str | Non
             engine.expert_load, engine._repack_after_reload = "direct", True
             push("v5", 5)
             record("v5")
+
+        if mode == "colocated":
+            # A failure after the engines have loaded some buckets: rank 0's engine stops at its tenth tensor
+            # (a later bucket) and is left unusable; every rank must say so. The engine is done for after this.
+            version = engine.weight_version + 1
+            perturb(model, seed=6)
+            if rank == 0:
+                with FailAfter(sync_module, "unshard", 10):
+                    push("mid-push", version)
+            else:
+                push("mid-push", version)
+            try:
+                engine.generate(long_prompts(), n=1, max_new_tokens=2, temperature=1.0, top_p=1.0, seed=7)
+                refused = None
+            except RuntimeError as exc:
+                refused = str(exc)
+            out["unusable"]["mid-push"] = (engine.weight_version, engine.update_blocker(), refused)
 
         target = Path(out_dir)
         target.mkdir(parents=True, exist_ok=True)

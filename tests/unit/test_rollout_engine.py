@@ -320,6 +320,64 @@ def test_direct_expert_load_is_bit_identical_to_reload_and_repack(engine, weight
     assert [k for k in experts if torch.equal(loaded["experts_scaled"][k], loaded["base"][k])] == []
 
 
+def _stream(engine, state: dict[str, torch.Tensor], version: int, seed: int) -> None:
+    """``state`` in chunks of 1 to 12 tensors in a shuffled order (a fused QKV's or an expert's gate and up
+    tensors may fall into different chunks), each chunk's memory overwritten with nan once it is loaded, as a
+    push's shared-memory slots are reused."""
+    import random
+
+    items = list(state.items())
+    random.Random(seed).shuffle(items)
+    update, start = engine.start_update(version), 0
+    while start < len(items):
+        size = random.Random(seed * 1000 + start).randint(1, 12)
+        chunk = [(name, tensor.clone()) for name, tensor in items[start : start + size]]
+        update.load(chunk)
+        for _, tensor in chunk:
+            tensor.fill_(float("nan"))
+        start += size
+    update.commit()
+
+
+@pytest.mark.parametrize("expert_load", ["direct", "reload"])
+def test_a_streamed_update_in_any_chunks_equals_the_whole_update(engine, weights, expert_load):
+    """RolloutEngine.start_update loads chunk by chunk (a colocated push's buckets) and keeps nothing of a chunk
+    once it is loaded: the engine's parameters and samples equal those of the one-piece update, for the direct
+    CPU load (experts, live parameters, per-chunk reload of the packed linear layers) and for vLLM's layer-wise
+    reload held open over the update."""
+    weights.use("scaled")
+    whole = engine.llm.collective_rpc(_model_parameters)[0]
+    whole_samples = engine.generate(PROMPTS, n=2, seed=5, collect_routed_experts=False)
+    weights.use("base")
+    try:
+        engine.expert_load = expert_load
+        for seed in (1, 2):
+            _stream(engine, weights.states["scaled"], engine.weight_version + 1, seed)
+            weights.current = "scaled"
+            streamed = engine.llm.collective_rpc(_model_parameters)[0]
+            assert [k for k in whole if not torch.equal(whole[k], streamed[k])] == [], (expert_load, seed)
+            assert_same_samples(whole_samples, engine.generate(PROMPTS, n=2, seed=5, collect_routed_experts=False))
+            weights.use("base")
+    finally:
+        engine.expert_load = "direct"
+
+
+def test_a_streamed_update_refused_before_any_load_leaves_the_engine_untouched(engine, weights):
+    weights.use("scaled")
+    version = engine.weight_version
+    before = engine.generate(PROMPTS, n=2, seed=21, collect_routed_experts=False)
+    base = weights.states["base"]
+    nan_norm = ("model.norm.weight", torch.full_like(base["model.norm.weight"], float("nan")))
+    for chunk, message in [([nan_norm], "non-finite values.*model.norm.weight"),
+                           ([("model.norm.weight", base["model.norm.weight"][:-1])], "wrong shape"),
+                           ([("model.nope.weight", base["model.norm.weight"])], "unknown tensor name")]:
+        update = engine.start_update(version + 1)
+        with pytest.raises(ValueError, match=message):
+            update.load(chunk)
+        assert not update.loaded and engine.update_blocker() is None and engine.weight_version == version
+    assert_same_samples(before, engine.generate(PROMPTS, n=2, seed=21, collect_routed_experts=False))
+
+
 def _corrupt(state: dict[str, torch.Tensor], kind: str) -> list[tuple[str, object]]:
     items = list(state.items())
     if kind == "wrong_shape":

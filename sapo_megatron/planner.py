@@ -731,7 +731,7 @@ PY_POINTER_BYTES = 8
 PY_INT_BYTES = 32
 PY_FLOAT_BYTES = 32
 PY_LIST_BYTES = 64  # the list object with its GC header (56 bytes), in its size class
-# diagnostics.routing reads a RoutingRecord a chunk of whole rows at a time (at most its DENSE_CHUNK_IDS dense
+# diagnostics.routing_stats reads a RoutingRecord a chunk of whole rows at a time (at most its DENSE_CHUNK_IDS dense
 # ids, one row at least), densified to the batch's width. What it allocates at its peak per dense id of a chunk:
 # both records' chunks as int64 (16 bytes) and check_routing's sort of one of them (values and indices, 16),
 # plus masks. Measured (VmHWM, with malloc returning every freed block) on 16 rows of 9,163 positions, 4 rows a
@@ -879,10 +879,10 @@ def data_state_bytes(
     layer_series = (2 * (mini + (1 if record_rollout else 0)) + DIAGNOSTIC_LAYER_SERIES_FIXED) if record_old else 0
     diagnostics = histograms + expert_load + DIAGNOSTIC_SCALAR_BYTES * layer_series * layers
 
-    # The routing diagnostics densify one chunk of rows at a time (diagnostics.routing.DENSE_CHUNK_IDS).
+    # The routing diagnostics densify one chunk of rows at a time (diagnostics.routing_stats.DENSE_CHUNK_IDS).
     if dense_chunk_ids is None:
         # torch (see check_layout).
-        from sapo_megatron.diagnostics.routing import DENSE_CHUNK_IDS as dense_chunk_ids
+        from sapo_megatron.diagnostics.routing_stats import DENSE_CHUNK_IDS as dense_chunk_ids
     mini_rows = math.ceil(b / mini)
     per_row = s * layers * k
     chunk = 0
@@ -903,7 +903,7 @@ def data_state_bytes(
         + s * s  # the causal mask, bool [1, 1, S, S]
         + (4 * m * s * layers * k if replay and moe else 0)  # int32 replay routing, every layer at once
     )
-    # actor.routing keeps each micro-batch's router entropy on the device it was computed on, then assembles
+    # actor.routing_replay keeps each micro-batch's router entropy on the device it was computed on, then assembles
     # the share's [b, S, L] float32 there before moving it to the host: twice the tensor at the end of the pass.
     device_router_entropy = 2 * router_entropy
     return DataState(

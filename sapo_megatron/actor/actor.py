@@ -25,7 +25,7 @@ from sapo_megatron.actor.loss_adapter import MegatronLossScale
 from sapo_megatron.actor.micro_batching import MicroBatchLayout, group_by_token_budget, round_up, row_lengths
 from sapo_megatron.actor.model import causal_mask
 from sapo_megatron.actor.packing import SequencePacking, check_packing_supported, packed_seq_params
-from sapo_megatron.actor.routing import open_routing_pass
+from sapo_megatron.actor.routing_replay import open_routing_pass
 from sapo_megatron.algorithms import reduce_metrics
 from sapo_megatron.algorithms.loss import TrainingLoss
 from sapo_megatron.routing_layout import RoutingRecord
@@ -123,7 +123,7 @@ class MegatronPolicy:
         self.device = torch.device(device)
         # With sequence parallelism the sequence is split across TP ranks, so its length must divide.
         self.sequence_multiple = sequence_multiple
-        # MoE routing record / replay hooks, installed on first use (sapo_megatron.actor.routing).
+        # MoE routing record / replay hooks, installed on first use (sapo_megatron.actor.routing_replay).
         self._routing = None
 
     # -- the loss's settings, read from the one loss object ------------------------------------------------
@@ -371,7 +371,7 @@ class MegatronPolicy:
         :class:`~sapo_megatron.routing_layout.RoutingRecord` of those positions, kept per micro-batch; without,
         int32 ``[B, S, num_moe_layers, topk]`` (every position: for small batches). ``replay_routing`` (a
         record, or the dense layout with ``-1`` = route normally) forces the routers' expert choice (see
-        :mod:`sapo_megatron.actor.routing`).
+        :mod:`sapo_megatron.actor.routing_replay`).
         ``record_router_entropy`` appends each MoE router's per-token entropy (nats) of its softmax over all
         experts, float32 ``[B, S, num_moe_layers]``.
         Returns a :class:`ForwardPass`.

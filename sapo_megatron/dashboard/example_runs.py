@@ -20,7 +20,7 @@ import torch
 from sapo_megatron.actor.batch import TrainBatch
 from sapo_megatron.algorithms.policy_losses import policy_loss_from_config
 from sapo_megatron.config import load_config, save_config
-from sapo_megatron.diagnostics.routing import changed_layer_count
+from sapo_megatron.diagnostics.routing_stats import changed_layer_count
 from sapo_megatron.diagnostics.run_logger import RunLogger, flatten_metrics, write_custom_scalars_layout
 from sapo_megatron.diagnostics.step import StepDiagnostics
 from sapo_megatron.routing_layout import softmax_entropy

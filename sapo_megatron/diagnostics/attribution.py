@@ -4,7 +4,7 @@
 routing: ``log r = logprobs - logprobs_old`` (old pass vs update pass) or
 ``delta = logprobs_old - logprobs_rollout`` (rollout vs old pass). Tokens are grouped by ``c``, the number of
 MoE layers whose top-k expert set differs between the two routings
-(:func:`sapo_megatron.diagnostics.routing.changed_layer_count`): ``c = 0`` is *stable*, ``c >= 1``
+(:func:`sapo_megatron.diagnostics.routing_stats.changed_layer_count`): ``c = 0`` is *stable*, ``c >= 1``
 *changed*. Over the ``N`` grouped tokens, with ``m`` the global mean, ``m_g`` and ``n_g`` a group's mean and
 count, the law of total variance reads::
 
@@ -19,7 +19,7 @@ explained by the group means alone.
 Exact distributed reduction: :func:`grouped_variance_stats` returns per-group count, sum of ``x``, sum of
 ``x^2`` (float64) and the sum of squared deviations from each token's own sequence mean. All are sums over
 tokens (the last over whole sequences, which micro-batches and data-parallel ranks never split), so adding them
-over micro-batches and ranks (:func:`sapo_megatron.diagnostics.routing.sum_statistics` or ``all_reduce(SUM)``)
+over micro-batches and ranks (:func:`sapo_megatron.diagnostics.routing_stats.sum_statistics` or ``all_reduce(SUM)``)
 and then calling :func:`finalize_variance_attribution` gives exactly the whole mini-batch's metrics.
 Definitions and how to read them: docs/diagnostics.md.
 """
@@ -31,7 +31,7 @@ from typing import Mapping
 import torch
 
 from sapo_megatron.algorithms.inputs import as_valid_mask, check_tensor, raise_if_nonfinite, shape_of
-from sapo_megatron.diagnostics.routing import STATS_DTYPE, Routing, _safe_div, changed_layer_count
+from sapo_megatron.diagnostics.routing_stats import STATS_DTYPE, Routing, _safe_div, changed_layer_count
 from sapo_megatron.routing_layout import RoutingRecord
 
 # SS_total below this fraction of sum x^2 is float64 rounding of a constant, not variance: 1e-12 is ~10^4

@@ -14,7 +14,7 @@ import torch
 
 from sapo_megatron.diagnostics.attribution import finalize_variance_attribution, routing_variance_stats
 from sapo_megatron.diagnostics.mismatch import mismatch_metrics, ratio_quantiles, reduce_mismatch_metrics
-from sapo_megatron.diagnostics.routing import (
+from sapo_megatron.diagnostics.routing_stats import (
     changed_layer_count,
     expert_load_stats,
     finalize_expert_load,

@@ -1,4 +1,4 @@
-"""MoE routing record and replay in the megatron actor (sapo_megatron.actor.routing), against transformers.
+"""MoE routing record and replay in the megatron actor (sapo_megatron.actor.routing_replay), against transformers.
 
 Real megatron-core over gloo. Four jobs: the transformers reference (1 process, never imports megatron),
 then the actor on 1 process (plain and with activation recomputation), 2 processes (EP2 with DP2, PP2,
@@ -231,7 +231,7 @@ def test_recomputation_replays_the_forward_routing(actor_runs):
 
 def test_rollout_routing_lands_on_train_batch_positions():
     from sapo_megatron.actor.batch import collate_sequences
-    from sapo_megatron.actor.routing import rollout_routing_to_train
+    from sapo_megatron.actor.routing_replay import rollout_routing_to_train
 
     prompts, responses = [[5, 6, 7], [8]], [[1, 2], [3, 4, 9]]
     tokens, mask, _ = collate_sequences(prompts, responses, pad_id=0, seq_len=6)

@@ -21,7 +21,7 @@ import torch
 
 from sapo_megatron.algorithms import compute_advantages
 from sapo_megatron.diagnostics.attribution import routing_variance_stats
-from sapo_megatron.diagnostics.routing import expert_load_stats, routing_change_stats
+from sapo_megatron.diagnostics.routing_stats import expert_load_stats, routing_change_stats
 from sapo_megatron.planner import data_state_bytes
 from sapo_megatron.routing_layout import POSITION_DTYPE, RoutingRecord
 from sapo_megatron.sharding import DataShare
@@ -38,7 +38,7 @@ VOCAB, MOE_LAYERS, TOPK, EXPERTS = 151_936, 48, 8, 128
 TRUNCATED_FRACTION, RESPONSE_MEAN = 0.02, 1024.0
 SEED = 20261207
 # The diagnostics' peak is measured on the share's first rows: at this width (~9,200 positions x 48 x 8 ids
-# a row) diagnostics.routing densifies 4 rows at a time, so 4 rows reach the peak that any number of rows
+# a row) diagnostics.routing_stats densifies 4 rows at a time, so 4 rows reach the peak that any number of rows
 # reaches (more rows take longer, ~13 s for 4 on a loaded 2-core machine, not more memory).
 DIAGNOSTIC_ROWS = 4
 

@@ -11,7 +11,7 @@ from sapo_megatron.diagnostics.attribution import (
     grouped_variance_stats,
     routing_variance_stats,
 )
-from sapo_megatron.diagnostics.routing import changed_layer_count, sum_statistics
+from sapo_megatron.diagnostics.routing_stats import changed_layer_count, sum_statistics
 
 F64 = torch.float64
 NAN = float("nan")

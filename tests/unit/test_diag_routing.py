@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sapo_megatron.diagnostics.routing import (
+from sapo_megatron.diagnostics.routing_stats import (
     changed_layer_count,
     expert_load_stats,
     finalize_expert_load,

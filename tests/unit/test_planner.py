@@ -393,7 +393,7 @@ def test_recipe_data_per_rank():
     # 5 histograms (540 bins), expert load [48, 128] float64, 16 per-layer series of 160-byte scalars.
     assert worst.diagnostics == 8 * 540 + 4 * 545 + 8 * L * E + 160 * L * (2 * (4 + 1) + 6) == 178_532
     assert worst.host_resident == 44_582_720 + 10_028_352 + 2 * 203_424_264 + 50_856_072 + 113_258_496 + 178_532
-    # diagnostics.routing densifies 2**24 ids at a time in whole rows: 4 rows of 9,217 x 48 x 8.
+    # diagnostics.routing_stats densifies 2**24 ids at a time in whole rows: 4 rows of 9,217 x 48 x 8.
     assert worst.diagnostics_transient == math.ceil(33.6 * 4 * s * L * K) + b * s * 12 == 482_764_340
     assert worst.device_micro_batch == s * (8 + 8 + 1 + 4) + 4 + 8 * s + s * s == 85_220_386  # the mask: 85 MB
     # The old pass keeps its router entropy on the GPU per micro-batch, then assembles it there: twice.
@@ -424,6 +424,6 @@ def test_recipe_data_per_rank():
 
 
 def test_planner_follows_the_diagnostics_chunk():
-    from sapo_megatron.diagnostics.routing import DENSE_CHUNK_IDS
+    from sapo_megatron.diagnostics.routing_stats import DENSE_CHUNK_IDS
 
     assert _small_data_case(dense_chunk_ids=None) == _small_data_case(dense_chunk_ids=DENSE_CHUNK_IDS)

@@ -174,7 +174,7 @@ def test_select_restricted_truncated_and_concat_equal_the_dense_operations():
 
 def test_from_sequences_lays_engine_rows_on_train_batch_positions():
     from sapo_megatron.actor.batch import collate_sequences
-    from sapo_megatron.actor.routing import rollout_routing_to_train
+    from sapo_megatron.actor.routing_replay import rollout_routing_to_train
 
     prompts, responses = [[5, 6, 7], [8], [3, 3]], [[1, 2], [3, 4, 9], []]
     tokens, mask, _ = collate_sequences(prompts, responses, pad_id=0, seq_len=6)
@@ -261,7 +261,7 @@ def _assert_same_stats(a: dict, b: dict) -> None:
 def test_diagnostics_on_records_equal_the_dense_diagnostics_exactly(monkeypatch, chunk_ids):
     """Rollout record (response positions) vs old record (replay positions), as the trainer pairs them; the dense
     tensors hold -1 outside each record. With small chunks the records are densified a few rows at a time."""
-    from sapo_megatron.diagnostics import routing as diag
+    from sapo_megatron.diagnostics import routing_stats as diag
     from sapo_megatron.diagnostics.attribution import routing_variance_stats
 
     if chunk_ids is not None:
@@ -290,7 +290,7 @@ def test_diagnostics_on_records_equal_the_dense_diagnostics_exactly(monkeypatch,
 
 
 def test_diagnostics_on_a_sample_are_the_dense_diagnostics_on_the_sampled_mask():
-    from sapo_megatron.diagnostics.routing import expert_load_stats, routing_change_stats
+    from sapo_megatron.diagnostics.routing_stats import expert_load_stats, routing_change_stats
 
     num_experts, rows, seq = 8, 10, 30
     mask = response_mask(rows, seq, seed=4)

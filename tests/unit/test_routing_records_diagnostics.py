@@ -7,7 +7,7 @@ import torch
 
 def test_packed_statistics_equal_the_dense_ones_exactly():
     from sapo_megatron.routing_layout import RoutingRecord
-    from sapo_megatron.diagnostics import routing as R
+    from sapo_megatron.diagnostics import routing_stats as R
     from sapo_megatron.diagnostics.attribution import routing_variance_stats
     g=torch.Generator().manual_seed(0)
     B,S,L,k,E=12,40,5,4,16

@@ -35,7 +35,7 @@ import torch
 from sapo_megatron.bridge import moe_layer_pattern
 from sapo_megatron.config import RolloutConfig
 from sapo_megatron.rollout.cpu_expert_load import EXPERT_KERNEL_PARAMS, direct_expert_load_blocker, expert_module_class
-from sapo_megatron.rollout.routing import RouterCapture, rescore_routed_experts
+from sapo_megatron.rollout.routed_experts import RouterCapture, rescore_routed_experts
 from sapo_megatron.rollout.vllm_cpu_fixes import cpu_moe_repack_needed
 from sapo_megatron.rollout.weight_transfer import BACKEND, UpdateRefused, check_update, checkpoint_schema, register
 from sapo_megatron.routing_layout import routing_dtype
@@ -52,7 +52,7 @@ class RolloutBatch:
     ``routed_experts[i]`` (when collected) is a tensor ``[len(prompt_ids[i]) + len(response_ids[i]) - 1,
     num_moe_layers, top_k]`` in the compact id dtype (:func:`~sapo_megatron.routing_layout.routing_dtype`: uint8
     up to 256 experts): the experts chosen for each token that was fed through the model, sorted ascending per
-    token (see :mod:`sapo_megatron.rollout.routing`).
+    token (see :mod:`sapo_megatron.rollout.routed_experts`).
     """
 
     prompt_ids: list[list[int]]
@@ -142,7 +142,7 @@ class RolloutEngine:
         dtype: the engine's compute dtype; ``"float32"`` makes log-probs comparable to a float32 trainer.
         max_model_len: longest prompt + response; defaults to the model's ``max_position_embeddings``.
         collect_routed_experts: return the experts each token was routed to with every batch (GPU: vLLM's
-            ``enable_return_routed_experts``; CPU: prefill re-scoring, see :mod:`sapo_megatron.rollout.routing`).
+            ``enable_return_routed_experts``; CPU: prefill re-scoring, see :mod:`sapo_megatron.rollout.routed_experts`).
         weight_version: the version of the weights in ``model_dir``.
         dummy_weights: build the engine with vLLM's dummy (random) weights instead of reading ``model_dir``'s:
             colocated GPU engines, whose first :meth:`update_weights` (version 0 or later) brings the actor's

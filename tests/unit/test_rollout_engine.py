@@ -480,7 +480,7 @@ def test_routed_experts_follow_a_weight_update(engine, weights):
 
 def test_routing_rescore_gives_the_same_rows_however_sequences_are_packed(engine, weights):
     """Packing many sequences into one prefill step must attribute rows exactly as scoring one at a time."""
-    from sapo_megatron.rollout.routing import RouterCapture, rescore_routed_experts
+    from sapo_megatron.rollout.routed_experts import RouterCapture, rescore_routed_experts
 
     weights.use("base")
     batch = engine.generate(PROMPTS, n=2, seed=17, collect_routed_experts=False)
@@ -500,7 +500,7 @@ def test_routing_rescore_gives_the_same_rows_however_sequences_are_packed(engine
 
 
 def test_routing_rows_that_do_not_match_the_scored_sequences_are_refused():
-    from sapo_megatron.rollout.routing import CapturedForward, _pack, _split
+    from sapo_megatron.rollout.routed_experts import CapturedForward, _pack, _split
 
     assert _pack([(1, 2), (3, 4, 5), (6,), (7, 8, 9, 10)], max_tokens=5, max_seqs=8) == [
         [(1, 2), (3, 4, 5)],

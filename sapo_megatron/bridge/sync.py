@@ -478,7 +478,7 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

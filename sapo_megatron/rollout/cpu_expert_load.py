@@ -59,7 +59,7 @@ def split_expert_tensors(
     return rest, experts
 
 
-def _expert_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+def expert_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     """Layer index -> the module holding that layer's ``w13_weight`` / ``w2_weight``."""
     layers = {}
     for name, module in model.named_modules():
@@ -114,7 +114,7 @@ def _prepack_is_per_expert(isa: str, dtype: torch.dtype, shape: tuple[int, int])
 
 def direct_expert_load_blocker(model: torch.nn.Module) -> Optional[str]:
     """Why the engine's experts cannot be loaded directly, or None when they can. Runs where the model is."""
-    layers = _expert_layers(model)
+    layers = expert_layers(model)
     if not layers:
         return "the model has no MoE expert layers"
     for index, module in sorted(layers.items()):
@@ -132,20 +132,23 @@ def direct_expert_load_blocker(model: torch.nn.Module) -> Optional[str]:
 
 def expert_module_class(model: torch.nn.Module) -> str:
     """The class name of the modules holding the expert kernels (vLLM's reload warns about them by it)."""
-    layers = _expert_layers(model)
+    layers = expert_layers(model)
     return type(next(iter(layers.values()))).__name__ if layers else ""
 
 
 @torch.no_grad()
-def load_experts_direct(model: torch.nn.Module, experts: ExpertWeights) -> int:
+def load_experts_direct(
+    model: torch.nn.Module, experts: ExpertWeights, layers: Optional[dict[int, torch.nn.Module]] = None
+) -> int:
     """Writes the given experts (already checked) into the live prepacked kernel tensors: an expert's ``w13``
     slice from its ``gate_proj`` and ``up_proj`` (given together), its ``w2`` slice from its ``down_proj``. Any
     subset of layers and experts: a push loads them bucket by bucket, and the kernel packs each expert on its own
     (``direct_expert_load_blocker`` checked that), so a slice written now is final. Returns the number of kernel
-    slices written. Runs where the model is (the engine's worker)."""
+    slices written. ``layers``: :func:`expert_layers` of the model, when the caller keeps it across calls.
+    Runs where the model is (the engine's worker)."""
     if not experts:
         return 0
-    layers = _expert_layers(model)
+    layers = layers if layers is not None else expert_layers(model)
     unknown = sorted(set(experts) - set(layers))
     if unknown:
         raise RuntimeError(f"direct expert load: weights for MoE layers {unknown}, engine has {sorted(layers)}")

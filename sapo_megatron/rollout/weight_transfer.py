@@ -349,6 +349,7 @@ class LoadSession:
         # of a reloaded module (a fused QKV kept packed) waiting for the rest of the module's tensors.
         self._halves: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._waiting: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        self._expert_layers: dict[int, torch.nn.Module] | None = None
         self._module_tensors: dict[str, int] = collections.Counter(module_of(name, self.packed) for name in schema)
 
     def load(self, named, *, finite_checked: bool = False) -> None:
@@ -375,7 +376,9 @@ class LoadSession:
                         continue
                     halves |= waiting
                 projections |= halves
-        cpu_expert_load.load_experts_direct(self.model, experts)
+        if experts and self._expert_layers is None:
+            self._expert_layers = cpu_expert_load.expert_layers(self.model)
+        cpu_expert_load.load_experts_direct(self.model, experts, self._expert_layers)
         live, other = [], []
         for name, tensor in rest:
             module = module_of(name, self.packed)

@@ -331,6 +331,8 @@ def test_groups_match_megatron_rank_generator(megatron_reports):
                 f"parallel.expert={expert}",
                 f"parallel.expert_tensor={expert_tensor}",
                 f"launch.nproc_per_node={world}",
+                # Whole prompt groups on every data-parallel rank (up to 32 of them here).
+                f"data.prompts_per_step={world}",
             ],
         )
         planned = parallel_groups(cfg)

@@ -97,39 +97,6 @@ def _check_pair(routing_a, routing_b, mask, name_a: str, name_b: str):
     return routing_a.long(), routing_b.long(), valid, recorded_a & recorded_b
 
 
-def _packed_pair(routing_a: Routing, routing_b: Routing, mask: torch.Tensor):
-    """``(a, b, unrecorded)``: both records cut to the valid positions of ``mask``, when they are records that
-    then hold exactly the same tokens (the trainer's case: both recorded at the step's routing positions), and
-    the count of valid positions neither holds. ``None`` otherwise (the dense path handles every case).
-
-    Why: the statistics then need only the recorded tokens' ids, ``[tokens, layers, topk]`` as stored, instead
-    of densifying whole rows (prompt and padding included) to ``[rows, width, layers, topk]`` int64."""
-    if not (isinstance(routing_a, RoutingRecord) and isinstance(routing_b, RoutingRecord)):
-        return None
-    mask = check_tensor(mask, "mask")
-    if mask.dim() != 2 or mask.shape[0] != routing_a.rows or routing_a.rows != routing_b.rows:
-        return None
-    if (routing_a.num_layers, routing_a.topk) != (routing_b.num_layers, routing_b.topk):
-        return None
-    valid = mask.bool()
-    a, b = routing_a.restricted(valid), routing_b.restricted(valid)
-    if not (torch.equal(a.offsets.cpu(), b.offsets.cpu()) and torch.equal(a.positions.cpu(), b.positions.cpu())):
-        return None
-    return a, b, int(valid.sum()) - a.num_tokens
-
-
-def _packed_overlap(a: RoutingRecord, b: RoutingRecord) -> torch.Tensor:
-    """``|A & B|`` per (recorded token, layer), [tokens, layers] int64 (top-k sets hold distinct ids)."""
-    experts_a, experts_b = a.experts, b.experts
-    per_layer = [
-        (experts_a[:, layer, :, None] == experts_b[:, layer, None, :]).any(dim=-1).sum(dim=-1)
-        for layer in range(a.num_layers)
-    ]
-    if not per_layer or a.num_tokens == 0:
-        return torch.zeros(a.num_tokens, a.num_layers, dtype=torch.int64)
-    return torch.stack(per_layer, dim=1).to(torch.int64)
-
-
 def _overlap_counts(routing_a: torch.Tensor, routing_b: torch.Tensor) -> torch.Tensor:
     """``|A & B|`` per (token, layer) for sets of distinct ids, [batch, seq, layers]."""
     # One layer at a time keeps the [tokens, topk, topk] comparison small for 48 layers x top-8.
@@ -147,13 +114,6 @@ def changed_layer_count(routing_a: Routing, routing_b: Routing, mask: torch.Tens
     ``-1`` for a token that is masked out or unrecorded in some layer of either routing: a partial record
     cannot tell that the token's routing did not change.
     """
-    packed = _packed_pair(routing_a, routing_b, mask)
-    if packed is not None:
-        a, _, _ = packed
-        out = torch.full(tuple(mask.shape), UNRECORDED, dtype=torch.int64)
-        changed = (_packed_overlap(*packed[:2]) < a.topk).sum(dim=-1)
-        out[a.row_index().cpu(), a.positions.long().cpu()] = changed.cpu()
-        return out
     chunks = row_chunks(mask, routing_a, routing_b)
     if chunks is None:
         return _changed_layer_count(routing_a, routing_b, mask)
@@ -183,21 +143,6 @@ def routing_change_stats(routing_a: Routing, routing_b: Routing, mask: torch.Ten
     at least one layer), ``tokens_unrecorded`` (valid tokens that are not). Finalize with
     :func:`finalize_routing_change`.
     """
-    packed = _packed_pair(routing_a, routing_b, mask)
-    if packed is not None:
-        a, b, unrecorded = packed
-        overlap = _packed_overlap(a, b)
-        changed = overlap < a.topk
-        tokens = float(a.num_tokens)
-        stats = {
-            "pairs_compared": torch.full((a.num_layers,), tokens, dtype=STATS_DTYPE),
-            "pairs_changed": changed.sum(dim=0).to(STATS_DTYPE),
-            "overlap_sum": (overlap.to(STATS_DTYPE) / a.topk).sum(dim=0),
-            "tokens_compared": torch.tensor(tokens, dtype=STATS_DTYPE),
-            "tokens_changed": changed.any(dim=-1).sum().to(STATS_DTYPE),
-            "tokens_unrecorded": torch.tensor(float(unrecorded), dtype=STATS_DTYPE),
-        }
-        return stats
     chunks = row_chunks(mask, routing_a, routing_b)
     if chunks is None:
         return _routing_change_stats(routing_a, routing_b, mask)
@@ -270,14 +215,6 @@ def expert_load_stats(routing: Routing, mask: torch.Tensor, num_experts: int) ->
     """
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts={num_experts!r}: must be the (int >= 1) number of routed experts per layer")
-    if isinstance(routing, RoutingRecord) and routing.num_experts == num_experts and mask.dim() == 2 \
-            and mask.shape[0] == routing.rows:
-        # The recorded valid tokens' ids as stored: no densifying of whole rows.
-        kept = routing.restricted(mask.bool())
-        layer_offset = torch.arange(kept.num_layers)[None, :, None] * num_experts
-        index = (kept.experts.long().cpu() + layer_offset).reshape(-1)
-        counts = torch.bincount(index, minlength=kept.num_layers * num_experts).to(STATS_DTYPE)
-        return {"expert_counts": counts.reshape(kept.num_layers, num_experts)}
     chunks = row_chunks(mask, routing)
     if chunks is None:
         return _expert_load_stats(routing, mask, num_experts)

@@ -23,7 +23,7 @@ class FlakyEngine:
     def __init__(self, rank: int):
         self.rank, self.calls = rank, 0
 
-    def generate(self, prompts, *, n, seed, prompt_index_offset, **sampling):
+    def generate(self, prompts, *, n, seed, prompt_indices, **sampling):
         call, self.calls = self.calls, self.calls + 1
         if self.rank in FAILING[call]:
             sample_inside_vllm(call)
@@ -31,7 +31,7 @@ class FlakyEngine:
         return RolloutBatch(
             prompt_ids=rows, response_ids=[[7, 8]] * len(rows), logprobs_rollout=[[-0.5, -0.25]] * len(rows),
             finish_reasons=["eos"] * len(rows),
-            prompt_index=[prompt_index_offset + i for i, p in enumerate(prompts) for _ in range(n)],
+            prompt_index=[prompt_indices[i] for i, p in enumerate(prompts) for _ in range(n)],
             weight_version=self.weight_version,
         )
 

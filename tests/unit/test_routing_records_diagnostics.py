@@ -1,5 +1,5 @@
-"""The routing diagnostics on compact records read the recorded tokens as stored (no densifying of whole rows),
-and give exactly the numbers of the dense layout: integer counts, dyadic overlap sums, the variance attribution."""
+"""The routing diagnostics on compact records (densified a chunk of rows at a time) give exactly the numbers of
+the dense layout: integer counts, dyadic overlap sums, the variance attribution."""
 
 import torch
 

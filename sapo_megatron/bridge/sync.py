@@ -498,8 +498,11 @@ def _few(items: list[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _build_plan(infos: list[dict], engine_ranks: int | Sequence[int]) -> _Plan:
-    """The plan every rank derives from the gathered metadata; raises WeightSyncError listing every problem."""
+def _build_plan(infos: list[dict], engine_ranks: int | Sequence[int], layouts: dict | None = None) -> _Plan:
+    """The plan every rank derives from the gathered metadata; raises WeightSyncError listing every problem.
+    ``layouts`` (kept by a ``WeightSync`` across its pushes): the parameters and buckets derived from pieces that
+    are the same push after push (only versions and values change), keyed by everything they depend on, so that
+    a push re-derives only when the layout changed."""
     engine_ranks = [engine_ranks] if isinstance(engine_ranks, int) else list(engine_ranks)
     engines = {r: infos[r]["engine"] for r in engine_ranks}
     assert all(e is not None for e in engines.values()), "an engine's rank sent no engine description"
@@ -542,6 +545,34 @@ def _build_plan(infos: list[dict], engine_ranks: int | Sequence[int]) -> _Plan:
     if len(attentions) > 1:
         problems.append(f"trainer ranks disagree on the attention shape {sorted(attentions)}")
 
+    attention = AttentionShape(*next(iter(attentions))) if attentions else AttentionShape(1, 1, 1)
+    schema: dict[str, tuple[int, ...]] = engine["schema"]
+    bucket_bytes = next(iter(bucket_sizes)) if bucket_sizes else 0
+    key = None
+    if layouts is not None and len(attentions) == 1 and len(bucket_sizes) == 1:
+        key = (tuple((info["rank"], tuple(info["pieces"])) for info in trainers), attention, bucket_bytes,
+               tuple(engine_ranks), tuple(schema.items()))
+    layout = layouts.get(key) if key is not None else None
+    if layout is None:
+        layout = _layout(trainers, attention, schema, bucket_bytes, engine_ranks)
+        if key is not None and not layout[2]:
+            layouts.clear()  # one layout per WeightSync: its model's
+            layouts[key] = layout
+    ordered, buckets, layout_problems = layout
+    problems += layout_problems
+    if problems:
+        raise WeightSyncError(
+            f"weight sync to version {version!r} refused before any transfer: " + "; ".join(problems)
+            + f". Nothing was sent; the engine stays on weight_version {engine_version}"
+        )
+    return _Plan(version, engine_version, attention, ordered, buckets, engine_ranks)
+
+
+def _layout(trainers: list[dict], attention: AttentionShape, schema: dict[str, tuple[int, ...]], bucket_bytes: int,
+            engine_ranks: list[int]) -> tuple[list[_Param], list[_Bucket], list[str]]:
+    """The parameters in model order and their buckets, from the trainers' pieces and the engine's schema, and
+    the problems found on the way (the plan refuses the push if there are any)."""
+    problems: list[str] = []
     params: dict[tuple[str, ...], _Param] = {}
     for info in trainers:
         for names, layout, index, count, shape, dtype in info["pieces"]:
@@ -564,8 +595,6 @@ def _build_plan(infos: list[dict], engine_ranks: int | Sequence[int]) -> _Plan:
                 )
             param.owners[index] = info["rank"]
 
-    attention = AttentionShape(*next(iter(attentions))) if attentions else AttentionShape(1, 1, 1)
-    schema: dict[str, tuple[int, ...]] = engine["schema"]
     sent: dict[str, tuple[int, ...]] = {}
     for param in params.values():
         missing_pieces = [i for i, owner in enumerate(param.owners) if owner == -1]
@@ -593,13 +622,8 @@ def _build_plan(infos: list[dict], engine_ranks: int | Sequence[int]) -> _Plan:
     if wrong:
         problems.append(f"{len(wrong)} wrong shape(s): {_few(wrong)}")
     if problems:
-        raise WeightSyncError(
-            f"weight sync to version {version!r} refused before any transfer: " + "; ".join(problems)
-            + f". Nothing was sent; the engine stays on weight_version {engine_version}"
-        )
-
+        return [], [], problems
     ordered = sorted(params.values(), key=lambda p: _natural_key(p.hf_names[0]))
-    bucket_bytes = next(iter(bucket_sizes))
     buckets: list[_Bucket] = []
     filled = 0
     for index, param in enumerate(ordered):
@@ -615,7 +639,7 @@ def _build_plan(infos: list[dict], engine_ranks: int | Sequence[int]) -> _Plan:
             offset = bucket.sizes.get(owner, 0)
             bucket.segments.setdefault(owner, []).append((index, piece, offset))
             bucket.sizes[owner] = offset + _aligned(param.piece_bytes)
-    return _Plan(version, engine_version, attention, ordered, buckets, engine_ranks)
+    return ordered, buckets, problems
 
 
 def _piece_view(buffer: torch.Tensor, offset: int, param: _Param) -> torch.Tensor:
@@ -701,6 +725,7 @@ class _Exchange:
         shared: _SharedMemory | None = None,
         *,
         stream: bool = False,
+        layouts: dict | None = None,
     ) -> None:
         self.group = group
         self.engine_ranks = list(engine_ranks)
@@ -712,6 +737,8 @@ class _Exchange:
         self.shared = shared if group.device.type == "cpu" else None
         # Load each bucket as it is rebuilt (colocated engines) instead of the whole model once it has arrived.
         self.stream = stream
+        # The plan's parameters and buckets of earlier pushes (see _build_plan), kept by the caller.
+        self.layouts = layouts
         self.times = collections.Counter()
         self.sent_bytes = 0
         self.received_bytes = 0
@@ -763,7 +790,7 @@ class _Exchange:
                               "blocker": blocker() if callable(blocker) else None}
         info["shared_memory"] = _SharedMemory.host() if self.shared is not None else None
         infos = self.group.all_gather_object(info)
-        plan = _build_plan(infos, self.engine_ranks)
+        plan = _build_plan(infos, self.engine_ranks, self.layouts)
         hosts = {i.get("shared_memory") for i in infos}
         shared = self.group.size > 1 and len(hosts) == 1 and None not in hosts
         self.times["metadata"] += time.perf_counter() - start
@@ -798,14 +825,20 @@ class _Exchange:
     def _push_streamed(self, plan: _Plan, local: dict, shared: bool, start: float) -> SyncStats:
         me = self.group.rank
         update: WeightUpdate | None = None
+        consume = None
         if me in plan.engine_ranks:
-            update = self.target.start_update(plan.version)
+            try:
+                update = self.target.start_update(plan.version)
+            except Exception as exc:
+                refused = f"the engine refused to start the update ({type(exc).__name__}: {exc})"
 
-            def consume(named: list[tuple[str, torch.Tensor]]) -> None:
-                update.load(named, finite_checked=True)  # every owner checked its pieces before the plan
-                self.loaded_buckets += 1
-        else:
-            consume = None
+                def consume(named: list[tuple[str, torch.Tensor]]) -> None:
+                    # Still receive every bucket (the senders wait for this rank), loading nothing.
+                    raise RuntimeError(refused)
+            else:
+                def consume(named: list[tuple[str, torch.Tensor]]) -> None:
+                    update.load(named, finite_checked=True)  # every owner checked its pieces before the plan
+                    self.loaded_buckets += 1
         try:
             error = (self._transfer_ring if shared else self._transfer)(plan, local, consume)
         except BaseException as exc:
@@ -820,6 +853,8 @@ class _Exchange:
         # update is aborted, which leaves the engine untouched if nothing was loaded and unusable if something was.
         state = None
         tick = time.perf_counter()
+        if me in plan.engine_ranks and update is None:
+            state = {"loaded": False, "committed": False, "failure": None, "version": self.target.weight_version}
         if update is not None:
             failure = None
             committed = error is None and self.loaded_buckets == len(plan.buckets)
@@ -1149,6 +1184,7 @@ class WeightSync:
         self.bucket_bytes = bucket_bytes
         self._pack_buffers: list[torch.Tensor | None] = [None] * _MAX_IN_FLIGHT
         self._shared = _SharedMemory()
+        self._layouts: dict = {}
 
     def release_buffers(self) -> None:
         """Frees this rank's packing buffers and shared-memory segments (the next push allocates them again).
@@ -1193,7 +1229,8 @@ class WeightSync:
         transport = self.transport
         colocated = isinstance(transport, ColocatedTransport)
         exchange = _Exchange(transport.group, transport.engine_ranks, transport.engine, transport.staging_device,
-                             self._pack_buffers, shared=self._shared if colocated else None, stream=colocated)
+                             self._pack_buffers, shared=self._shared if colocated else None, stream=colocated,
+                             layouts=self._layouts)
         with torch.no_grad():
             return exchange.run(
                 shards, version=version, bucket_bytes=self.bucket_bytes, attention=self.bridge.attention_shape,
@@ -1219,10 +1256,11 @@ class WeightReceiver:
         self.group = group
         self.engine_ranks = list(range(first, group.size))
         self.staging_device = torch.device(staging_device) if staging_device is not None else None
+        self._layouts: dict = {}
 
     def receive(self) -> SyncStats:
         """Takes part in one push of the trainer ranks; returns once the engine serves the pushed version."""
-        exchange = _Exchange(self.group, self.engine_ranks, self.engine, self.staging_device)
+        exchange = _Exchange(self.group, self.engine_ranks, self.engine, self.staging_device, layouts=self._layouts)
         with torch.no_grad():
             return exchange.run(None)
 

@@ -364,9 +364,15 @@ def test_plan_gathers_each_piece_from_its_owner_in_bounded_aligned_buckets():
         (lambda i: i[1]["engine"]["schema"].update({"model.norm.weight": (17,)}), "sent (16,), engine expects (17,)"),
         (lambda i: i[0]["pieces"].__setitem__(1, (("model.norm.weight",), "replicated", 0, 1, (16,), "int64")),
          "not floating-point"),
+        (lambda i: i[0].update(nonfinite=["model.norm.weight"]), "non-finite values (nan/inf) in model.norm.weight"),
+        (lambda i: i[1]["engine"].update(blocker="its weights are asleep"),
+         "the engine on rank 1 cannot take an update: its weights are asleep"),
     ],
 )
-def test_plan_refuses_an_inconsistent_sync_before_any_transfer(change, message):
+@pytest.mark.parametrize("cached", [False, True])
+def test_plan_refuses_an_inconsistent_sync_before_any_transfer(change, message, cached):
+    """Also with the layout of the previous push kept (WeightSync's cache): the per-push checks still run, and
+    a changed piece or schema derives the layout anew."""
     row = ("model.layers.0.self_attn.o_proj.weight",)
     norm = ("model.norm.weight",)
     infos = [
@@ -374,12 +380,31 @@ def test_plan_refuses_an_inconsistent_sync_before_any_transfer(change, message):
         _info(1, [(row, "row", 1, 2, (16, 4), "float32")],
               engine=_engine_info({row[0]: (16, 8), norm[0]: (16,)})),
     ]
-    _build_plan(infos, engine_ranks=[1])
+    layouts = {} if cached else None
+    _build_plan(infos, engine_ranks=[1], layouts=layouts)
     change(infos)
     with pytest.raises(WeightSyncError, match="refused before any transfer") as raised:
-        _build_plan(infos, engine_ranks=[1])
+        _build_plan(infos, engine_ranks=[1], layouts=layouts)
     assert message in str(raised.value)
     assert "the engine stays on weight_version" in str(raised.value)
+
+
+def test_plan_keeps_the_layout_of_an_unchanged_model_across_pushes():
+    row = ("model.layers.0.self_attn.o_proj.weight",)
+    infos = [_info(0, [(row, "row", 0, 2, (16, 4), "float32")]),
+             _info(1, [(row, "row", 1, 2, (16, 4), "float32")], engine=_engine_info({row[0]: (16, 8)}))]
+    layouts: dict = {}
+    first = _build_plan(infos, engine_ranks=[1], layouts=layouts)
+    for info in infos:
+        info["version"] = 2
+    infos[1]["engine"]["version"] = 1
+    second = _build_plan(infos, engine_ranks=[1], layouts=layouts)
+    assert (second.version, second.engine_version) == (2, 1)
+    assert second.buckets is first.buckets and second.params is first.params
+    infos[0]["pieces"][0] = (row, "row", 0, 2, (16, 4), "bfloat16")
+    infos[1]["pieces"][0] = (row, "row", 1, 2, (16, 4), "bfloat16")
+    third = _build_plan(infos, engine_ranks=[1], layouts=layouts)
+    assert third.buckets is not first.buckets and third.params[0].dtype == torch.bfloat16
 
 
 def test_plan_splits_qkv_into_the_hf_shapes():

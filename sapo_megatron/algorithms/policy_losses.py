@@ -4,12 +4,17 @@ Every loss is called as::
 
     loss, metrics = fn(logprobs, logprobs_old, advantages, mask, *, <its hyperparameters>,
                        reduction="seq_mean_token_mean", num_global_tokens=None, num_global_seqs=None,
-                       norm_length=None)
+                       norm_length=None, rollout_weights=None)
 
 with [batch, seq] ``logprobs`` (current policy), ``logprobs_old`` (trainer recompute before the update) and
 ``mask``; ``advantages`` [batch] or [batch, seq]. Input handling (masking with ``torch.where``, the +-20
 log-ratio guard, NaN checks), the reductions and the metrics are shared, so the losses differ only in the
 per-token surrogate. The loss is minimised; ``ratio = exp(logprobs - logprobs_old)``.
+
+``rollout_weights`` [batch, seq] (optional; finite, >= 0 where valid) multiplies each token's surrogate before
+the reduction: the behaviour-policy correction's truncated importance weights
+(:mod:`.rollout_correction`), constants of the update, so each token's gradient is scaled by its weight. The
+reduction's denominators do not change. Without them (``None``) the loss is computed exactly as before.
 
 * ``sapo``: ``-f(r) A`` with the soft gate ``f(r) = 4/tau sigmoid(tau (r - 1))`` (:mod:`.sapo`).
 * ``clip``: PPO/GRPO ``max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A)``; ``eps_high > eps_low`` is DAPO's
@@ -60,7 +65,7 @@ def _clipped_surrogate(
 
 def _finish(per_token, inputs, reduction, num_global_tokens, num_global_seqs, norm_length) -> torch.Tensor:
     return aggregate_valid(
-        per_token,
+        inputs.weighted(per_token),
         inputs.valid,
         reduction,
         num_global_tokens=num_global_tokens,
@@ -81,12 +86,13 @@ def clip_loss(
     num_global_tokens: Optional[Count] = None,
     num_global_seqs: Optional[Count] = None,
     norm_length: Optional[float] = None,
+    rollout_weights: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """PPO/GRPO clipped surrogate with an asymmetric band ``[1 - eps_low, 1 + eps_high]``."""
     eps_low = _check_eps_low_below_one(eps_low)
     eps_high = check_positive(eps_high, "eps_high")
     counts = check_aggregate_args(reduction, num_global_tokens, num_global_seqs, norm_length)
-    inputs = prepare_policy_inputs(logprobs, logprobs_old, advantages, mask)
+    inputs = prepare_policy_inputs(logprobs, logprobs_old, advantages, mask, rollout_weights)
     ratio = inputs.log_ratio.exp()
     per_token, clip_active = _clipped_surrogate(ratio, inputs.advantages, eps_low, eps_high)
     loss = _finish(per_token, inputs, reduction, *counts)
@@ -109,6 +115,7 @@ def dual_clip_loss(
     num_global_tokens: Optional[Count] = None,
     num_global_seqs: Optional[Count] = None,
     norm_length: Optional[float] = None,
+    rollout_weights: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """:func:`clip_loss`, with the loss of negative-advantage tokens capped at ``-dual_clip_c * A``."""
     eps_low = _check_eps_low_below_one(eps_low)
@@ -117,7 +124,7 @@ def dual_clip_loss(
     if dual_clip_c <= 1:
         raise ValueError(f"dual_clip_c={dual_clip_c!r}: dual-clip needs a constant c > 1 (3 is customary)")
     counts = check_aggregate_args(reduction, num_global_tokens, num_global_seqs, norm_length)
-    inputs = prepare_policy_inputs(logprobs, logprobs_old, advantages, mask)
+    inputs = prepare_policy_inputs(logprobs, logprobs_old, advantages, mask, rollout_weights)
     ratio = inputs.log_ratio.exp()
     advantages_tok = inputs.advantages
     clipped_loss, clip_active = _clipped_surrogate(ratio, advantages_tok, eps_low, eps_high)
@@ -144,12 +151,13 @@ def gspo_loss(
     num_global_tokens: Optional[Count] = None,
     num_global_seqs: Optional[Count] = None,
     norm_length: Optional[float] = None,
+    rollout_weights: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """GSPO (token form): clipped surrogate on ``s_it = sg[exp(mean_t log r_it)] * pi_it / sg[pi_it]``."""
     eps_low = check_positive(eps_low, "eps_low")
     eps_high = check_positive(eps_high, "eps_high")
     counts = check_aggregate_args(reduction, num_global_tokens, num_global_seqs, norm_length)
-    inputs = prepare_policy_inputs(logprobs, logprobs_old, advantages, mask)
+    inputs = prepare_policy_inputs(logprobs, logprobs_old, advantages, mask, rollout_weights)
     tokens_per_seq = inputs.valid.sum(dim=-1).clamp(min=1).to(inputs.log_ratio.dtype)
     # Mean of the already clamped token log-ratios, so the sequence log-ratio is inside +-20 as well.
     seq_log_ratio = inputs.log_ratio.detach().sum(dim=-1) / tokens_per_seq
@@ -180,12 +188,13 @@ def cispo_loss(
     num_global_tokens: Optional[Count] = None,
     num_global_seqs: Optional[Count] = None,
     norm_length: Optional[float] = None,
+    rollout_weights: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """CISPO: ``-sg[clip(r, 1 - eps_low, 1 + eps_high)] * A * logprobs`` (MiniMax-M1)."""
     eps_low = check_positive(eps_low, "eps_low")
     eps_high = check_positive(eps_high, "eps_high")
     counts = check_aggregate_args(reduction, num_global_tokens, num_global_seqs, norm_length)
-    inputs = prepare_policy_inputs(logprobs, logprobs_old, advantages, mask)
+    inputs = prepare_policy_inputs(logprobs, logprobs_old, advantages, mask, rollout_weights)
     ratio = inputs.log_ratio.detach().exp()
     weight = ratio.clamp(1 - eps_low, 1 + eps_high)
     per_token = -weight * inputs.advantages * inputs.logprobs
@@ -232,6 +241,7 @@ class PolicyLoss:
         *,
         num_global_tokens: Optional[Count] = None,
         num_global_seqs: Optional[Count] = None,
+        rollout_weights: Optional[torch.Tensor] = None,
     ) -> LossOutput:
         return get_policy_loss(self.name)(
             logprobs,
@@ -242,6 +252,7 @@ class PolicyLoss:
             num_global_tokens=num_global_tokens,
             num_global_seqs=num_global_seqs,
             norm_length=self.norm_length,
+            rollout_weights=rollout_weights,
             **self.hyperparameters,
         )
 

@@ -47,6 +47,7 @@ def sapo_loss(
     num_global_tokens: Optional[Count] = None,
     num_global_seqs: Optional[Count] = None,
     norm_length: Optional[float] = None,
+    rollout_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The SAPO policy loss ``-f(r) A``, aggregated by ``reduction``; returns ``(loss, metrics)``.
 
@@ -58,20 +59,24 @@ def sapo_loss(
     ``reduction``, ``num_global_tokens``, ``num_global_seqs`` and ``norm_length`` are those of
     :func:`sapo_megatron.algorithms.aggregate`; with global counts the result is this micro-batch's share of the
     whole-batch loss. Metrics: see :data:`sapo_megatron.algorithms.METRIC_REDUCTIONS`.
+
+    ``rollout_weights`` [batch, seq] (behaviour-policy correction, :mod:`.rollout_correction`): each token's
+    term becomes ``-c_t f(r_t) A_t`` with ``c_t`` its weight, a constant (the gradient w.r.t. the token's
+    log-prob is ``-c_t w(r_t) r_t A_t``); the metrics are those of the unweighted tokens.
     """
     tau_pos = check_positive(tau_pos, "tau_pos")
     tau_neg = check_positive(tau_neg, "tau_neg")
     num_global_tokens, num_global_seqs, norm_length = check_aggregate_args(
         reduction, num_global_tokens, num_global_seqs, norm_length
     )
-    inputs = prepare_policy_inputs(logprobs, logprobs_old, advantages, mask)
+    inputs = prepare_policy_inputs(logprobs, logprobs_old, advantages, mask, rollout_weights)
     advantages_tok = inputs.advantages
     # Built in the compute dtype: a float32 1.05 would perturb float64 losses at the 1e-8 level.
     tau = torch.where(advantages_tok > 0, advantages_tok.new_tensor(tau_pos), advantages_tok.new_tensor(tau_neg))
     ratio = inputs.log_ratio.exp()
     gate = sapo_gate(ratio, tau)
     loss = aggregate_valid(
-        -gate * advantages_tok,
+        inputs.weighted(-gate * advantages_tok),
         inputs.valid,
         reduction,
         num_global_tokens=num_global_tokens,

@@ -568,6 +568,8 @@ class MegatronPolicy:
             mb.loss_mask.to(device),
             logprobs_ref=mb.logprobs_ref.to(device) if use_ref else None,
             entropy=entropy if need_entropy else None,
+            # The behaviour-policy correction: constants on the policy-gradient term (None: unweighted).
+            rollout_weights=None if mb.rollout_weights is None else mb.rollout_weights.to(device),
             **counts,
         )
         # Loss shares (normalised by global counts) add up over micro-batches and ranks.

@@ -24,6 +24,9 @@ class TrainBatch:
     logprobs_old: Optional[torch.Tensor] = None  # [B, S]
     logprobs_rollout: Optional[torch.Tensor] = None  # [B, S]
     logprobs_ref: Optional[torch.Tensor] = None  # [B, S]
+    # The behaviour-policy correction's per-token weights (algorithms.rollout_correction), multiplied into each
+    # token's policy-gradient term; None: unweighted.
+    rollout_weights: Optional[torch.Tensor] = None  # [B, S]
     # The rows' routing records (sapo_megatron.routing_layout.RoutingRecord, one row per sequence): what the
     # rollout engine routed and what the old-logprob pass routed. select() slices them with the rows; the
     # actor's own padding and narrowing drop them (a pass takes its replay routing as an argument).
@@ -38,7 +41,7 @@ class TrainBatch:
             raise ValueError(f"loss_mask shape {tuple(self.loss_mask.shape)} != tokens shape {shape}")
         if tuple(self.advantages.shape) != shape[:1]:
             raise ValueError(f"advantages must be [batch]={shape[:1]}, got {tuple(self.advantages.shape)}")
-        for name in ("logprobs_old", "logprobs_rollout", "logprobs_ref"):
+        for name in ("logprobs_old", "logprobs_rollout", "logprobs_ref", "rollout_weights"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"{name} shape {tuple(value.shape)} != tokens shape {shape}")

@@ -3,7 +3,8 @@
 Real megatron-core over gloo, fp32, the tiny Qwen3-MoE (see worker_reference.py): one process (the single
 layout), then two processes running DP2, TP2 (sequence parallel, experts split over TP) and PP2 in turn. Each
 captures the reference from the initial weights and takes two SAPO + KL (k3) steps; step B's policy has moved
-away from the reference, so its KL term and gradient are not zero.
+away from the reference, so its KL term and gradient are not zero. Last, one step whose batch carries the
+behaviour-policy correction's rollout_weights, checked against the one-process TrainingLoss.
 """
 
 from __future__ import annotations
@@ -171,3 +172,52 @@ def test_kl_step_is_parallel_invariant(runs, tiny_model_dir, layout):
         # The single job's checkpoint resharded into this layout: its reference and its trained weights.
         torch.testing.assert_close(record["loaded"], single["initial"], rtol=0, atol=LOGPROB_ATOL, msg=what)
         torch.testing.assert_close(record["loaded_policy"], single["after"], rtol=0, atol=LOGPROB_ATOL, msg=what)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [SINGLE, *PARALLEL])
+def test_rollout_weights_inside_the_pipeline_equal_the_training_loss(runs, layout):
+    """A step whose TrainBatch carries rollout_weights (token-level truncated importance weights): padded,
+    split into micro-batches and data-parallel shares by the actor, they reach the pipeline's loss function,
+    whose loss / pg_loss / kl_loss and metrics equal the one-process TrainingLoss given the same weights on the
+    update's log-probs; and the weights matter (the unweighted pg_loss differs)."""
+    from sapo_megatron.algorithms import training_loss_from_config
+    from sapo_megatron.config import load_config
+
+    import worker_reference
+
+    cfg = load_config(HERE.parents[1] / "recipes" / "tiny_cpu_sapo.yaml", worker_reference.overrides())
+    loss_fn = training_loss_from_config(cfg.algorithm, max_response_length=cfg.rollout.max_new_tokens)
+    inputs = runs["inputs"]
+    (single,) = runs["records"](SINGLE)
+    for rank, record in enumerate(runs["records"](layout)):
+        batch = _batch_of(inputs)
+        corrected = worker_reference.corrected_inputs(batch)
+        rows, weights = corrected["rows"], corrected["rollout_weights"][corrected["rows"]]
+        mask = inputs["loss_mask"][rows]
+        assert bool((weights[mask] == worker_reference.CORRECTION_CLIP).any()) and bool((weights[mask] < 1).any())
+        args = (record["corrected"]["update_logprobs"], inputs["logprobs_old"][rows], inputs["advantages"][rows], mask)
+        counts = dict(num_global_tokens=int(mask.sum()), num_global_seqs=int(mask.any(dim=1).sum()))
+        out = loss_fn(*args, logprobs_ref=record["reference"][0][rows], rollout_weights=weights, **counts)
+        plain = loss_fn(*args, logprobs_ref=record["reference"][0][rows], **counts)
+        assert abs(float(out.shares["pg_loss"]) - float(plain.shares["pg_loss"])) > 1e-3
+        metrics = record["corrected"]["metrics"]
+        for key, value in {**out.shares, **out.metrics}.items():
+            assert metrics[key] == pytest.approx(float(value), rel=1e-6 if key in RELATIVE else 0, abs=1e-6), (
+                f"{layout} rank {rank}: {key}"
+            )
+        # Every layout started this step from the same weights (the single job's, trained or loaded).
+        for key, value in single["corrected"]["metrics"].items():
+            assert metrics[key] == pytest.approx(value, rel=1e-6 if key in RELATIVE else 0, abs=1e-6), (
+                f"{layout} rank {rank} vs one process: {key}"
+            )
+
+
+def _batch_of(inputs: dict):
+    from sapo_megatron.actor.batch import TrainBatch
+
+    return TrainBatch(
+        tokens=inputs["tokens"], loss_mask=inputs["loss_mask"], advantages=inputs["advantages"],
+        logprobs_old=inputs["logprobs_old"],
+    )

@@ -10,7 +10,9 @@ Per layout, the trainer's sequence with ``algorithm.kl_coef > 0``: capture the r
 weights; then for each of mini-batches A and B: reference log-probs (a swap in and out), one update step with
 them. Step A starts at the reference (KL 0), so step B is the one whose KL term acts. Each rank writes
 OUT_DIR/<layout>/rank<r>.pt with the log-probs of every pass, the metrics and the update's log-probs of each
-step, the HF weights after B, and the in-process bit-exact checks (``exact``: name -> bool).
+step, the HF weights after B, and the in-process bit-exact checks (``exact``: name -> bool). Last, each layout
+takes one more step on mini-batch A with the behaviour-policy correction's ``rollout_weights`` (``corrected``:
+its metrics and the update's log-probs), after everything above is recorded, so it changes none of it.
 """
 
 import sys
@@ -24,6 +26,8 @@ import worker_actor_step as steps
 # sizeable part of the update and a layout that got it wrong would show in the weights.
 KL_COEF = 10.0
 KL_ESTIMATOR = "k3"
+# The last step's behaviour-policy correction (token level): some weights are truncated at this.
+CORRECTION_CLIP = 1.5
 
 
 def overrides() -> list[str]:
@@ -51,6 +55,28 @@ def _inputs(out_dir: Path, hf_dir: str, policy, batch_of) -> dict:
     if torch.distributed.get_rank() == 0:
         torch.save(data, path)
     return data
+
+
+def corrected_inputs(batch) -> dict:
+    """Mini-batch A's rows with the behaviour-policy correction: logprobs_rollout drawn around logprobs_old
+    (a fixed draw, the same in every job), token-level weights truncated at CORRECTION_CLIP."""
+    from sapo_megatron.algorithms import rollout_correction_weights
+
+    generator = torch.Generator().manual_seed(7)
+    logprobs_rollout = batch.logprobs_old + 0.5 * torch.randn(batch.logprobs_old.shape, generator=generator)
+    weights = rollout_correction_weights(
+        batch.logprobs_old, logprobs_rollout, batch.loss_mask, level="token", clip=CORRECTION_CLIP
+    )
+    return {"rows": steps.MINI_BATCHES[0], "rollout_weights": weights}
+
+
+def _corrected_step(policy, batch, record: dict) -> None:
+    """One more step, on mini-batch A with rollout_weights, once everything above is recorded (every layout
+    holds the first job's trained weights by now: its own, or loaded from its checkpoint)."""
+    corrected = corrected_inputs(batch)
+    mb = batch.with_(logprobs_ref=record["reference"][0], rollout_weights=corrected["rollout_weights"])
+    done = policy.train_mini_batch(mb.select(corrected["rows"]), return_logprobs=True)
+    record["corrected"] = {"metrics": done.scalars(), "update_logprobs": done.logprobs}
 
 
 def run(out_dir: str, hf_dir: str, ckpt_root: str, *layouts: str) -> None:
@@ -135,6 +161,7 @@ def run(out_dir: str, hf_dir: str, ckpt_root: str, *layouts: str) -> None:
                 load_checkpoint(actor, ckpt_root, load_optimizer=False, reference=reference)
                 record["loaded"] = reference.compute_logprobs(batch).logprobs
                 record["loaded_policy"] = policy.compute_logprobs(batch).logprobs
+            _corrected_step(policy, batch, record)
             record["exact"] = exact
             target = out / layout
             target.mkdir(parents=True, exist_ok=True)

@@ -20,11 +20,12 @@ Overflow: the log-ratio (per token, or summed over the sequence) is capped at ``
 negative log-ratios underflow to a weight of 0, which is their value to float precision. Positions outside the
 mask may hold anything (NaN, ``-inf``); NaN/inf at a valid position raises ``ValueError``.
 
-Reference: F. Yao, L. Liu, D. Zhang, C. Dong, J. Shang, J. Gao, "Your Efficient RL Framework Secretly Brings You
-Off-Policy RL Training" (Aug 2025; truncated importance sampling, TIS, with the vLLM/trainer mismatch), and
-verl's rollout correction (``algorithm.rollout_is``, ``rollout_is_threshold``, ``rollout_is_level`` token /
-sequence, ``rollout_is_mode=truncate``; docs/advance/rollout_is.md). This module follows the TIS definition
-(an upper clip only, no lower bound, no rejection). See docs/sapo.md, "Behaviour-policy correction".
+Reference: F. Yao, L. Liu et al., "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"
+(blog post, Aug 2025, fengyao.notion.site/off-policy-rl: truncated importance sampling, TIS, for the vLLM /
+trainer mismatch), and verl's rollout correction (``algorithm.rollout_is``, ``rollout_is_threshold``,
+``rollout_is_level`` token / sequence, ``rollout_is_mode=truncate``; docs/advance/rollout_is.md). This module
+follows the TIS definition (an upper clip only, no lower bound, no rejection). See docs/sapo.md,
+"Behaviour-policy correction".
 """
 
 from __future__ import annotations

@@ -214,7 +214,9 @@ def test_shares_combine_exactly(level):
     """Two data-parallel shares (rows 0-1 and 2-3) add up to the whole batch's sums; max takes the max."""
     old, rollout, mask = weight_inputs()
     whole = rollout_correction_sums(old, rollout, mask, level=level, clip=2.0)
-    parts = [rollout_correction_sums(old[r], rollout[r], mask[r], level=level, clip=2.0) for r in (slice(0, 2), slice(2, 4))]
+    parts = [
+        rollout_correction_sums(old[r], rollout[r], mask[r], level=level, clip=2.0) for r in (slice(0, 2), slice(2, 4))
+    ]
     combined = RolloutCorrectionSums.combine(parts)
     for f in dataclasses.fields(whole):
         assert float(getattr(combined, f.name)) == pytest.approx(float(getattr(whole, f.name)), rel=1e-14), f.name
@@ -225,7 +227,8 @@ def test_sums_without_units():
     old, rollout, mask = sum_inputs()
     sums = rollout_correction_sums(old, rollout, torch.zeros_like(mask), level="token", clip=2.0)
     assert float(sums.units) == 0 and float(sums.ratio_max) == 0
-    assert sums.summary() == {"weight_mean": 0.0, "weight_max": 0.0, "truncated_frac": 0.0, "ess": 1.0, "ratio_mean": 0.0}
+    empty = {"weight_mean": 0.0, "weight_max": 0.0, "truncated_frac": 0.0, "ess": 1.0, "ratio_mean": 0.0}
+    assert sums.summary() == empty
     # An empty share combines as the identity.
     full = rollout_correction_sums(old, rollout, mask, level="token", clip=2.0)
     assert (full + sums).summary() == full.summary()
@@ -305,7 +308,9 @@ def test_weights_of_one_give_exactly_the_unweighted_loss(name, reduction):
     for weights in (None, torch.ones(6, 5, dtype=F64)):
         lp = logprobs.clone().requires_grad_(True)
         extra = {} if weights is None else {"rollout_weights": weights}
-        loss, metrics = fn(lp, logprobs_old, advantages, mask, reduction=reduction, norm_length=7, **HYPER[name], **extra)
+        loss, metrics = fn(
+            lp, logprobs_old, advantages, mask, reduction=reduction, norm_length=7, **HYPER[name], **extra
+        )
         results.append((loss, torch.autograd.grad(loss, lp)[0], metrics))
     (loss0, grad0, metrics0), (loss1, grad1, metrics1) = results
     assert torch.equal(loss0, loss1) and torch.equal(grad0, grad1)

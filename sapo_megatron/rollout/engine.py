@@ -53,6 +53,10 @@ class RolloutBatch:
     num_moe_layers, top_k]`` in the compact id dtype (:func:`~sapo_megatron.routing_layout.routing_dtype`: uint8
     up to 256 experts): the experts chosen for each token that was fed through the model, sorted ascending per
     token (see :mod:`sapo_megatron.rollout.routed_experts`).
+
+    ``version_starts[i]`` (partial rollouts) lists ``(first token, weight version)`` for each weight version that
+    produced response tokens of row ``i``, in order: ``[(0, 3), (5, 4)]`` means tokens 0-4 came from version 3 and
+    the rest from version 4. ``None``: every token of every row came from ``weight_version``.
     """
 
     prompt_ids: list[list[int]]
@@ -63,6 +67,7 @@ class RolloutBatch:
     prompt_index: list[int]
     weight_version: int
     routed_experts: list[torch.Tensor] | None = None
+    version_starts: list[list[tuple[int, int]]] | None = None
 
     def __post_init__(self) -> None:
         rows = len(self.prompt_ids)
@@ -73,6 +78,12 @@ class RolloutBatch:
             assert len(resp) == len(lps), f"row {i}: {len(resp)} response tokens but {len(lps)} log-probs"
         if self.routed_experts is not None:
             assert len(self.routed_experts) == rows
+        if self.version_starts is not None:
+            assert len(self.version_starts) == rows
+
+    def row_versions(self, row: int) -> list[tuple[int, int]]:
+        """``(first token, weight version)`` of each version that produced row ``row``'s tokens, in order."""
+        return [(0, self.weight_version)] if self.version_starts is None else list(self.version_starts[row])
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

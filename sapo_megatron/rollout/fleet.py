@@ -22,6 +22,11 @@ Invariants, for both:
   (names, shapes, versions, non-finite values) leave every engine on its previous version. Colocated engines
   load bucket by bucket: a failure after an engine loaded part of the version makes that engine unusable, and
   every rank's error says so (the run cannot go on with mixed weights).
+* ``submit`` starts ``generate``'s local part (this rank's engine, or the share leader's requests to the servers)
+  in a background thread and returns a :class:`PendingRollout`; no collective runs in that thread, so the actor
+  may train meanwhile. ``PendingRollout.result()`` is the collective rest of ``generate`` (every rank calls it,
+  in the same order), and returns exactly what ``generate`` would have. A push first waits until no local part
+  is running: an engine never loads weights while it generates.
 * ``samples_per_engine`` counts the rows each engine produced in the last ``generate``.
 * An engine that raises inside ``generate`` makes every trainer rank raise :class:`EngineError`, with that
   engine's traceback, from the same call: no rank is left waiting in a collective for an engine that failed.
@@ -30,6 +35,7 @@ Invariants, for both:
 from __future__ import annotations
 
 import abc
+import threading
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,7 +107,47 @@ def concat_batches(parts: Sequence[RolloutBatch], weight_version: int | None = N
         prompt_index=[row for p in parts for row in p.prompt_index],
         weight_version=version,
         routed_experts=None if not parts or routed[0] is None else [row for r in routed for row in r],
+        version_starts=(None if all(p.version_starts is None for p in parts)
+                        else [p.row_versions(i) for p in parts for i in range(len(p))]),
     )
+
+
+class PendingRollout:
+    """A rollout whose local part runs in a background thread (:meth:`RolloutFleet.submit`).
+
+    ``wait()`` blocks until the local part is done (no collective); ``result()`` then runs the collective part and
+    returns the share's :class:`~sapo_megatron.rollout.engine.RolloutBatch` (every rank calls it)."""
+
+    def __init__(self, local, collect) -> None:
+        self._collect = collect
+        self._outcome: Any = None
+        self._error: BaseException | None = None
+        self._collected = False
+
+        def run() -> None:
+            try:
+                self._outcome = local()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller of result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="rollout", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> RolloutBatch:
+        if self._collected:
+            raise RuntimeError("PendingRollout.result() was already called")
+        self.wait()
+        self._collected = True
+        if self._error is not None:
+            raise self._error
+        return self._collect(self._outcome)
 
 
 class RolloutFleet(abc.ABC):
@@ -119,12 +165,36 @@ class RolloutFleet(abc.ABC):
         parallel layout exists)."""
         self.share = share
 
-    @abc.abstractmethod
+    _pending: "PendingRollout | None" = None
+
     def generate(self, prompt_ids: Sequence[Sequence[int]], *, n: int, seed: int,
                  prompt_indices: Sequence[int] | None = None, **sampling: Any) -> RolloutBatch:
         """``n`` samples per prompt of this rank's share; ``prompt_indices`` are the prompts' indices in the
         step's batch (default ``0, 1, ...``: the per-prompt seeds derive from them); ``sampling`` overrides the
         rollout config's ``max_new_tokens``, ``temperature``, ``top_p``."""
+        self.wait_idle()
+        local, collect = self._generation(prompt_ids, n=n, seed=seed, prompt_indices=prompt_indices, **sampling)
+        return collect(local())
+
+    def submit(self, prompt_ids: Sequence[Sequence[int]], *, n: int, seed: int,
+               prompt_indices: Sequence[int] | None = None, **sampling: Any) -> PendingRollout:
+        """:meth:`generate`, its local part started in a background thread (see :class:`PendingRollout`)."""
+        self.wait_idle()
+        local, collect = self._generation(prompt_ids, n=n, seed=seed, prompt_indices=prompt_indices, **sampling)
+        self._pending = PendingRollout(local, collect)
+        return self._pending
+
+    def wait_idle(self) -> None:
+        """Returns once no submitted rollout's local part is running (the engines are idle)."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+
+    @abc.abstractmethod
+    def _generation(self, prompt_ids, *, n: int, seed: int, prompt_indices=None, **sampling: Any):
+        """``(local, collect)``: ``local()`` runs this rank's part of the rollout without any collective and
+        returns an outcome (samples or a failure); ``collect(outcome)`` is the collective rest, returning the
+        share's batch or raising on every rank."""
 
     @abc.abstractmethod
     def push(self, model_chunks: Sequence[torch.nn.Module], version: int):
@@ -199,7 +269,7 @@ class ColocatedFleet(RolloutFleet):
         """Whether the engines hold no real weights yet (dummy weights): the trainer pushes version 0 first."""
         return self.engine.weight_version < 0
 
-    def generate(self, prompt_ids, *, n: int, seed: int, prompt_indices=None, **sampling: Any) -> RolloutBatch:
+    def _generation(self, prompt_ids, *, n: int, seed: int, prompt_indices=None, **sampling: Any):
         prompts = [list(p) for p in prompt_ids]
         indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
         if len(indices) != len(prompts):
@@ -210,17 +280,21 @@ class ColocatedFleet(RolloutFleet):
         else:
             num_peers, position = self.share.num_peers, self.share.peer_index
         block = engine_shares(len(prompts), num_peers)[position]
-        cause = None
-        try:
-            if len(block):
-                local = self.engine.generate(prompts[block.start : block.stop], n=n, seed=seed,
-                                             prompt_indices=indices[block.start : block.stop], **sampling)
-            else:
-                local = concat_batches([], weight_version=self.engine.weight_version)
-        except Exception as exc:
-            # Exchanged in place of the samples: the other ranks are already waiting in the gathers below.
-            cause = exc
-            local = _EngineFailure(self.rank, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+        def local_part():
+            try:
+                if len(block):
+                    return self.engine.generate(prompts[block.start : block.stop], n=n, seed=seed,
+                                                prompt_indices=indices[block.start : block.stop], **sampling), None
+                return concat_batches([], weight_version=self.engine.weight_version), None
+            except Exception as exc:
+                # Exchanged in place of the samples: the other ranks are already waiting in the gathers.
+                return _EngineFailure(self.rank, f"{type(exc).__name__}: {exc}", traceback.format_exc()), exc
+
+        return local_part, lambda outcome: self._collect(outcome, num_prompts=len(prompts), n=n)
+
+    def _collect(self, outcome, *, num_prompts: int, n: int) -> RolloutBatch:
+        local, cause = outcome
         if self.share is None:
             parts = self._all_gather(local)
             outcomes = parts
@@ -233,7 +307,7 @@ class ColocatedFleet(RolloutFleet):
         raise_engine_failures(parts, "generate", cause)
         self.samples_per_engine = [p if isinstance(p, int) else len(p) for p in outcomes]
         batch = concat_batches(parts, weight_version=self.engine.weight_version)
-        assert len(batch) == len(prompts) * n, f"the fleet returned {len(batch)} samples, expected {len(prompts) * n}"
+        assert len(batch) == num_prompts * n, f"the fleet returned {len(batch)} samples, expected {num_prompts * n}"
         return batch
 
     def _all_gather(self, obj: Any) -> list:
@@ -242,6 +316,7 @@ class ColocatedFleet(RolloutFleet):
         return collectives.all_gather_object(obj, group=self.group)
 
     def push(self, model_chunks, version: int):
+        self.wait_idle()
         return self.weight_sync.push(model_chunks, version)
 
     def enter_phase(self, phase: Phase) -> None:
@@ -265,4 +340,5 @@ class ColocatedFleet(RolloutFleet):
         return self.engine.weight_version
 
     def close(self) -> None:
+        self.wait_idle()
         self.engine.close()

@@ -234,25 +234,32 @@ class ServerFleet(RolloutFleet):
 
     # -- generation -------------------------------------------------------------------------------------------
 
-    def generate(self, prompt_ids, *, n: int, seed: int, prompt_indices=None, **sampling: Any):
+    def _generation(self, prompt_ids, *, n: int, seed: int, prompt_indices=None, **sampling: Any):
         """The share's leader (the driver when no share is set) requests the share's samples from the servers
-        and hands them to its peers; the per-server counts and any failure are exchanged over the whole job, so
-        every rank returns or raises from the same call."""
+        (the local part) and hands them to its peers; the per-server counts and any failure are exchanged over
+        the whole job, so every rank returns or raises from the same call (the collective part)."""
         share = self.share
         leads = self.is_driver if share is None else share.is_leader
-        outcome = None
-        if leads:
+        prompts = [list(p) for p in prompt_ids]
+
+        def local_part():
+            if not leads:
+                return None
             cfg = self.config
             kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
             kwargs.update(sampling)
             try:
                 pool = self._generation_pool()
-                batch = pool.generate([list(p) for p in prompt_ids], n=n, seed=seed, prompt_indices=prompt_indices,
-                                      **kwargs)
-                outcome = (batch, list(pool.samples_per_server))
+                batch = pool.generate(prompts, n=n, seed=seed, prompt_indices=prompt_indices, **kwargs)
+                return batch, list(pool.samples_per_server)
             except Exception as exc:
-                outcome = _Failure(type(exc) if isinstance(exc, RuntimeError) else RuntimeError,
-                                   f"remote rollout failed: {type(exc).__name__}: {exc}")
+                return _Failure(type(exc) if isinstance(exc, RuntimeError) else RuntimeError,
+                                f"remote rollout failed: {type(exc).__name__}: {exc}")
+
+        return local_part, self._collect
+
+    def _collect(self, outcome):
+        share = self.share
         counts: list = []
         if share is None:
             outcome = _broadcast(outcome)
@@ -295,6 +302,7 @@ class ServerFleet(RolloutFleet):
         same message on every rank (see the module docstring for what each server holds then). After a failure
         that leaves the weight-transfer group unusable (a server died, a wait timed out) or a server in doubt,
         every later push raises at once: the fleet cannot make one version current on every server again."""
+        self.wait_idle()
         if self.broken is not None:
             # Every rank holds the same reason (from the driver's broadcast), so all refuse without talking.
             raise WeightSyncError(f"weight sync to version {version} refused: {self.broken}")
@@ -439,6 +447,7 @@ class ServerFleet(RolloutFleet):
             self.pool.resume()
 
     def close(self) -> None:
+        self.wait_idle()
         for pool in (self.pool, getattr(self, "_leader_pool", None)):
             if pool is not None:
                 pool.close()

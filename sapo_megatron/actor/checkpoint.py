@@ -77,6 +77,7 @@ HF_SUBDIR = "hf"
 DIST_SUBDIR = "dist"
 REFERENCE_SUBDIR = "reference"
 TMP_SUFFIX = ".tmp"
+RANK_FILES_SUBDIR = "rank_files"
 # Resharding over data parallelism without gathering the optimizer state anywhere (see the module docstring).
 DISTRIBUTED_OPTIMIZER_SHARDING = "dp_reshardable"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -375,6 +376,7 @@ def save_checkpoint(
     keep_last: Optional[int] = None,
     hf_dir: str | os.PathLike | None = None,
     reference: Optional["ReferencePolicy"] = None,
+    rank_files: Optional[dict[str, bytes]] = None,
 ) -> Path:
     """Saves model, optimizer, LR schedule, every rank's RNG state and ``trainer_state`` as ``step``.
 
@@ -382,7 +384,10 @@ def save_checkpoint(
     written) and hold JSON-like values and tensors. ``keep_last`` keeps that many newest step directories
     (``None``: all). ``hf_dir`` is the model's HF directory, whose config and tokenizer files are copied
     (default: the directory the bridge read the config from). ``reference`` (the KL term's reference policy)
-    is saved beside the model. Returns the step directory.
+    is saved beside the model. ``rank_files`` (name -> bytes) are this rank's own files, written into
+    ``rank_files/`` of the step before it is published and covered by its manifest (what differs between ranks,
+    such as a data-parallel share's rollouts generated ahead; names must differ between ranks;
+    :func:`read_rank_file` reads one back). Returns the step directory.
     """
     if step < 0:
         raise ValueError(f"step={step}: must be >= 0")
@@ -422,8 +427,18 @@ def save_checkpoint(
         with reference.swapped():
             reference_state = model_sharded_state_dict(actor.model.chunks)
             dist_checkpointing.save(reference_state, str(tmp / REFERENCE_SUBDIR), async_sharded_save=False)
+    mine = {}
+    for name, data in (rank_files or {}).items():
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"rank_files: {name!r} is not a plain file name")
+        # Every rank may create it: the step's directory exists since the barrier above.
+        (tmp / RANK_FILES_SUBDIR).mkdir(exist_ok=True)
+        _write_file(tmp / RANK_FILES_SUBDIR / name, data)
+        mine[f"{RANK_FILES_SUBDIR}/{name}"] = _file_digest(tmp / RANK_FILES_SUBDIR / name)
     collectives.barrier()
     manifest = _digest_dist_files(tmp, rank, torch.distributed.get_world_size())
+    for part in collectives.all_gather_object(mine) if torch.distributed.get_world_size() > 1 else [mine]:
+        manifest.update(part if rank == 0 else {})
     if reference is not None:
         manifest.update(_digest_dist_files(tmp, rank, torch.distributed.get_world_size(), REFERENCE_SUBDIR))
 
@@ -548,8 +563,8 @@ def _write_hf_files(actor: "Actor", source: Optional[Path], out: Path) -> None:
             shutil.copy2(entry, out / entry.name)
 
 
-def _write_file(path: Path, text: str) -> None:
-    with open(path, "w") as handle:
+def _write_file(path: Path, text: str | bytes) -> None:
+    with open(path, "wb" if isinstance(text, bytes) else "w") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -602,6 +617,12 @@ def _file_digest(path: Path) -> dict:
 def _file_owner(name: str, world_size: int) -> int:
     match = _SHARD_FILE.match(name)
     return int(match.group(1)) % world_size if match else 0
+
+
+def read_rank_file(step_dir: str | os.PathLike, name: str) -> Optional[bytes]:
+    """The bytes a rank saved as ``name`` through ``save_checkpoint(..., rank_files=...)``, or None."""
+    path = Path(step_dir) / RANK_FILES_SUBDIR / name
+    return path.read_bytes() if path.is_file() else None
 
 
 def _digest_dist_files(step_dir: Path, rank: int, world_size: int, subdir: str = DIST_SUBDIR) -> dict[str, dict]:

@@ -280,18 +280,22 @@ class RolloutConfig:
     # server that dies mid-push fails the push within it). It must exceed an engine's load of the full model.
     sync_timeout_s: float = 300.0
     # Asynchronous RL: the batch of step s is generated with the weights of step s - 1 - max_staleness, while the
-    # actor trains the steps before it (0 = synchronous: each batch with the weights it is trained from).
+    # actor trains the steps before it (0 = synchronous: each batch with the weights it is trained from). Needs
+    # mode=remote: the engines generate in processes of their own while the actor trains (docs/async.md).
     max_staleness: int = 0
-    # With max_staleness > 0: a push does not wait for the generation under way; the engines pause with their
-    # requests kept (vLLM's pause mode "keep"), load, resume, and each token records the version that produced it.
-    partial_rollouts: bool = False
 
     def validate(self, prefix: str) -> None:
         if self.max_staleness < 0:
             raise ConfigError(f"{prefix}.max_staleness={self.max_staleness!r}: must be >= 0 (0 = synchronous)")
-        if self.partial_rollouts and self.max_staleness < 1:
-            raise ConfigError(f"{prefix}.partial_rollouts=true needs {prefix}.max_staleness >= 1: a synchronous "
-                              "loop has no generation under way at a push")
+        if self.max_staleness and self.mode != "remote":
+            raise ConfigError(
+                f"{prefix}.max_staleness={self.max_staleness} needs {prefix}.mode=remote: asynchronous rollouts "
+                "generate while the actor trains, in engine processes of their own (`vllm serve`; on one machine "
+                f"leave {prefix}.server_urls empty and the run starts them). Colocated engines share the actor's "
+                "process (on GPU its memory, which holds the engine or the actor's training state, not both; on CPU "
+                "its interpreter, where generation and training slow each other and the run is not bit-reproducible "
+                f"across a resume); use max_staleness=0 with mode=colocated"
+            )
         if self.n_samples < 1:
             raise ConfigError(f"{prefix}.n_samples={self.n_samples!r}: must be >= 1")
         if self.max_new_tokens < 1:

@@ -774,12 +774,14 @@ class DataState:
     # device
     device_micro_batch: int  # one micro-batch's inputs on the GPU
     device_router_entropy: int  # the old pass's router entropy, on the GPU until the pass ends (MoE)
+    # Asynchronous RL (rollout.max_staleness = k): the k scored batches generated ahead of the step.
+    rollouts_ahead: int = 0
 
     @property
     def host_resident(self) -> int:
         return (
             self.rollout_lists + self.train_batch + self.routing_rollout + self.routing_old + self.routing_update
-            + self.router_entropy + self.diagnostics
+            + self.router_entropy + self.diagnostics + self.rollouts_ahead
         )  # fmt: skip
 
     @property
@@ -818,6 +820,8 @@ def data_state_bytes(
     micro_batch_size: int = 1,
     routing_sample_tokens: int = 0,
     dense_chunk_ids: int | None = None,
+    rollout_weights: bool = False,
+    batches_ahead: int = 0,
 ) -> DataState:
     """The step's data on one rank, from its share's exact token totals (a test passes measured lengths).
 
@@ -829,6 +833,9 @@ def data_state_bytes(
     ``algorithm.kl_coef > 0`` adds ``logprobs_ref``. ``routing_sample_tokens > 0`` caps each
     diagnostics-only record at that many response tokens (refused with replay, as the config refuses it).
     ``dense_chunk_ids``: how many dense ids the routing diagnostics densify at once (default: theirs).
+    ``rollout_weights``: ``algorithm.rollout_correction`` is on (a float32 ``[b, S]`` weight per token).
+    ``batches_ahead``: ``rollout.max_staleness``, scored batches held ahead of the step, each a ``Rollout`` of the
+    same size (asynchronous RL needs servers, which return no routed experts to keep).
 
     Host: the Rollout's Python lists (8-byte pointer + 32-byte int or float object per token; a list object
     per row), the TrainBatch (tokens int64, loss_mask bool, logprobs_rollout / logprobs_old (/ logprobs_ref)
@@ -854,7 +861,7 @@ def data_state_bytes(
         + PY_LIST_BYTES * 3 * b  # a list per row of the first three
         + 5 * (PY_LIST_BYTES + PY_POINTER_BYTES * b)  # the five outer lists
     )
-    logprob_rows = 2 + (1 if kl else 0)  # rollout, old (, ref)
+    logprob_rows = 2 + (1 if kl else 0) + (1 if rollout_weights else 0)  # rollout, old (, ref) (, weights)
     train_batch = b * s * (8 + 1 + 4 * logprob_rows) + 4 * b
 
     moe = layers > 0 and topk > 0
@@ -921,6 +928,7 @@ def data_state_bytes(
         diagnostics_transient=diagnostics_transient,
         device_micro_batch=device_micro_batch,
         device_router_entropy=device_router_entropy,
+        rollouts_ahead=batches_ahead * rollout_lists,
     )
 
 
@@ -950,6 +958,8 @@ def data_memory(shape: ModelShape, cfg: Config, layout: Layout, length_fraction:
         num_mini_batches=cfg.algorithm.num_mini_batches,
         micro_batch_size=cfg.trainer.micro_batch_size,
         routing_sample_tokens=cfg.diagnostics.routing_sample_tokens,
+        rollout_weights=cfg.algorithm.rollout_correction != "off",
+        batches_ahead=cfg.rollout.max_staleness,
     )
 
 

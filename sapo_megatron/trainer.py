@@ -16,6 +16,7 @@ position needs no communication.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -30,13 +31,13 @@ import torch
 
 from sapo_megatron import collectives
 from sapo_megatron.actor.batch import TrainBatch, collate_sequences
-from sapo_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
+from sapo_megatron.actor.checkpoint import find_checkpoint, load_checkpoint, read_rank_file, save_checkpoint
 from sapo_megatron.actor.cpu_compat import MegatronCpuCompat
 from sapo_megatron.actor.factory import build_actor
 from sapo_megatron.actor.offload import ActorOffloader
 from sapo_megatron.actor.parallel import destroy_distributed, init_distributed
 from sapo_megatron.actor.reference import ReferencePolicy
-from sapo_megatron.algorithms import compute_advantages
+from sapo_megatron.algorithms import compute_advantages, rollout_correction_sums, rollout_correction_weights
 from sapo_megatron.algorithms.supervised import nll_loss
 from sapo_megatron.bridge.sync import WeightSync
 from sapo_megatron.collectives import rank, world_size
@@ -46,7 +47,12 @@ from sapo_megatron.data.sources import build_prompt_streams, encode_prompt
 from sapo_megatron.data.toy import ToyTaskStream
 from sapo_megatron.device import resolve_device
 from sapo_megatron.diagnostics.run_logger import RunLogger, flatten_metrics, write_custom_scalars_layout
-from sapo_megatron.diagnostics.step import StepDiagnostics, rollout_metrics
+from sapo_megatron.diagnostics.step import (
+    StepDiagnostics,
+    rollout_correction_metrics,
+    rollout_metrics,
+    staleness_metrics,
+)
 from sapo_megatron.diagnostics.summary import summarize
 from sapo_megatron.launch import check_launch, launch_ranks
 from sapo_megatron.models import resolve_model_dir
@@ -93,6 +99,15 @@ class Rollout:
     empty_responses: int = 0
     # Each row's prompt index in the step's batch (the share's rows are not the batch's first ones).
     prompt_index: list[int] = field(default_factory=list)
+    # Per row, (first token, weight version) of each version that produced its tokens (RolloutBatch.version_starts);
+    # None: every token came from weight_version.
+    version_starts: Optional[list[list[tuple[int, int]]]] = None
+
+    def oldest_versions(self) -> list[int]:
+        """Each row's oldest weight version (the one its first token came from)."""
+        if self.version_starts is None:
+            return [self.weight_version] * len(self.prompts)
+        return [spans[0][1] for spans in self.version_starts]
 
 
 def screen_logprobs(logprobs_rollout: list[list[float]]) -> tuple[list[list[float]], list[int]]:
@@ -116,7 +131,12 @@ def generate_and_score(ctx: "RunContext", examples: list, indices: list[int], *,
     batch) on the fleet and scores them in the share leader's reward sandbox; the share's peers return the
     same rollout."""
     prompt_ids = [encode_prompt(ctx.tokenizer, ex.prompt) for ex in examples]
-    out = ctx.fleet.generate(prompt_ids, n=n, seed=seed, prompt_indices=indices)
+    return score_rollout(ctx, examples, indices, ctx.fleet.generate(prompt_ids, n=n, seed=seed, prompt_indices=indices))
+
+
+def score_rollout(ctx: "RunContext", examples: list, indices: list[int], out) -> Rollout:
+    """The fleet's samples ``out`` for ``examples`` (at ``indices``), screened and scored by the share's leader
+    (a collective over the share)."""
     logprobs_rollout, excluded = screen_logprobs(out.logprobs_rollout)
     empty = sum(len(r) == 0 for r in out.response_ids)
     scored = None
@@ -147,6 +167,7 @@ def generate_and_score(ctx: "RunContext", examples: list, indices: list[int], *,
         excluded_rows=excluded,
         empty_responses=empty,
         prompt_index=list(out.prompt_index),
+        version_starts=out.version_starts,
     )
 
 
@@ -230,6 +251,9 @@ class RunContext:
     offloader: dict = field(default_factory=dict)
     weight_version: int = 0
     step: int = 0
+    # Asynchronous RL: this share's scored batches generated ahead, by step, and the one being generated.
+    ahead: dict = field(default_factory=dict)
+    launched: Optional[LaunchedRollout] = None
 
     @property
     def is_driver(self) -> bool:
@@ -270,7 +294,11 @@ class RunContext:
         self.offloader["state"].reload()
 
     def trainer_state(self) -> dict:
-        return {"step": self.step, "weight_version": self.weight_version, "data": self.train_stream.state_dict()}
+        state = {"step": self.step, "weight_version": self.weight_version, "data": self.train_stream.state_dict()}
+        if self.ahead:
+            state["rollouts_ahead"] = {"steps": sorted(self.ahead), "max_staleness": self.cfg.rollout.max_staleness,
+                                       "data_parallel_size": self.share.size}
+        return state
 
     def load_trainer_state(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -292,7 +320,11 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
     batch, positions = train_batch(ctx, rollout, step)
     with timer("old_logprob"):
         batch, router_entropy = old_logprobs(ctx, batch, positions)
+    batch, correction = rollout_correction(ctx, batch)
     metrics = rollout_metrics(ctx.share, rollout, torch.tensor(rollout.rewards, dtype=torch.float32), batch)
+    metrics.update(correction)
+    metrics.update(staleness_metrics(ctx.share, rollout.oldest_versions(), [len(r) for r in rollout.responses],
+                                     actor_version=ctx.weight_version, max_staleness=cfg.rollout.max_staleness))
     with timer("diagnostics"):
         metrics.update(flatten_metrics(diag.mismatch(batch), "mismatch/"))
         diag.rollout_vs_old(batch, batch.routing_rollout, batch.routing_old, router_entropy,
@@ -301,6 +333,9 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
         updates = update_mini_batches(ctx, batch, positions, diag, timer, metrics)
     metrics.update(step_losses(updates))
     metrics["optimizer/lr"] = float(ctx.actor.optimizer.param_groups[0]["lr"])
+    with timer("rollout_wait"):
+        # The batch generated ahead during this step must be complete before the engines take new weights.
+        collect_launched(ctx)
     with timer("sync"):
         metrics.update(sync_weights(ctx))
     with timer("diagnostics"):
@@ -309,15 +344,108 @@ def train_step(ctx: RunContext, step: int) -> dict[str, float]:
 
 
 def rollout_share(ctx: RunContext, step: int) -> Rollout:
-    """The step's prompts (drawn identically on every rank), this share's of them sampled and scored."""
+    """This share's scored rollout for ``step``.
+
+    Synchronous (``rollout.max_staleness = 0``): generated now, with the weights of the previous step.
+    Asynchronous (``k > 0``): generated ahead, with the weights of step ``max(0, step - 1 - k)``; this call also
+    starts the generation of step ``step + k``'s batch in the background (the engines hold the weights of step
+    ``step - 1``), which runs while the actor trains this step. The schedule depends on the step numbers alone, so
+    a resumed run generates exactly the samples of an uninterrupted one. The batches in between exist already,
+    except at a run's first step, which generates them in turn."""
+    k = ctx.cfg.rollout.max_staleness
+    rollout = ctx.ahead.pop(step, None)
+    if rollout is None:
+        rollout = sample_share(ctx, step)
+    for later in range(step + 1, step + k):
+        if later not in ctx.ahead:
+            ctx.ahead[later] = sample_share(ctx, later)
+    if k:
+        launch_rollout(ctx, step + k)
+    return rollout
+
+
+def draw_share(ctx: RunContext) -> tuple[list, list[int]]:
+    """The next batch's prompts (drawn identically on every rank, in step order): this share's, and their
+    indices in the batch."""
     cfg = ctx.cfg
     examples = ctx.train_stream.take(cfg.data.prompts_per_step)
     indices = ctx.share.prompt_indices(len(examples), cfg.algorithm.num_mini_batches)
+    return [examples[i] for i in indices], indices
+
+
+def sample_share(ctx: RunContext, step: int) -> Rollout:
+    """Step ``step``'s batch, generated now with the engines' current weights, and scored."""
+    examples, indices = draw_share(ctx)
     ctx.enter_rollout_phase()
-    rollout = generate_and_score(ctx, [examples[i] for i in indices], indices, n=cfg.rollout.n_samples,
-                                 seed=cfg.rollout.seed + step)
+    rollout = generate_and_score(ctx, examples, indices, n=ctx.cfg.rollout.n_samples, seed=ctx.cfg.rollout.seed + step)
     ctx.enter_train_phase()
     return rollout
+
+
+@dataclass
+class LaunchedRollout:
+    """A batch being generated in the background (asynchronous RL)."""
+
+    step: int
+    examples: list
+    indices: list[int]
+    pending: Any  # rollout.fleet.PendingRollout
+
+
+def launch_rollout(ctx: RunContext, step: int) -> None:
+    """Starts generating step ``step``'s batch in the background, with the engines' current weights."""
+    examples, indices = draw_share(ctx)
+    prompt_ids = [encode_prompt(ctx.tokenizer, ex.prompt) for ex in examples]
+    pending = ctx.fleet.submit(prompt_ids, n=ctx.cfg.rollout.n_samples, seed=ctx.cfg.rollout.seed + step,
+                               prompt_indices=indices)
+    ctx.launched = LaunchedRollout(step, examples, indices, pending)
+
+
+def collect_launched(ctx: RunContext) -> None:
+    """Waits for the batch generated in the background (if any), scores it and keeps it for its step (a
+    collective: every rank has the same launched batch)."""
+    launched, ctx.launched = ctx.launched, None
+    if launched is not None:
+        out = launched.pending.result()
+        ctx.ahead[launched.step] = score_rollout(ctx, launched.examples, launched.indices, out)
+
+
+def ahead_file_name(share: DataShare) -> str:
+    return f"rollouts_ahead_dp{share.rank}.pt"
+
+
+def save_ahead(ctx: RunContext) -> dict[str, bytes]:
+    """The share's batches generated ahead, as the file its leader saves with a checkpoint (asynchronous RL:
+    their weights are gone once the run has moved on, so a resumed run reads them back)."""
+    if not ctx.ahead or not ctx.share.is_leader:
+        return {}
+    buffer = io.BytesIO()
+    torch.save({step: dataclasses.asdict(r) for step, r in sorted(ctx.ahead.items())}, buffer)
+    return {ahead_file_name(ctx.share): buffer.getvalue()}
+
+
+def load_ahead(ctx: RunContext, step_dir: Path, state: dict) -> None:
+    """The batches generated ahead that the checkpoint of ``step_dir`` holds for this rank's share."""
+    saved = state.get("rollouts_ahead")
+    if not saved:
+        return
+    cfg = ctx.cfg
+    if saved["max_staleness"] != cfg.rollout.max_staleness or saved["data_parallel_size"] != ctx.share.size:
+        raise ValueError(
+            f"checkpoint {str(step_dir)!r} holds batches generated ahead for rollout.max_staleness="
+            f"{saved['max_staleness']} over {saved['data_parallel_size']} data-parallel shares; this run has "
+            f"max_staleness={cfg.rollout.max_staleness} and {ctx.share.size} shares. Resume with the same "
+            "rollout.max_staleness and data-parallel size (the samples of an asynchronous run depend on both)"
+        )
+    data = read_rank_file(step_dir, ahead_file_name(ctx.share))
+    if data is None:
+        raise ValueError(f"checkpoint {str(step_dir)!r} lacks {ahead_file_name(ctx.share)} (batches generated "
+                         "ahead for this rank's share): it is incomplete; resume from an earlier step")
+    rows = torch.load(io.BytesIO(data), weights_only=False)
+    ctx.ahead = {int(step): Rollout(**fields) for step, fields in rows.items()}
+    if sorted(ctx.ahead) != list(saved["steps"]):
+        raise ValueError(f"checkpoint {str(step_dir)!r}: {ahead_file_name(ctx.share)} holds steps "
+                         f"{sorted(ctx.ahead)}, its trainer state says {saved['steps']}")
 
 
 def train_batch(ctx: RunContext, rollout: Rollout, step: int):
@@ -352,6 +480,18 @@ def old_logprobs(ctx: RunContext, batch, positions: dict):
     if ctx.reference is not None:
         batch = batch.with_(logprobs_ref=ctx.reference.compute_logprobs(batch, local=True).logprobs)
     return batch, old.router_entropy
+
+
+def rollout_correction(ctx: RunContext, batch) -> tuple[Any, dict[str, float]]:
+    """With ``algorithm.rollout_correction`` on: the batch with its truncated importance weights (old policy
+    against the rollout's, docs/sapo.md) and their metrics over every share; else the batch as it was."""
+    alg = ctx.cfg.algorithm
+    if alg.rollout_correction == "off":
+        return batch, {}
+    args = (batch.logprobs_old, batch.logprobs_rollout, batch.loss_mask)
+    kwargs = dict(level=alg.rollout_correction, clip=alg.rollout_correction_clip)
+    metrics = rollout_correction_metrics(ctx.share, rollout_correction_sums(*args, **kwargs))
+    return batch.with_(rollout_weights=rollout_correction_weights(*args, **kwargs)), metrics
 
 
 def update_mini_batches(ctx: RunContext, batch, positions: dict, diag: StepDiagnostics, timer: "StepTimer",
@@ -520,6 +660,7 @@ def resume_or_start(ctx: RunContext) -> None:
         ctx.reference = reference
         step, state = loaded
         ctx.load_trainer_state(state)
+        load_ahead(ctx, find_checkpoint(ckpt_root, step), state)
         if ctx.is_driver:
             print(f"[resume] from {ckpt_root} at step {step}", flush=True)
         # The new engine holds the HF weights: give it the checkpoint's, under the version they had, so the
@@ -547,6 +688,7 @@ def save(ctx: RunContext) -> None:
         ctx.trainer_state(),
         keep_last=ctx.cfg.trainer.keep_checkpoints or None,
         reference=ctx.reference,
+        rank_files=save_ahead(ctx),
     )
 
 
@@ -596,13 +738,15 @@ def run(ctx: RunContext) -> dict:
     started = time.perf_counter()
     first_step = ctx.step + 1
     if ctx.step == 0:
-        log(ctx, 0, validate(ctx, 0))
+        log(ctx, 0, validate(ctx, 0) | {"time/elapsed": time.perf_counter() - started})
     progress = Progress(cfg.trainer.steps, first_step - 1, enabled=ctx.is_driver)
     for step in range(first_step, cfg.trainer.steps + 1):
         metrics = train_step(ctx, step)
         ctx.step = step
         if due(step, cfg.trainer.eval_interval, cfg.trainer.steps):
             metrics.update(validate(ctx, step))
+        # Seconds since this session's RL loop began (after the warm-up): time-to-reward curves.
+        metrics["time/elapsed"] = time.perf_counter() - started
         log(ctx, step, metrics)
         progress.update(step, metrics)
         if due(step, cfg.trainer.save_interval, cfg.trainer.steps):

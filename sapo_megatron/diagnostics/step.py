@@ -154,6 +154,47 @@ def rollout_metrics(share: DataShare, rollout, rewards: torch.Tensor, batch) -> 
     return metrics
 
 
+def staleness_metrics(share: DataShare, oldest_versions: list[int], response_lengths: list[int], *,
+                      actor_version: int, max_staleness: int) -> dict[str, float]:
+    """How far behind the actor the step's samples were generated (asynchronous RL), over every share.
+
+    A sample's staleness is the actor's weight version before this step's update minus the oldest version that
+    produced one of its tokens. Logged: ``staleness/mean`` and ``staleness/max`` over samples,
+    ``staleness/token_mean`` weighted by response tokens, and the histogram ``staleness/samples_{d}`` (samples
+    of staleness ``d`` for ``d`` = 0 .. ``max_staleness``, and ``staleness/samples_over`` above it: a scheduler
+    bug, always 0), plus ``weights/actor_version`` and ``weights/rollout_version_min``."""
+    stale = [actor_version - v for v in oldest_versions]
+    bins = [0.0] * (max_staleness + 2)
+    for d in stale:
+        bins[min(max(d, 0), max_staleness + 1)] += 1
+    tokens = sum(response_lengths)
+    token_weighted = sum(d * n for d, n in zip(stale, response_lengths))
+    rows, total, tokens, token_weighted, *bins = share.sum(len(stale), float(sum(stale)), float(tokens),
+                                                           float(token_weighted), *bins)
+    worst, newest_actor = share.max(float(max(stale, default=0)), float(-min(oldest_versions, default=actor_version)))
+    metrics = {
+        "staleness/mean": total / rows if rows else 0.0,
+        "staleness/max": worst,
+        "staleness/token_mean": token_weighted / tokens if tokens else 0.0,
+        "staleness/samples_over": bins[-1],
+        "weights/actor_version": float(actor_version),
+        "weights/rollout_version_min": -newest_actor,
+    }
+    metrics.update({f"staleness/samples_{d}": bins[d] for d in range(max_staleness + 1)})
+    return metrics
+
+
+def rollout_correction_metrics(share: DataShare, sums) -> dict[str, float]:
+    """``rollout_correction/*`` (weight_mean, weight_max, truncated_frac, ess, ratio_mean) over every share, from
+    each share's :class:`~sapo_megatron.algorithms.rollout_correction.RolloutCorrectionSums` (added exactly)."""
+    additive = ("units", "ratio_sum", "weight_sum", "weight_sq_sum", "truncated")
+    totals = share.sum(*(float(getattr(sums, name)) for name in additive))
+    (ratio_max,) = share.max(float(sums.ratio_max))
+    combined = type(sums)(**{name: torch.tensor(v, dtype=torch.float64) for name, v in zip(additive, totals)},
+                          ratio_max=torch.tensor(ratio_max, dtype=torch.float64))
+    return {f"rollout_correction/{k}": v for k, v in combined.summary().items()}
+
+
 def router_entropy_metrics(router_entropy: torch.Tensor, mask: torch.Tensor, combine=None) -> dict[str, torch.Tensor]:
     """``router_entropy`` [layers] (mean over the valid tokens of the per-token router entropy
     ``[B, S, layers]``, nats) and ``router_entropy_mean`` over layers; 0 without valid tokens. ``combine`` adds

@@ -118,3 +118,45 @@ def test_a_batch_carries_its_routing_records_and_slices_them_with_its_rows():
     assert batch.widened(8).routing_old is None and batch.without_routing().routing_old is None
     with pytest.raises(ValueError, match="routing_old holds 2 rows, the batch 4"):
         batch.with_(routing_old=record.select(slice(0, 2)))
+
+
+def test_staleness_metrics_count_each_sample_by_its_oldest_version():
+    from sapo_megatron.diagnostics.step import staleness_metrics
+    from sapo_megatron.sharding import DataShare
+
+    # Actor at version 7; four samples from versions 7, 6, 6 and 5 with 2, 4, 2 and 8 response tokens; k = 2.
+    m = staleness_metrics(DataShare(), [7, 6, 6, 5], [2, 4, 2, 8], actor_version=7, max_staleness=2)
+    assert m["staleness/mean"] == (0 + 1 + 1 + 2) / 4
+    assert m["staleness/max"] == 2.0
+    assert m["staleness/token_mean"] == (0 * 2 + 1 * 4 + 1 * 2 + 2 * 8) / 16
+    assert [m[f"staleness/samples_{d}"] for d in range(3)] == [1.0, 2.0, 1.0]
+    assert m["staleness/samples_over"] == 0.0
+    assert (m["weights/actor_version"], m["weights/rollout_version_min"]) == (7.0, 5.0)
+    # A sample older than k lands in samples_over, never in the histogram's last bin.
+    assert staleness_metrics(DataShare(), [4], [3], actor_version=7, max_staleness=2)["staleness/samples_over"] == 1.0
+
+
+def test_rollout_oldest_versions_follow_the_version_spans():
+    rollout = Rollout(prompts=[[1], [1]], responses=[[2, 3], [4]], logprobs_rollout=[[0.0, 0.0], [0.0]],
+                      rewards=[0.0, 1.0], finish_reasons=["eos", "eos"], weight_version=5)
+    assert rollout.oldest_versions() == [5, 5]
+    rollout.version_starts = [[(0, 4), (1, 5)], [(0, 5)]]
+    assert rollout.oldest_versions() == [4, 5]
+
+
+def test_rollout_correction_metrics_of_one_share_are_its_own_summary():
+    from sapo_megatron.algorithms import rollout_correction_sums
+    from sapo_megatron.diagnostics.step import rollout_correction_metrics
+    from sapo_megatron.sharding import DataShare
+
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, 0.0]])
+    rollout = torch.tensor([[-1.5, -1.0, -0.5], [-0.1, -4.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    sums = rollout_correction_sums(old, rollout, mask, level="token", clip=2.0)
+    m = rollout_correction_metrics(DataShare(), sums)
+    ratios = [math.exp(0.5), math.exp(-1.0), 1.0, math.exp(1.0)]  # the four valid tokens
+    weights = [min(r, 2.0) for r in ratios]
+    assert m["rollout_correction/weight_mean"] == pytest.approx(sum(weights) / 4, rel=1e-6)
+    assert m["rollout_correction/weight_max"] == pytest.approx(math.exp(1.0), rel=1e-6)
+    assert m["rollout_correction/truncated_frac"] == 0.25
+    assert m["rollout_correction/ess"] == pytest.approx(sum(weights) ** 2 / (4 * sum(w * w for w in weights)), rel=1e-6)

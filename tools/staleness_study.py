@@ -15,8 +15,9 @@ holds a finished run (``summary.json``) is read, not run again.
 Prints one markdown row per cell: the held-out reward (256 prompts, one sample each: standard error ~0.03) at
 the start of RL, its best and its final value; the training reward over the last 50 steps; and, over every step's
 last mini-batch (the most off-policy of the four), the mean importance ratio's spread (``ratio_std``), SAPO's gate
-(``gate_mean``: the soft gate's mean weight; ``gate_weight_below_half_frac``: tokens whose gradient weight fell
-below one half) or GRPO's clipped fraction (``clip_frac``), and the rollout-vs-old mismatch (``mismatch_abs_mean``).
+(``gate_weight_mean``: the mean weight the soft gate puts on a token's gradient, 1 on-policy;
+``gate_weight_below_half_frac``: tokens whose weight fell below one half) or GRPO's clipped fraction
+(``clip_frac``), and the rollout-vs-old mismatch (``mismatch_abs_mean``).
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def row(run_dir: Path, loss: str, k: int) -> str:
     last = [r["reward/mean"] for r in steps[-50:]]
     last_mb = max(int(key.split("/")[1][2:]) for key in steps[0] if key.startswith("ratio/mb"))
     stat = lambda name: mean([r[f"ratio/mb{last_mb}/{name}"] for r in steps if f"ratio/mb{last_mb}/{name}" in r])
-    gate = (f"gate {stat('gate_mean'):.3f}, below 1/2 {stat('gate_weight_below_half_frac'):.4f}" if loss == "sapo"
-            else f"clipped {stat('clip_frac'):.4f}")
+    gate = (f"gradient weight {stat('gate_weight_mean'):.3f}, below 1/2 {stat('gate_weight_below_half_frac'):.4f}"
+            if loss == "sapo" else f"clipped {stat('clip_frac'):.4f}")
     mismatch = mean([r["mismatch/mismatch_abs_mean"] for r in steps if "mismatch/mismatch_abs_mean" in r])
     return (f"| {loss} | {k} | {evals[0]:.3f} | {max(evals):.3f} | {evals[-1]:.3f} | {mean(last):.3f} | "
             f"{stat('ratio_std'):.4f} | {gate} | {mismatch:.4f} |")

@@ -437,8 +437,7 @@ def save_checkpoint(
         mine[f"{RANK_FILES_SUBDIR}/{name}"] = _file_digest(tmp / RANK_FILES_SUBDIR / name)
     collectives.barrier()
     manifest = _digest_dist_files(tmp, rank, torch.distributed.get_world_size())
-    for part in collectives.all_gather_object(mine) if torch.distributed.get_world_size() > 1 else [mine]:
-        manifest.update(part if rank == 0 else {})
+    manifest.update(_merged_on_rank0(mine, rank, torch.distributed.get_world_size()))
     if reference is not None:
         manifest.update(_digest_dist_files(tmp, rank, torch.distributed.get_world_size(), REFERENCE_SUBDIR))
 
@@ -634,6 +633,11 @@ def _digest_dist_files(step_dir: Path, rank: int, world_size: int, subdir: str =
         for path in sorted(dist_dir.iterdir())
         if path.is_file() and _file_owner(path.name, world_size) == rank
     }
+    return _merged_on_rank0(mine, rank, world_size)
+
+
+def _merged_on_rank0(mine: dict[str, dict], rank: int, world_size: int) -> dict[str, dict]:
+    """Every rank's manifest entries on rank 0 (others get an empty dict); a collective."""
     parts = collectives.all_gather_object(mine) if world_size > 1 else [mine]
     if rank != 0:
         return {}

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from sapo_megatron.algorithms.rollout_correction import RolloutCorrectionSums
 from sapo_megatron.diagnostics.attribution import finalize_variance_attribution, routing_variance_stats
 from sapo_megatron.diagnostics.mismatch import mismatch_metrics, ratio_quantiles, reduce_mismatch_metrics
 from sapo_megatron.diagnostics.routing_stats import (
@@ -171,14 +172,15 @@ def staleness_metrics(share: DataShare, oldest_versions: list[int], response_len
     token_weighted = sum(d * n for d, n in zip(stale, response_lengths))
     rows, total, tokens, token_weighted, *bins = share.sum(len(stale), float(sum(stale)), float(tokens),
                                                            float(token_weighted), *bins)
-    worst, newest_actor = share.max(float(max(stale, default=0)), float(-min(oldest_versions, default=actor_version)))
+    # The oldest version over every share, as a max of its negation (one reduction for both).
+    worst, neg_oldest = share.max(float(max(stale, default=0)), float(-min(oldest_versions, default=actor_version)))
     metrics = {
         "staleness/mean": total / rows if rows else 0.0,
         "staleness/max": worst,
         "staleness/token_mean": token_weighted / tokens if tokens else 0.0,
         "staleness/samples_over": bins[-1],
         "weights/actor_version": float(actor_version),
-        "weights/rollout_version_min": -newest_actor,
+        "weights/rollout_version_min": -neg_oldest,
     }
     metrics.update({f"staleness/samples_{d}": bins[d] for d in range(max_staleness + 1)})
     return metrics
@@ -186,12 +188,9 @@ def staleness_metrics(share: DataShare, oldest_versions: list[int], response_len
 
 def rollout_correction_metrics(share: DataShare, sums) -> dict[str, float]:
     """``rollout_correction/*`` (weight_mean, weight_max, truncated_frac, ess, ratio_mean) over every share, from
-    each share's :class:`~sapo_megatron.algorithms.rollout_correction.RolloutCorrectionSums` (added exactly)."""
-    additive = ("units", "ratio_sum", "weight_sum", "weight_sq_sum", "truncated")
-    totals = share.sum(*(float(getattr(sums, name)) for name in additive))
-    (ratio_max,) = share.max(float(sums.ratio_max))
-    combined = type(sums)(**{name: torch.tensor(v, dtype=torch.float64) for name, v in zip(additive, totals)},
-                          ratio_max=torch.tensor(ratio_max, dtype=torch.float64))
+    each share's :class:`~sapo_megatron.algorithms.rollout_correction.RolloutCorrectionSums`, combined by its own
+    rules (sums added, the largest ratio kept)."""
+    combined = RolloutCorrectionSums.combine(share.gather_objects(sums))
     return {f"rollout_correction/{k}": v for k, v in combined.summary().items()}
 
 

@@ -133,10 +133,6 @@ class PendingRollout:
         self._thread = threading.Thread(target=run, name="rollout", daemon=True)
         self._thread.start()
 
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
     def wait(self) -> None:
         self._thread.join()
 
